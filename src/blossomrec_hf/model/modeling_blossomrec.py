@@ -1,0 +1,414 @@
+"""BlossomRec: a SASRec-style next-item recommender whose attention is BlossomRec sparse attention.
+
+This file and the modules it imports travel with every checkpoint as remote code, so a model saved with
+`save_pretrained` loads anywhere with `AutoModel.from_pretrained(path, trust_remote_code=True)` and only torch and
+transformers installed.
+
+Layout: callers pass histories padded on either side; the model left-aligns them (`history_layout.py`), computes, and
+returns hidden states in the caller's layout.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput
+
+from .blossom_attention_torch import blossom_attention_torch
+from .blossom_attention_triton import blossom_attention_triton, triton_unavailable_reason
+from .chunked_cross_entropy import linear_cross_entropy
+from .configuration_blossomrec import BlossomRecConfig
+from .history_layout import HistoryLayout, check_ids_tensor, check_item_ids
+from .sparse_patterns import SparseGeometry
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SequentialRecommenderOutput(ModelOutput):
+    """Output of `BlossomRecForSequentialRecommendation.forward`.
+
+    loss: full-softmax cross-entropy of next-item prediction (when `labels` are given).
+    logits: [B, L, n_items + 1] scores of the next item at every position (no labels, `logits_to_keep=0`), or
+        [B, k, n_items + 1] after each history's last k items (`logits_to_keep=k`); column 0 (padding) is the lowest
+        finite value. Not computed when labels are given with `logits_to_keep=0`: the loss never needs them.
+    hidden_states: with `output_hidden_states`, the embeddings and each layer's output, [B, L, hidden_size] each,
+        in the caller's layout (zeros at padding).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class BlossomRecModelOutput(ModelOutput):
+    """Output of `BlossomRecModel.forward`: the last layer's states and, on request, every layer's, caller layout."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class RecommendationOutput(ModelOutput):
+    """Top-k next items per history: item ids [B, k] (1..n_items) and their scores [B, k], best first."""
+
+    item_ids: torch.LongTensor | None = None
+    scores: torch.FloatTensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention backends: each maps (q, k, v, ...) of one layer to its per-head output.
+# ----------------------------------------------------------------------------------------------------------------
+def dense_attention_sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def dense_attention_eager(q, k, v):
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    length = q.shape[2]
+    future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+    return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v
+
+
+DENSE_BACKENDS = {"sdpa": dense_attention_sdpa, "eager": dense_attention_eager}
+BLOSSOM_BACKENDS = {"blossom_torch": blossom_attention_torch, "blossom_triton": blossom_attention_triton}
+
+
+def rotary_tables(length: int, dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [L, D] of rotary position embeddings for positions 0..L-1."""
+    inverse_frequency = 1.0 / theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inverse_frequency)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class BlockCompressor(nn.Module):
+    """Turns each compressed block of keys (and values) into one key (value) for LTIS scoring.
+
+    Learned (`use_compressed_branch`): an MLP over the block's keys plus intra-block position embeddings, as
+    published; the compressed branch's output is what trains it. Otherwise: the mean of the block's keys, with no
+    parameters, so that no parameter is left without a gradient.
+    """
+
+    def __init__(self, config: BlossomRecConfig):
+        super().__init__()
+        self.geometry = SparseGeometry.from_config(config)
+        self.learned = config.use_compressed_branch
+        if self.learned:
+            block, dim = config.compress_block_size, config.head_dim
+            self.key_positions = nn.Parameter(torch.zeros(block, dim))
+            self.value_positions = nn.Parameter(torch.zeros(block, dim))
+            self.key_mlp = nn.Sequential(nn.Linear(block * dim, block * dim), nn.ReLU(), nn.Linear(block * dim, dim))
+            self.value_mlp = nn.Sequential(nn.Linear(block * dim, block * dim), nn.ReLU(), nn.Linear(block * dim, dim))
+
+    def blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, Hkv, L, D] -> [B, Hkv, W, block, D]: the overlapping blocks, zero keys before position 0."""
+        geometry = self.geometry
+        num_blocks = geometry.num_compressed_blocks(x.shape[2])
+        padded = F.pad(x, (0, 0, geometry.compress_left_padding, 0))
+        windows = padded.unfold(2, geometry.compress_block_size, geometry.compress_stride)
+        return windows[:, :, :num_blocks].transpose(-1, -2)
+
+    def forward(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        key_blocks = self.blocks(k)
+        if not self.learned:
+            ends = self.geometry.compressed_block_ends(key_blocks.shape[2], device=k.device)
+            real_positions = (ends + 1).clamp(max=self.geometry.compress_block_size).to(k.dtype)
+            return key_blocks.sum(dim=-2) / real_positions[:, None], None
+        compressed_keys = self.key_mlp((key_blocks + self.key_positions).flatten(-2))
+        compressed_values = self.value_mlp((self.blocks(v) + self.value_positions).flatten(-2))
+        return compressed_keys, compressed_values
+
+
+class BlossomRecAttention(nn.Module):
+    """Grouped-query self-attention: BlossomRec's gated sparse branches, or dense causal attention."""
+
+    def __init__(self, config: BlossomRecConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden)
+        self.is_blossom = config.attention_type == "blossom"
+        if self.is_blossom:
+            self.geometry = SparseGeometry.from_config(config)
+            self.compressor = BlockCompressor(config)
+            self.num_branches = 3 if config.use_compressed_branch else 2
+            self.gate = nn.Linear(hidden, self.num_heads * self.num_branches)
+
+    def forward(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        batch, length, _ = hidden.shape
+        q = self.q_proj(hidden).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        implementation = self.config._attn_implementation
+        if not self.is_blossom:
+            out = DENSE_BACKENDS[implementation](q, k, v)
+        else:
+            compressed_keys, compressed_values = self.compressor(k, v)
+            branches = BLOSSOM_BACKENDS[implementation](q, k, v, compressed_keys, compressed_values, self.geometry)
+            gates = torch.sigmoid(self.gate(hidden)).view(batch, length, self.num_heads, self.num_branches)
+            gates = gates.permute(0, 2, 1, 3).unsqueeze(-1)
+            out = sum(gates[..., i, :] * branch for i, branch in enumerate(b for b in branches if b is not None))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
+
+
+class BlossomRecLayer(nn.Module):
+    """Post-LN transformer block as published: x = LN(x + Drop(Attn(x))); x = LN(x + Drop(FFN(x)))."""
+
+    def __init__(self, config: BlossomRecConfig):
+        super().__init__()
+        self.attention = BlossomRecAttention(config)
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.feed_forward = nn.Sequential(
+            nn.Linear(config.hidden_size, config.intermediate_size),
+            ACT2FN[config.hidden_act],
+            nn.Linear(config.intermediate_size, config.hidden_size),
+        )
+        self.feed_forward_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden: torch.Tensor, rotary) -> torch.Tensor:
+        hidden = self.attention_norm(hidden + self.dropout(self.attention(hidden, rotary)))
+        return self.feed_forward_norm(hidden + self.dropout(self.feed_forward(hidden)))
+
+
+class BlossomRecPreTrainedModel(PreTrainedModel):
+    config_class = BlossomRecConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = ["BlossomRecLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, BlockCompressor) and module.learned:
+            init.normal_(module.key_positions, mean=0.0, std=std)
+            init.normal_(module.value_positions, mean=0.0, std=std)
+        elif isinstance(module, BlossomRecForSequentialRecommendation) and module.output_item_embeddings is not None:
+            init.normal_(module.output_item_embeddings, mean=0.0, std=std)
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        return True
+
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        """Attention backends: `blossom_torch` / `blossom_triton` for BlossomRec, `sdpa` / `eager` for dense.
+
+        Without a request, the fastest one available: `blossom_triton` where triton and CUDA are present.
+        """
+        if self.config.attention_type == "dense":
+            choices, default = tuple(DENSE_BACKENDS), "sdpa"
+        else:
+            choices = tuple(BLOSSOM_BACKENDS)
+            default = "blossom_triton" if torch.cuda.is_available() and triton_unavailable_reason() is None \
+                else "blossom_torch"
+        if requested_attention is None:
+            return default
+        if requested_attention not in choices:
+            raise ValueError(
+                f"attn_implementation={requested_attention!r} is not available for attention_type="
+                f"{self.config.attention_type!r}; choose one of {choices}"
+            )
+        if requested_attention == "blossom_triton" and (reason := triton_unavailable_reason()) is not None:
+            raise ValueError(f"attn_implementation='blossom_triton' cannot be used: {reason}")
+        return requested_attention
+
+
+class BlossomRecModel(BlossomRecPreTrainedModel):
+    """Item embeddings and the transformer layers: histories in, one hidden state per position out."""
+
+    def __init__(self, config: BlossomRecConfig):
+        super().__init__(config)
+        self.item_embeddings = nn.Embedding(config.n_items + 1, config.hidden_size, padding_idx=0)
+        self.position_embeddings = (
+            nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            if config.position_embedding_type == "absolute" else None
+        )
+        self.embedding_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.layers = nn.ModuleList([BlossomRecLayer(config) for _ in range(config.num_hidden_layers)])
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.item_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.item_embeddings = value
+
+    def encode_aligned(self, aligned_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Hidden states of left-aligned histories: [embeddings, layer 1, ..., layer N], each [B, L, d]."""
+        length = aligned_ids.shape[1]
+        hidden = self.item_embeddings(aligned_ids)
+        rotary = None
+        if self.position_embeddings is not None:
+            if length > self.config.max_position_embeddings:
+                raise ValueError(
+                    f"histories of length {length} exceed max_position_embeddings="
+                    f"{self.config.max_position_embeddings} of this absolute-position model; keep the most recent "
+                    f"{self.config.max_position_embeddings} items"
+                )
+            hidden = hidden + self.position_embeddings.weight[:length]
+        else:
+            rotary = rotary_tables(length, self.config.head_dim, self.config.rope_theta, hidden.device, hidden.dtype)
+        states = [self.dropout(self.embedding_norm(hidden))]
+        for layer in self.layers:
+            states.append(layer(states[-1], rotary))
+        return states
+
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=None, return_dict=None):
+        layout = HistoryLayout.from_inputs(input_ids, attention_mask, self.config.n_items)
+        states = self.encode_aligned(layout.align(input_ids) * layout.real)
+        output_hidden_states = output_hidden_states if output_hidden_states is not None \
+            else self.config.output_hidden_states
+        output = BlossomRecModelOutput(
+            last_hidden_state=layout.to_caller(states[-1]),
+            hidden_states=tuple(layout.to_caller(s) for s in states) if output_hidden_states else None,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class BlossomRecForSequentialRecommendation(BlossomRecPreTrainedModel):
+    """BlossomRec with next-item scores `h_t . E[i]` over the whole item vocabulary, a loss, and `recommend`."""
+
+    def __init__(self, config: BlossomRecConfig):
+        super().__init__(config)
+        self.model = BlossomRecModel(config)
+        self.output_item_embeddings = (
+            None if config.tie_word_embeddings
+            else nn.Parameter(torch.zeros(config.n_items + 1, config.hidden_size))
+        )
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.item_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.item_embeddings = value
+
+    @property
+    def item_score_weight(self) -> torch.Tensor:
+        """[n_items + 1, d]: row i scores item i (the input embeddings when tied)."""
+        if self.output_item_embeddings is not None:
+            return self.output_item_embeddings
+        return self.model.item_embeddings.weight
+
+    def score(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Scores of every item id after each hidden state; the padding id gets the lowest finite value."""
+        logits = hidden @ self.item_score_weight.T
+        logits[..., 0] = torch.finfo(logits.dtype).min
+        return logits
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int = 0,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> SequentialRecommenderOutput | tuple:
+        """Next-item scores and, with `labels`, the next-item loss.
+
+        input_ids: [B, L] item ids, 0 = padding on either side. attention_mask: optional [B, L], 1 = item.
+        labels: [B, L] aligned with input_ids (the model shifts them): the target of an item is the label of the next
+            item of the same history; 0 and -100 are ignored.
+        logits_to_keep: 0 = scores at every position; k > 0 = scores after each history's last k items.
+        """
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be a non-negative int, got {logits_to_keep!r}")
+        layout = HistoryLayout.from_inputs(input_ids, attention_mask, self.config.n_items)
+        states = self.model.encode_aligned(layout.align(input_ids) * layout.real)
+        last = states[-1]
+
+        loss = None
+        if labels is not None:
+            loss = self.next_item_loss(last, layout, labels, input_ids.shape)
+
+        logits = None
+        if logits_to_keep > 0:
+            positions, present = layout.last_positions(logits_to_keep)
+            kept = last.gather(1, positions[..., None].expand(-1, -1, last.shape[-1])) * present[..., None]
+            logits = self.score(kept)
+        elif labels is None:
+            logits = self.score(layout.to_caller(last))
+
+        output_hidden_states = output_hidden_states if output_hidden_states is not None \
+            else self.config.output_hidden_states
+        output = SequentialRecommenderOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=tuple(layout.to_caller(s) for s in states) if output_hidden_states else None,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def next_item_loss(self, aligned_hidden, layout: HistoryLayout, labels, input_shape) -> torch.Tensor:
+        """Cross-entropy of predicting, at every item, the label of the next item of its history."""
+        check_ids_tensor(labels, "labels")
+        if tuple(labels.shape) != tuple(input_shape):
+            raise ValueError(f"labels have shape {tuple(labels.shape)} but input_ids have shape {tuple(input_shape)}")
+        check_item_ids(labels, self.config.n_items, "labels", allowed_extra=(IGNORE_INDEX,))
+        aligned_labels = layout.align(labels)
+        targets = aligned_labels[:, 1:]
+        predicts = layout.real[:, 1:] & (targets > 0)
+        hidden = aligned_hidden[:, :-1][predicts]
+        return linear_cross_entropy(hidden, self.item_score_weight, targets[predicts])
+
+    @torch.no_grad()
+    def recommend(self, input_ids, attention_mask=None, top_k: int = 10, exclude_history: bool = False):
+        """The `top_k` best next items for each history (in eval mode), optionally leaving out items already seen."""
+        if not isinstance(top_k, int) or not 1 <= top_k <= self.config.n_items:
+            raise ValueError(f"top_k must be an int in [1, n_items={self.config.n_items}], got {top_k!r}")
+        layout = HistoryLayout.from_inputs(input_ids, attention_mask, self.config.n_items)
+        empty = (layout.lengths == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"cannot recommend for empty histories (rows {empty} hold only padding)")
+        was_training = self.training
+        self.eval()
+        try:
+            scores = self(input_ids, attention_mask=attention_mask, logits_to_keep=1).logits[:, -1].float()
+        finally:
+            self.train(was_training)
+        scores[:, 0] = float("-inf")
+        if exclude_history:
+            seen = input_ids if attention_mask is None else input_ids * attention_mask.to(input_ids.dtype)
+            scores.scatter_(1, seen.long(), float("-inf"))
+        best_scores, best_items = scores.topk(top_k, dim=-1)
+        return RecommendationOutput(item_ids=best_items, scores=best_scores)
+
+
+BlossomRecConfig.register_for_auto_class()
+BlossomRecModel.register_for_auto_class("AutoModel")
+BlossomRecForSequentialRecommendation.register_for_auto_class("AutoModel")
