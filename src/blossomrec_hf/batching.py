@@ -1,0 +1,156 @@
+"""Turning prepared splits into model batches: padding, collators, a resumable sampler and the data loaders.
+
+Shared by ``scripts/train.py`` and ``scripts/evaluate.py``. Rows are plain mappings (a ``datasets.Dataset`` row, or
+a dict), so nothing here needs the ``datasets`` library itself.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+PADDING_ID = 0
+
+
+def left_pad(sequences: Sequence[Sequence[int]], max_length: int | None = None) -> torch.Tensor:
+    """Stack id lists into ``[B, L]``, keeping the last ``max_length`` ids of each and padding on the left with 0.
+
+    ``L`` is the longest (truncated) sequence of the batch, so short batches stay short.
+    """
+    if max_length is not None:
+        sequences = [sequence[-max_length:] if max_length > 0 else [] for sequence in sequences]
+    width = max((len(sequence) for sequence in sequences), default=0)
+    batch = torch.full((len(sequences), max(width, 1)), PADDING_ID, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        if len(sequence):
+            batch[row, batch.shape[1] - len(sequence):] = torch.as_tensor(sequence, dtype=torch.long)
+    return batch
+
+
+class TrainingCollator:
+    """Batches of training windows: ``input_ids = labels = window`` (the model shifts labels by one itself)."""
+
+    def __init__(self, max_seq_length: int):
+        self.window_length = max_seq_length + 1
+
+    def __call__(self, rows: Sequence[Mapping]) -> dict:
+        input_ids = left_pad([row["input_ids"] for row in rows], self.window_length)
+        return {
+            "input_ids": input_ids,
+            "labels": input_ids.clone(),
+            # Next-item targets in this batch (every real item except each window's first), for items/s.
+            "num_targets": int((input_ids != PADDING_ID).sum()) - len(rows),
+        }
+
+
+class NegativeSampler:
+    """The ``uni100`` protocol: for each user, ``num_negatives`` distinct items the user never interacted with.
+
+    The draw depends only on (seed, user id), so it is the same for any batch size, process count or run.
+    """
+
+    def __init__(self, n_items: int, num_negatives: int = 100, seed: int = 0):
+        self.n_items = n_items
+        self.num_negatives = num_negatives
+        self.seed = seed
+
+    def __call__(self, user: str, interacted: Sequence[int]) -> list[int]:
+        seen = set(interacted)
+        available = self.n_items - len(seen - {PADDING_ID})
+        if available < self.num_negatives:
+            raise ValueError(
+                f"user {user!r} interacted with {self.n_items - available} of {self.n_items} items: fewer than "
+                f"{self.num_negatives} items are left to sample as negatives; use full ranking (--mode full)"
+            )
+        rng = np.random.default_rng([self.seed, zlib.crc32(str(user).encode("utf-8"))])
+        negatives: list[int] = []
+        chosen: set[int] = set()
+        while len(negatives) < self.num_negatives:
+            for item in rng.integers(1, self.n_items + 1, size=2 * self.num_negatives).tolist():
+                if item not in seen and item not in chosen:
+                    chosen.add(item)
+                    negatives.append(item)
+                    if len(negatives) == self.num_negatives:
+                        break
+        return negatives
+
+
+class EvaluationCollator:
+    """Batches of evaluation rows (``user``, ``history``, ``target``).
+
+    Gives ``input_ids`` (the last ``max_seq_length`` history items) and ``targets``; with ``exclude_history`` also
+    ``history_items`` (the whole history, right-padded with 0) so the ranking can drop already-seen items; with a
+    ``negative_sampler`` also ``candidates`` (the sampled negatives the target is ranked against).
+    """
+
+    def __init__(self, max_seq_length: int, *, exclude_history: bool = False,
+                 negative_sampler: NegativeSampler | None = None):
+        self.max_seq_length = max_seq_length
+        self.exclude_history = exclude_history
+        self.negative_sampler = negative_sampler
+
+    def __call__(self, rows: Sequence[Mapping]) -> dict:
+        histories = [row["history"] for row in rows]
+        batch = {
+            "input_ids": left_pad(histories, self.max_seq_length),
+            "targets": torch.as_tensor([row["target"] for row in rows], dtype=torch.long),
+        }
+        if self.exclude_history:
+            batch["history_items"] = left_pad(histories)
+        if self.negative_sampler is not None:
+            batch["candidates"] = torch.as_tensor(
+                [self.negative_sampler(row["user"], [*row["history"], row["target"]]) for row in rows],
+                dtype=torch.long,
+            )
+        return batch
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random order that depends only on ``seed + epoch``.
+
+    Every process draws the same order (Accelerate then shards it), and a resumed run re-creates the order of an
+    interrupted epoch exactly, so skipping the batches already seen continues where the run stopped. The order
+    comes from a private generator: iterating never touches the global RNG that dropout uses.
+    """
+
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        order_rng = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=order_rng).tolist())
+
+
+def _private_generator(seed: int) -> torch.Generator:
+    """The DataLoader draws a worker base seed from its generator each epoch; a private one keeps dropout's RNG intact."""
+    return torch.Generator().manual_seed(seed)
+
+
+def training_dataloader(windows, max_seq_length: int, batch_size: int, seed: int, num_workers: int = 0) -> DataLoader:
+    """Shuffled batches of training windows (column ``input_ids``), reproducible from ``seed`` and the epoch."""
+    return DataLoader(
+        windows,
+        batch_size=batch_size,
+        sampler=EpochShuffleSampler(len(windows), seed),
+        collate_fn=TrainingCollator(max_seq_length),
+        num_workers=num_workers,
+        generator=_private_generator(seed),
+    )
+
+
+def evaluation_dataloader(split, collator: EvaluationCollator, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """Batches of evaluation rows in split order."""
+    return DataLoader(split, batch_size=batch_size, shuffle=False, collate_fn=collator, num_workers=num_workers,
+                      generator=_private_generator(0))

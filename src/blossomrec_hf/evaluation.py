@@ -1,0 +1,126 @@
+"""Leave-one-out ranking evaluation: the model and the item-popularity baseline, by full ranking or ``uni100``.
+
+Full ranking scores every real item 1..n_items (column 0, the padding id, is never ranked). The target's rank is
+the number of candidates that score strictly higher than it: ties go in the target's favour, which is the usual
+convention, and exact float ties are rare for a trained model scored in float32 (training evaluates an unprepared
+float32 copy of the model, outside mixed-precision autocast, because bfloat16 scores tie often). The popularity baseline has no ties: equal counts are ordered by item
+id, so it does not profit from the tie rule.
+
+Everything runs under ``accelerate``: each process scores its shard of users and ``gather_for_metrics`` collects the
+ranks, dropping the duplicates that even sharding adds, so every user is counted exactly once.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+
+from .batching import EvaluationCollator, NegativeSampler, evaluation_dataloader
+from .metrics import DEFAULT_KS, ranking_metrics
+
+EVALUATION_MODES = ("full", "uni100")
+
+ScoreFunction = Callable[[dict], torch.Tensor]
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor, *, history_items: torch.Tensor | None = None,
+                 candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """0-based rank of each target among the candidates, counting candidates that score strictly higher.
+
+    ``scores``: ``[B, n_items + 1]``. Full ranking by default; ``history_items`` (``[B, H]``, 0-padded) removes
+    those items from the competition, except the target itself; ``candidates`` (``[B, C]`` sampled negatives)
+    restricts the competition to them.
+    """
+    if scores.dtype in (torch.float16, torch.bfloat16):
+        scores = scores.float()
+    if torch.isnan(scores).any():
+        raise FloatingPointError("the model produced NaN scores; the ranking would be meaningless")
+    target_scores = scores.gather(1, targets[:, None])
+    if candidates is not None:
+        return (scores.gather(1, candidates) > target_scores).sum(dim=1)
+    competing = torch.ones_like(scores, dtype=torch.bool)
+    competing[:, 0] = False
+    if history_items is not None:
+        competing.scatter_(1, history_items, False)
+    return ((scores > target_scores) & competing).sum(dim=1)
+
+
+@torch.no_grad()
+def collect_ranks(score_fn: ScoreFunction, dataloader, accelerator) -> torch.Tensor:
+    """Ranks of every user of a prepared dataloader, gathered from all processes (each user exactly once)."""
+    ranks = []
+    for batch in dataloader:
+        batch_ranks = target_ranks(score_fn(batch), batch["targets"], history_items=batch.get("history_items"),
+                                   candidates=batch.get("candidates"))
+        ranks.append(accelerator.gather_for_metrics(batch_ranks).cpu())
+    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+
+
+def model_score_function(model) -> ScoreFunction:
+    """Next-item scores ``[B, n_items + 1]`` from ``model(input_ids, logits_to_keep=1)``."""
+    def score(batch: dict) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], logits_to_keep=1).logits[:, -1]
+    return score
+
+
+def item_popularity(train_split, n_items: int) -> torch.Tensor:
+    """Popularity scores ``[n_items + 1]`` from the training histories (column ``items``), without ties.
+
+    Items are ordered by interaction count, equal counts by ascending id; the score is the position in that
+    order reversed (the most popular item scores highest), an exact integer in float32 for any catalogue size.
+    """
+    items = np.fromiter(itertools.chain.from_iterable(train_split["items"]), dtype=np.int64)
+    counts = torch.from_numpy(np.bincount(items, minlength=n_items + 1)[: n_items + 1])
+    order = torch.argsort(-counts, stable=True)
+    scores = torch.empty(n_items + 1, dtype=torch.float32)
+    scores[order] = torch.arange(n_items + 1, 0, -1, dtype=torch.float32)
+    return scores
+
+
+def popularity_score_function(popularity: torch.Tensor) -> ScoreFunction:
+    def score(batch: dict) -> torch.Tensor:
+        targets = batch["targets"]
+        return popularity.to(targets.device).expand(len(targets), -1)
+    return score
+
+
+class RankingEvaluator:
+    """Evaluates models on one leave-one-out split (rows ``user``, ``history``, ``target``) with one protocol.
+
+    The popularity baseline is computed once per evaluator, since it does not change during training.
+    """
+
+    def __init__(self, split, train_split, *, n_items: int, max_seq_length: int, accelerator, batch_size: int = 256,
+                 mode: str = "full", exclude_history: bool = False, seed: int = 0, ks: Iterable[int] = DEFAULT_KS):
+        if mode not in EVALUATION_MODES:
+            raise ValueError(f"unknown evaluation mode {mode!r}; choose one of {', '.join(EVALUATION_MODES)}")
+        if len(split) == 0:
+            raise ValueError("the evaluation split has no users")
+        self.accelerator = accelerator
+        self.ks = tuple(ks)
+        negative_sampler = NegativeSampler(n_items, 100, seed) if mode == "uni100" else None
+        collator = EvaluationCollator(max_seq_length, exclude_history=exclude_history and mode == "full",
+                                      negative_sampler=negative_sampler)
+        self.dataloader = accelerator.prepare_data_loader(evaluation_dataloader(split, collator, batch_size))
+        self.popularity = item_popularity(train_split, n_items)
+        self._popularity_metrics: dict[str, float] | None = None
+
+    def evaluate(self, score_fn: ScoreFunction) -> dict[str, float]:
+        return ranking_metrics(collect_ranks(score_fn, self.dataloader, self.accelerator), self.ks)
+
+    def evaluate_model(self, model) -> dict[str, float]:
+        """Metrics of ``model`` (put in eval mode for the evaluation, its training mode restored afterwards)."""
+        was_training = model.training
+        model.eval()
+        try:
+            return self.evaluate(model_score_function(model))
+        finally:
+            model.train(was_training)
+
+    def evaluate_popularity(self) -> dict[str, float]:
+        if self._popularity_metrics is None:
+            self._popularity_metrics = self.evaluate(popularity_score_function(self.popularity))
+        return self._popularity_metrics

@@ -1,0 +1,118 @@
+"""Ranking evaluation (full, history exclusion, uni100, popularity) against a fake scorer with known answers."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate import Accelerator
+from datasets import Dataset
+
+from blossomrec_hf.batching import NegativeSampler, left_pad
+from blossomrec_hf.evaluation import RankingEvaluator, item_popularity, target_ranks
+
+N_ITEMS = 200
+
+
+class NextIdScorer(torch.nn.Module):
+    """Scores item i by -|i - (last item + 1)|: it always predicts "the next id", ties broken towards lower ids."""
+
+    def forward(self, input_ids, logits_to_keep=0):
+        last = input_ids[:, -1:].float()
+        items = torch.arange(N_ITEMS + 1, dtype=torch.float32)
+        scores = -(items - (last + 1)).abs() - 1e-3 * items
+        scores[:, 0] = -1e9
+        return SimpleNamespace(logits=scores[:, None, :])
+
+
+def test_rank_counts_strictly_higher_scores_and_never_the_padding_column():
+    scores = torch.tensor([[100.0, 0.1, 0.5, 0.3, 0.9, 0.3]])
+    target = torch.tensor([3])
+    assert target_ranks(scores, target).tolist() == [2]  # 0.5 and 0.9; the tie at item 5 and column 0 do not count
+
+
+def test_history_exclusion_keeps_the_target():
+    scores = torch.tensor([[0.0, 0.1, 0.5, 0.3, 0.9, 0.3]])
+    history = torch.tensor([[4, 3, 0]])  # item 3 is also the target: it must stay ranked
+    assert target_ranks(scores, torch.tensor([3]), history_items=history).tolist() == [1]
+
+
+def test_sampled_candidates_restrict_the_competition():
+    scores = torch.tensor([[0.0, 0.1, 0.5, 0.3, 0.9, 0.3]])
+    assert target_ranks(scores, torch.tensor([3]), candidates=torch.tensor([[1, 2]])).tolist() == [1]
+
+
+def test_half_precision_scores_are_ranked_and_nan_is_an_error():
+    scores = torch.tensor([[0.0, 0.1, 0.5, 0.3]], dtype=torch.bfloat16)
+    assert target_ranks(scores, torch.tensor([1])).tolist() == [2]
+    with pytest.raises(FloatingPointError, match="NaN"):
+        target_ranks(torch.tensor([[0.0, float("nan"), 1.0]]), torch.tensor([2]))
+
+
+def test_popularity_orders_by_count_then_id():
+    train = Dataset.from_dict({"items": [[1, 2, 2], [2, 3]]})
+    popularity = item_popularity(train, n_items=4)
+    ranks = target_ranks(popularity.expand(4, -1), torch.tensor([2, 1, 3, 4]))
+    assert ranks.tolist() == [0, 1, 2, 3]  # counts 2:3, 1:1, 3:1, 4:0; ties by id
+
+
+def test_negative_sampler_is_deterministic_and_avoids_interacted_items():
+    sampler = NegativeSampler(n_items=300, num_negatives=100, seed=7)
+    interacted = list(range(1, 151))
+    negatives = sampler("alice", interacted)
+    assert negatives == sampler("alice", interacted)
+    assert negatives != sampler("bob", interacted)
+    assert len(set(negatives)) == 100 and min(negatives) > 150 and max(negatives) <= 300
+    with pytest.raises(ValueError, match="fewer than 100"):
+        NegativeSampler(n_items=120, num_negatives=100)("carol", list(range(1, 40)))
+
+
+def test_left_pad_keeps_the_most_recent_items():
+    assert left_pad([[1, 2, 3, 4], [5]], max_length=3).tolist() == [[2, 3, 4], [0, 0, 5]]
+
+
+def _split():
+    # The scorer predicts last + 1, then alternates outwards (last, last + 2, last - 1, ...).
+    # Users 0-3: the target is last + 1 (rank 0). User 4: predicted 10, target 6 behind 10, 9, 11, 8, 12, 7, 13
+    # (rank 7; rank 6 once the history item 9 is excluded). User 5: predicted 16, target 14 behind 16, 15, 17
+    # (rank 3; rank 2 once 15 is excluded).
+    histories = [[1, 2], [5, 6, 7], [12], [20, 21], [4, 9], [10, 15]]
+    targets = [3, 8, 13, 22, 6, 14]
+    return Dataset.from_dict({"user": [f"u{i}" for i in range(6)], "history": histories, "target": targets})
+
+
+def _evaluator(**options):
+    train = Dataset.from_dict({"items": [[3, 3, 3, 1], [3, 2]]})
+    return RankingEvaluator(_split(), train, n_items=N_ITEMS, max_seq_length=5, accelerator=Accelerator(cpu=True),
+                            batch_size=4, **options)
+
+
+def test_full_ranking_with_a_fake_model():
+    metrics = _evaluator().evaluate_model(NextIdScorer())
+    assert metrics["num_users"] == 6
+    assert metrics["recall@5"] == pytest.approx(5 / 6)
+    assert metrics["recall@10"] == pytest.approx(1.0)
+    assert metrics["ndcg@10"] == pytest.approx((4 + 1 / math.log2(9) + 1 / math.log2(5)) / 6)
+    assert metrics["mrr@10"] == pytest.approx((4 + 1 / 8 + 1 / 4) / 6)
+
+
+def test_history_exclusion_with_a_fake_model():
+    metrics = _evaluator(exclude_history=True).evaluate_model(NextIdScorer())
+    assert metrics["mrr@10"] == pytest.approx((4 + 1 / 7 + 1 / 3) / 6)
+
+
+def test_popularity_baseline_counts_training_items():
+    # Popularity order 3, 1, 2, 4, 5, ...: target ranks 0, 7, 12, 21, 5, 13.
+    metrics = _evaluator().evaluate_popularity()
+    assert metrics["num_users"] == 6
+    assert (metrics["recall@5"], metrics["recall@10"], metrics["recall@20"]) == pytest.approx((1 / 6, 3 / 6, 5 / 6))
+
+
+def test_uni100_is_deterministic_and_never_harder_than_full_ranking():
+    full = _evaluator().evaluate_model(NextIdScorer())
+    sampled = _evaluator(mode="uni100", seed=3).evaluate_model(NextIdScorer())
+    assert sampled == _evaluator(mode="uni100", seed=3).evaluate_model(NextIdScorer())
+    assert sampled["num_users"] == 6
+    assert all(sampled[name] >= full[name] for name in full if name != "num_users")
+    with pytest.raises(ValueError, match="unknown evaluation mode"):
+        _evaluator(mode="uni50")
