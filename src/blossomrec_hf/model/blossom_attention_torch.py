@@ -2,8 +2,8 @@
 
 Every branch gathers the keys its queries may see and takes an exact softmax over them, so no L x L tensor is ever
 built: work and memory grow as L * (keys per query). Queries are processed in chunks so that the per-chunk score
-tensors stay small even at L = 16,384 on a CPU. Arithmetic is done in float32 whatever the input dtype; outputs come
-back in the input dtype.
+tensors stay small even at L = 16,384 on a CPU. Arithmetic is done in float32 (float64 for float64 inputs, so the
+reference can check itself and the kernels in double precision); outputs come back in the input dtype.
 
 Shapes: q [B, H, L, D]; k, v [B, H_kv, L, D]; compressed keys/values ck, cv [B, H_kv, W, D] with
 W = geometry.num_compressed_blocks(L). H is a multiple of H_kv (grouped-query attention).
@@ -102,6 +102,10 @@ def stis_keys(query_positions: torch.Tensor, seq_len: int, geometry: SparseGeome
     return positions[None, None], (positions >= 0)[None, None]
 
 
+def _compute(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
     batch, heads, length, dim = q.shape
     return q.view(batch, kv_heads, heads // kv_heads, length, dim)
@@ -110,9 +114,9 @@ def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
 def select_blocks(q: torch.Tensor, ck: torch.Tensor, geometry: SparseGeometry) -> torch.Tensor:
     """LTIS block selection for every query: [B, Hkv, L, num_selected_blocks] block indices, -1 where none."""
     seq_len = q.shape[2]
-    qg = _grouped(q.float(), ck.shape[1])
+    qg = _grouped(_compute(q), ck.shape[1])
     positions = torch.arange(seq_len, device=q.device)
-    probs = compressed_probabilities(qg, ck.float(), positions, geometry)
+    probs = compressed_probabilities(qg, _compute(ck), positions, geometry)
     return top_blocks(selection_scores(probs, positions, seq_len, geometry), geometry.num_selected_blocks)
 
 
@@ -120,8 +124,8 @@ def selected_attention(q, k, v, block_indices, geometry: SparseGeometry) -> torc
     """Fine LTIS branch given the selected blocks [B, Hkv, L, n]: [B, H, L, D]."""
     positions = torch.arange(q.shape[2], device=q.device)
     key_positions, valid = selected_keys(block_indices, positions, geometry)
-    out = attend_gathered(_grouped(q.float(), k.shape[1]), gather_positions(k.float(), key_positions),
-                          gather_positions(v.float(), key_positions), valid)
+    out = attend_gathered(_grouped(_compute(q), k.shape[1]), gather_positions(_compute(k), key_positions),
+                          gather_positions(_compute(v), key_positions), valid)
     return out.flatten(1, 2).to(q.dtype)
 
 
@@ -132,9 +136,9 @@ def blossom_attention_torch(q, k, v, ck, cv, geometry: SparseGeometry, query_chu
     """
     batch, heads, seq_len, dim = q.shape
     kv_heads = k.shape[1]
-    qg = _grouped(q.float(), kv_heads)
-    k32, v32, ck32 = k.float(), v.float(), ck.float()
-    cv32 = cv.float() if cv is not None else None
+    qg = _grouped(_compute(q), kv_heads)
+    k32, v32, ck32 = _compute(k), _compute(v), _compute(ck)
+    cv32 = _compute(cv) if cv is not None else None
     selected, stis, compressed = [], [], []
     for start in range(0, seq_len, query_chunk):
         positions = torch.arange(start, min(seq_len, start + query_chunk), device=q.device)
