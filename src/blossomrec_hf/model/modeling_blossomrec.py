@@ -119,6 +119,8 @@ class BlockCompressor(nn.Module):
         """[B, Hkv, L, D] -> [B, Hkv, W, block, D]: the overlapping blocks, zero keys before position 0."""
         geometry = self.geometry
         num_blocks = geometry.num_compressed_blocks(x.shape[2])
+        if num_blocks == 0:
+            return x.new_zeros(*x.shape[:2], 0, geometry.compress_block_size, x.shape[-1])
         padded = F.pad(x, (0, 0, geometry.compress_left_padding, 0))
         windows = padded.unfold(2, geometry.compress_block_size, geometry.compress_stride)
         return windows[:, :, :num_blocks].transpose(-1, -2)
