@@ -137,26 +137,26 @@ def blossom_attention_torch(q, k, v, ck, cv, geometry: SparseGeometry, query_chu
     batch, heads, seq_len, dim = q.shape
     kv_heads = k.shape[1]
     qg = _grouped(_compute(q), kv_heads)
-    k32, v32, ck32 = _compute(k), _compute(v), _compute(ck)
-    cv32 = _compute(cv) if cv is not None else None
+    keys, values, compressed_keys = _compute(k), _compute(v), _compute(ck)
+    compressed_values = _compute(cv) if cv is not None else None
     selected, stis, compressed = [], [], []
     for start in range(0, seq_len, query_chunk):
         positions = torch.arange(start, min(seq_len, start + query_chunk), device=q.device)
         q_chunk = qg[:, :, :, start:start + len(positions)]
 
-        probs = compressed_probabilities(q_chunk, ck32, positions, geometry)
-        if cv32 is not None:
-            compressed.append(torch.einsum("bhgcw,bhwd->bhgcd", probs, cv32))
+        probs = compressed_probabilities(q_chunk, compressed_keys, positions, geometry)
+        if compressed_values is not None:
+            compressed.append(torch.einsum("bhgcw,bhwd->bhgcd", probs, compressed_values))
         with torch.no_grad():
             scores = selection_scores(probs, positions, seq_len, geometry)
             block_indices = top_blocks(scores, geometry.num_selected_blocks)
 
         key_positions, valid = selected_keys(block_indices, positions, geometry)
-        selected.append(attend_gathered(q_chunk, gather_positions(k32, key_positions),
-                                        gather_positions(v32, key_positions), valid))
+        selected.append(attend_gathered(q_chunk, gather_positions(keys, key_positions),
+                                        gather_positions(values, key_positions), valid))
         key_positions, valid = stis_keys(positions, seq_len, geometry)
-        stis.append(attend_gathered(q_chunk, gather_positions(k32, key_positions),
-                                    gather_positions(v32, key_positions), valid))
+        stis.append(attend_gathered(q_chunk, gather_positions(keys, key_positions),
+                                    gather_positions(values, key_positions), valid))
 
     def merge(parts):
         return torch.cat(parts, dim=3).reshape(batch, heads, seq_len, dim).to(q.dtype)
