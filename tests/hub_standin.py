@@ -8,7 +8,7 @@ Hub endpoints (``{repo}`` is ``namespace/name``; ``{rev}`` a URL-quoted branch, 
 
 - ``GET  /api/whoami-v2``                          token check (401 for a missing or unknown token)
 - ``POST /api/repos/create``                       new model repo with an initial commit holding ``.gitattributes``
-                                                   (409 if it exists)
+                                                   (409 with the repo's ``url`` if it exists)
 - ``POST /api/validate-yaml``                      always answers "no errors" (README metadata is not validated)
 - ``POST /api/models/{repo}/preupload/{rev}``      every file is answered ``uploadMode: "regular"``, with the oid
                                                    (git blob sha1) of the file already there, so unchanged files are
@@ -68,9 +68,11 @@ def is_lfs_tracked(path: str) -> bool:
 class HubError(Exception):
     """An HTTP error answer, with the ``X-Error-Code`` the client maps to its exception types."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None,
+                 body: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.code, self.headers = status, message, code, headers or {}
+        self.status, self.message, self.code = status, message, code
+        self.headers, self.body = headers or {}, body or {}
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers = {"X-Error-Message": error.message, **error.headers}
             if error.code:
                 headers["X-Error-Code"] = error.code
-            self.send_json({"error": error.message}, error.status, headers)
+            self.send_json({"error": error.message, **error.body}, error.status, headers)
 
     do_GET = do_HEAD = do_POST = dispatch
 
@@ -235,7 +237,7 @@ class _HubHandler(_Handler):
         private = payload.get("private", payload.get("visibility") == "private")
         with self.state.lock:
             if repo_id in self.state.repos:
-                raise HubError(409, "You already created this model repo", headers={"X-Error-Code": "RepoExists"})
+                raise HubError(409, "You already created this model repo", body={"url": f"{self.endpoint}/{repo_id}"})
             repo = Repo(repo_id, bool(private))
             initial = self.state.new_commit(repo, None, "initial commit",
                                             {".gitattributes": self.state.store_blob(GITATTRIBUTES)})
