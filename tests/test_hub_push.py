@@ -119,6 +119,10 @@ def _import_own_package(directory):
         f.write("\nfrom blossomrec_hf.model import BlossomRecConfig\n")
 
 
+def _record_a_token(directory):
+    (directory / "training_args.json").write_text(json.dumps({"dataset": "synthetic", "hub_token": "hf_secret"}))
+
+
 def _no_auto_map(directory):
     config = json.loads((directory / "config.json").read_text())
     del config["auto_map"]
@@ -131,6 +135,7 @@ def _no_auto_map(directory):
     (_drop("configuration_blossomrec.py"), "lacks configuration_blossomrec.py"),
     (_no_auto_map, "no auto_map"),
     (_import_own_package, "imports blossomrec_hf"),
+    (_record_a_token, "records hub_token; remove the access token"),
 ])
 def test_folders_a_stranger_could_not_load_are_refused(model_dir, break_folder, message):
     break_folder(model_dir)

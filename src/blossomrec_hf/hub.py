@@ -142,6 +142,14 @@ def _remote_code_files(model_dir: Path, config: dict) -> list[str]:
     return sorted(found)
 
 
+def _refuse_secrets(args, name: str) -> None:
+    """Training arguments are published as they are: a recorded access token would leak with them."""
+    leaked = [key for key, value in (args.items() if isinstance(args, dict) else ())
+              if "token" in key.lower() and isinstance(value, str) and value]
+    if leaked:
+        raise HubPublishError(f"{name} records {', '.join(leaked)}; remove the access token before publishing it.")
+
+
 def collect_upload_files(model_dir: str | Path) -> list[str]:
     """Check that `model_dir` holds what a stranger needs and return the files to upload (relative names).
 
@@ -162,6 +170,8 @@ def collect_upload_files(model_dir: str | Path) -> list[str]:
         )
     files = set(_weight_files(model_dir)) | set(_remote_code_files(model_dir, config))
     files |= {p.name for p in model_dir.iterdir() if p.is_file() and p.suffix == ".json"}
+    if (model_dir / "training_args.json").is_file():
+        _refuse_secrets(_read_json(model_dir / "training_args.json", "The training arguments"), "training_args.json")
     missing_records = [name for name in OPTIONAL_RECORDS if name not in files]
     if missing_records:
         logger.warning("%s has no %s; the model card will say they were not recorded.", model_dir, missing_records)
@@ -239,11 +249,14 @@ def _training_command(args) -> str:
 
 
 def _dataset_name(args) -> str | None:
-    for key in ("dataset", "dataset_name", "data"):
-        value = args.get(key) if isinstance(args, dict) else None
-        if value:
-            return Path(str(value)).stem if ("/" in str(value) or "." in Path(str(value)).name) else str(value)
-    return None
+    """The dataset training_args.json names: a Hub id as it is, a local file by its stem ("Beauty.txt" -> "Beauty")."""
+    value = next((str(args[key]) for key in ("dataset", "dataset_name", "data")
+                  if isinstance(args, dict) and args.get(key)), None)
+    if value is None:
+        return None
+    if value.startswith("hf://"):
+        return value[len("hf://"):]
+    return Path(value).stem if Path(value).suffix or value.startswith((".", "/")) else value
 
 
 def _vocabulary_code(vocabulary) -> tuple[str, list[str]]:
