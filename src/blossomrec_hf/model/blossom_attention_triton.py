@@ -1,20 +1,276 @@
-"""Fused Triton BlossomRec attention (`attn_implementation="blossom_triton"`).
+"""Fused Triton BlossomRec attention (`attn_implementation="blossom_triton"`): exact, forward and backward.
 
-Triton is optional: the model imports this module where triton is missing and only refuses the backend.
+Same contract as `blossom_attention_torch`: (selected, stis, compressed-or-None), each [B, H, L, D]. Two forward
+launches (compressed branch + top-n block selection; selected blocks + own block + STIS) and four backward launches,
+none with atomics, so gradients are bitwise reproducible run to run (deterministic mode is always on).
+
+Triton is optional: without it the model refuses this backend. Shapes or devices the kernels do not cover (a
+geometry other than compress_stride == selection_block_size with compress_block_size a multiple of it, head dims
+outside 16..128, CPU tensors without TRITON_INTERPRET=1) fall back to the PyTorch reference with a one-time warning.
 """
 
+import math
+import os
+import warnings
+
+import torch
+
+from .blossom_attention_torch import blossom_attention_torch
+from .sparse_patterns import SparseGeometry
+
 try:
-    import triton  # noqa: F401
+    import triton
+
+    from .triton_blossom_kernels import (
+        compressed_backward_dkdv,
+        compressed_backward_dq,
+        compressed_forward,
+        sparse_backward_dkdv,
+        sparse_backward_dq,
+        sparse_forward,
+    )
 except ImportError:
     triton = None
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ROWS_PER_TILE = 64
+COMPRESSED_KEYS_PER_TILE = 64
+SPARSE_CHUNK_ELEMENTS = 8192
+_warned: set[str] = set()
 
 
 def triton_unavailable_reason() -> str | None:
     """Why `blossom_triton` cannot be selected here, or None when it can."""
     if triton is None:
         return "triton is not installed (pip install triton)"
-    return "the fused Triton kernels are not part of this version yet; use attn_implementation='blossom_torch'"
+    return None
 
 
-def blossom_attention_triton(q, k, v, ck, cv, geometry):
-    raise NotImplementedError(triton_unavailable_reason())
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fallback_reason(q, k, ck, geometry: SparseGeometry) -> str | None:
+    """Why these inputs go to the PyTorch path, or None when the kernels take them."""
+    if triton is None:
+        return triton_unavailable_reason()
+    if not q.is_cuda and not _interpreting():
+        return "tensors are on the CPU and TRITON_INTERPRET is not set"
+    size = geometry.selection_block_size
+    if geometry.compress_stride != size or geometry.compress_block_size % size:
+        return ("the kernels need compress_stride == selection_block_size and compress_block_size a multiple of it, "
+                f"got {geometry.compress_block_size}/{geometry.compress_stride}/{size}")
+    if size < 16 or size & (size - 1):
+        return f"the kernels need a power-of-two selection_block_size >= 16, got {size}"
+    if not 16 <= q.shape[-1] <= 128:
+        return f"the kernels support head dims 16..128, got {q.shape[-1]}"
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"unsupported dtype {q.dtype}"
+    heads, kv_heads = q.shape[1], k.shape[1]
+    group = heads // kv_heads
+    if heads % kv_heads or group & (group - 1) or group > 8:
+        return f"the kernels support query groups of 1, 2, 4 or 8 heads per kv head, got {heads}/{kv_heads}"
+    return None
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"blossom_triton falls back to the PyTorch path: {reason}", stacklevel=3)
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(x - 1, 0).bit_length()
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _row_major(x: torch.Tensor) -> torch.Tensor:
+    """The kernels read any layout whose last dim is contiguous (e.g. [B, L, H, D] memory seen as [B, H, L, D])."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _new_output(batch: int, heads: int, length: int, dim: int, like: torch.Tensor) -> torch.Tensor:
+    """[B, H, L, D] view of [B, L, H, D] memory: the model's transpose + reshape after attention is then free."""
+    return torch.empty(batch, length, heads, dim, dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+class _Plan:
+    """Launch parameters shared by the forward and backward passes."""
+
+    def __init__(self, q, k, ck, geometry: SparseGeometry):
+        self.batch, self.heads, self.length, self.dim = q.shape
+        self.kv_heads = k.shape[1]
+        self.group = self.heads // self.kv_heads
+        self.num_compressed = ck.shape[2]
+        size = geometry.selection_block_size
+        self.block = size
+        self.span = geometry.compress_block_size // size
+        self.num_blocks = geometry.num_selection_blocks(self.length)
+        self.num_selected = geometry.num_selected_blocks
+        self.window = geometry.stis_window
+        self.pow0 = _pow2(max(self.window, 1))
+        self.num_powers = 0
+        while self.pow0 << self.num_powers < self.length:
+            self.num_powers += 1
+        self.block_d = max(16, _pow2(self.dim))
+        self.tile_m = max(1, ROWS_PER_TILE // self.group)
+        rows = size * self.group
+        self.chunk = max(1, min(size, _pow2(SPARSE_CHUNK_ELEMENTS // (rows * self.block_d) + 1) // 2))
+        self.csr_chunk = max(1, ROWS_PER_TILE // self.group)
+        self.sm_scale = 1.0 / math.sqrt(self.dim)
+        self.qk_scale = self.sm_scale * math.log2(math.e)
+        self.dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        self.common = dict(HKV=self.kv_heads, G=self.group, D=self.dim, BLOCK_D=self.block_d)
+
+    def compressed_grid(self):
+        return (triton.cdiv(self.length, self.tile_m), self.batch * self.kv_heads)
+
+    def sparse_grid(self):
+        return (self.num_blocks, self.batch * self.kv_heads)
+
+
+def _compressed_forward(plan: _Plan, q, ck, cv, select: bool):
+    """Compressed-branch output (or None), its base-2 lse [B, H, L], and the block indices [B, Hkv, L, n]."""
+    length = plan.length
+    out = _new_output(plan.batch, plan.heads, length, plan.dim, q) if cv is not None else None
+    lse = torch.empty(plan.batch, plan.heads, length, dtype=torch.float32, device=q.device)
+    block_indices = torch.empty(plan.batch, plan.kv_heads, length, plan.num_selected, dtype=torch.int32,
+                                device=q.device)
+    cv_arg = cv if cv is not None else ck
+    out_arg = out if out is not None else lse
+    out_strides = _strides(out) if out is not None else (0, 0, 0)
+    compressed_forward[plan.compressed_grid()](
+        q, ck, cv_arg, out_arg, lse, block_indices,
+        *_strides(q), *_strides(ck), *_strides(cv_arg), *out_strides,
+        length, plan.num_compressed, plan.qk_scale,
+        **plan.common, BM=plan.tile_m, BW=COMPRESSED_KEYS_PER_TILE, SEL_B=plan.block, SPAN=plan.span,
+        N_SEL=plan.num_selected, N_PAD=_pow2(plan.num_selected), HAS_CV=cv is not None, SELECT=select,
+        DOT_PREC=plan.dot_prec, num_warps=4,
+    )
+    return out, lse, block_indices
+
+
+def _selection_csr(block_indices: torch.Tensor, num_blocks: int):
+    """Reverse index of the selection: for each (batch, kv head, key block), the ascending query positions that
+    selected it. Built with a sort and a binary search (deterministic, no host sync)."""
+    batch, kv_heads, length, _ = block_indices.shape
+    groups = batch * kv_heads * num_blocks
+    owner = torch.arange(batch * kv_heads, device=block_indices.device).view(batch, kv_heads, 1, 1) * num_blocks
+    positions = torch.arange(length, device=block_indices.device).view(1, 1, length, 1)
+    key = torch.where(block_indices >= 0, owner + block_indices.long(), groups)
+    combined = torch.sort((key * length + positions).flatten()).values
+    boundaries = torch.arange(groups + 1, device=block_indices.device) * length
+    offsets = torch.searchsorted(combined, boundaries)
+    return offsets, (combined % length).to(torch.int32)
+
+
+class _BlossomAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, ck, cv, geometry):
+        plan = _Plan(q, k, ck, geometry)
+        oc, lse_c, block_indices = _compressed_forward(plan, q, ck, cv, select=True)
+        o_sel = _new_output(plan.batch, plan.heads, plan.length, plan.dim, q)
+        o_stis = _new_output(plan.batch, plan.heads, plan.length, plan.dim, q)
+        lse_sel = torch.empty_like(lse_c)
+        lse_stis = torch.empty_like(lse_c)
+        sparse_forward[plan.sparse_grid()](
+            q, k, v, block_indices, o_sel, o_stis, lse_sel, lse_stis,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o_sel),
+            plan.length, plan.num_powers, plan.qk_scale,
+            **plan.common, SEL_B=plan.block, N_SEL=plan.num_selected, WINDOW=plan.window, POW0=plan.pow0,
+            C=plan.chunk, num_warps=4,
+        )
+        ctx.plan = plan
+        ctx.has_compressed = cv is not None
+        saved = [q, k, v, ck, block_indices, o_sel, o_stis, lse_sel, lse_stis]
+        if cv is not None:
+            saved += [cv, oc, lse_c]
+        ctx.save_for_backward(*saved)
+        return (o_sel, o_stis, oc) if cv is not None else (o_sel, o_stis)
+
+    @staticmethod
+    def backward(ctx, do_sel, do_stis, do_c=None):
+        plan: _Plan = ctx.plan
+        q, k, v, ck, block_indices, o_sel, o_stis, lse_sel, lse_stis = ctx.saved_tensors[:9]
+        do_sel, do_stis = _row_major(do_sel), _row_major(do_stis)
+        delta_sel = torch.empty_like(lse_sel)
+        delta_stis = torch.empty_like(lse_sel)
+        dq32 = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        sparse_backward_dq[plan.sparse_grid()](
+            q, k, v, block_indices, o_sel, o_stis, do_sel, do_stis, lse_sel, lse_stis, delta_sel, delta_stis, dq32,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o_sel), *_strides(do_sel), *_strides(do_stis),
+            plan.length, plan.num_powers, plan.qk_scale, plan.sm_scale,
+            **plan.common, SEL_B=plan.block, N_SEL=plan.num_selected, WINDOW=plan.window, POW0=plan.pow0,
+            C=plan.chunk, num_warps=4,
+        )
+        offsets, queries = _selection_csr(block_indices, plan.num_blocks)
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        sparse_backward_dkdv[plan.sparse_grid()](
+            q, k, v, do_sel, do_stis, lse_sel, lse_stis, delta_sel, delta_stis, offsets, queries, dk, dv,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do_sel), *_strides(do_stis),
+            plan.length, plan.num_blocks, plan.num_powers, plan.qk_scale, plan.sm_scale,
+            **plan.common, SEL_B=plan.block, WINDOW=plan.window, POW0=plan.pow0, QC=plan.csr_chunk,
+            DOT_PREC=plan.dot_prec, num_warps=4,
+        )
+        if not ctx.has_compressed:
+            return dq32.to(q.dtype), dk, dv, None, None, None
+        cv, oc, lse_c = ctx.saved_tensors[9:]
+        do_c = _row_major(do_c)
+        delta_c = torch.empty_like(lse_c)
+        dq = _new_output(plan.batch, plan.heads, plan.length, plan.dim, q)
+        compressed_backward_dq[plan.compressed_grid()](
+            q, ck, cv, oc, do_c, lse_c, delta_c, dq32, dq,
+            *_strides(q), *_strides(ck), *_strides(cv), *_strides(oc), *_strides(do_c), *_strides(dq),
+            plan.length, plan.num_compressed, plan.qk_scale, plan.sm_scale,
+            **plan.common, BM=plan.tile_m, BW=COMPRESSED_KEYS_PER_TILE, SEL_B=plan.block, DOT_PREC=plan.dot_prec,
+            num_warps=4,
+        )
+        dck = torch.empty(ck.shape, dtype=ck.dtype, device=ck.device)
+        dcv = torch.empty(cv.shape, dtype=cv.dtype, device=cv.device)
+        if plan.num_compressed:
+            compressed_backward_dkdv[(triton.cdiv(plan.num_compressed, COMPRESSED_KEYS_PER_TILE),
+                                      plan.batch * plan.kv_heads)](
+                q, ck, cv, do_c, lse_c, delta_c, dck, dcv,
+                *_strides(q), *_strides(ck), *_strides(cv), *_strides(do_c),
+                plan.length, plan.num_compressed, plan.qk_scale, plan.sm_scale,
+                **plan.common, BM=plan.tile_m, BW=COMPRESSED_KEYS_PER_TILE, SEL_B=plan.block,
+                DOT_PREC=plan.dot_prec, num_warps=4,
+            )
+        return dq, dk, dv, dck, dcv, None
+
+
+def _compute_dtype(*tensors) -> torch.dtype:
+    """One dtype for every operand: autocast's where it is on, else the widest of the inputs."""
+    device_type = tensors[0].device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def blossom_attention_triton(q, k, v, ck, cv, geometry: SparseGeometry):
+    """All BlossomRec branches: (selected, stis, compressed) outputs, each [B, H, L, D]; compressed is None if cv is."""
+    reason = fallback_reason(q, k, ck, geometry)
+    if reason is not None:
+        _warn_once(reason)
+        return blossom_attention_torch(q, k, v, ck, cv, geometry)
+    operands = [q, k, v, ck] + ([cv] if cv is not None else [])
+    dtype = _compute_dtype(*operands)
+    operands = [_row_major(t.to(dtype)) for t in operands]
+    if cv is None:
+        operands.append(None)
+    outputs = _BlossomAttention.apply(*operands, geometry)
+    return (outputs[0], outputs[1], outputs[2] if cv is not None else None)
+
+
+def select_blocks_triton(q, ck, geometry: SparseGeometry) -> torch.Tensor:
+    """The kernel's block selection alone, [B, Hkv, L, n] (-1 = empty slot), for tests and checks."""
+    q, ck = _row_major(q), _row_major(ck.to(q.dtype))
+    plan = _Plan(q, ck, ck, geometry)
+    return _compressed_forward(plan, q, ck, None, select=True)[2]
