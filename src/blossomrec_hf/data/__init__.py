@@ -1,30 +1,34 @@
-"""Interaction-log data layer: read logs, build time-ordered sequences, split, batch.
+"""The interaction-log data layer: read logs, build time-ordered histories, split leave-one-out, cut training windows.
 
-    from blossomrec_hf.data import load_sequences, train_dataset, eval_dataset
+    from blossomrec_hf.data import prepare_data, training_windows
 
-    data = load_sequences("../shared/data/Beauty.txt")   # any supported format
-    train = train_dataset(data, max_len=50)             # item_ids, labels
-    valid = eval_dataset(data, "valid", max_len=50)     # item_ids, target, user
-    test = eval_dataset(data, "test", max_len=50, negatives=100)   # + negatives (uni100)
-    for batch in train.batches(2048, shuffle=True): ...
+    data = prepare_data("../shared/data/Beauty.txt")          # or "synthetic" (default), a prepared dir, a Hub id
+    data.splits["train"], data.splits["validation"], data.splits["test"]
+    windows = training_windows(data.splits["train"], max_seq_length=50)
+    data.vocab.n_items, data.vocab.save_pretrained(model_dir)
 
-``data.n_items`` sizes the model (embedding rows ``n_items + 1``, row 0 padding).
+Results are ``datasets.Dataset`` / ``DatasetDict``; without the ``datasets`` library (the GPU machine) the text formats
+and the synthetic data still work and come back as ``ColumnTable`` / dict.
 """
 
-from .readers import FORMATS, detect_format, read_interactions
-from .sequences import SequenceData, load_sequences
-from .torch_data import IGNORE_INDEX, SequenceDataset, eval_dataset, pad_windows, sample_negatives, train_dataset
+from .histories import build_histories, leave_one_out, training_windows
+from .prepared import PreparedData, prepare_data
+from .readers import FORMATS, detect_format, load_interactions
+from .synthetic import generate_synthetic_interactions
+from .tables import ColumnTable
+from .vocabulary import VOCABULARY_FILE, ItemVocabulary
 
 __all__ = [
     "FORMATS",
-    "IGNORE_INDEX",
-    "SequenceData",
-    "SequenceDataset",
+    "VOCABULARY_FILE",
+    "ColumnTable",
+    "ItemVocabulary",
+    "PreparedData",
+    "build_histories",
     "detect_format",
-    "eval_dataset",
-    "load_sequences",
-    "pad_windows",
-    "read_interactions",
-    "sample_negatives",
-    "train_dataset",
+    "generate_synthetic_interactions",
+    "leave_one_out",
+    "load_interactions",
+    "prepare_data",
+    "training_windows",
 ]

@@ -1,66 +1,80 @@
-"""Read interaction logs in the field's file formats into one Arrow table.
+"""Read interaction logs into events: columns ``user`` (string), ``item`` (string), ``timestamp`` (float64) and
+``rating`` (float64, where the source has one).
 
-Every reader returns a ``pyarrow.Table`` with columns ``user`` and ``item`` (raw ids), and
-``timestamp`` and ``rating`` where the source has them. Row order is file order; it is the
-time order wherever the source has no timestamp, and breaks timestamp ties (stable sort).
-
-Formats (``format=``, or detected from the name and first line):
+Formats (``format="auto"`` picks one from the file name and first line):
 
 - ``movielens``: MovieLens ``ratings.dat``, ``user::item::rating::timestamp``, latin-1.
-- ``recbole``: RecBole atomic ``.inter``, TSV whose header names are ``name:type``.
-- ``sequences``: ``user item item ...`` per line (S3Rec/ICLRec); also covers SASRec-style
-  ``user item`` pairs, which are the same thing with one item per line.
-- ``csv`` / ``tsv`` / ``parquet`` / ``json``: tables with a header; columns found by name.
-- ``hub``: a Hugging Face Hub dataset, ``"hf://owner/name"`` (``split=`` picks the split).
-  A ``datasets.Dataset``, a ``pyarrow.Table``, a pandas DataFrame or a dict of columns
-  are read directly.
+- ``recbole``: RecBole atomic ``.inter``, TSV whose header names carry types (``user_id:token``).
+- ``sasrec_pairs``: ``user item`` per line, in time order.
+- ``sequences``: ``user item item ...`` per line (S3Rec/ICLRec), items in time order.
+- ``csv`` / ``tsv``: a header row; columns found by name (``user``/``user_id``/``userId``, ``item``/``item_id``/
+  ``itemId``/``movieId``, ``timestamp``/``time``/``ts``, ...) or named by the ``*_column`` arguments.
+- ``parquet`` / ``json`` (JSON lines or an array), and ``hub``: anything ``datasets.load_dataset`` opens (a Hub
+  dataset id or a local dataset directory), with such columns; ``streaming=True`` streams them.
+
+Where the source has no time, ``timestamp`` is the event's position in the file, so file order is time order. The
+text formats are read without the ``datasets`` library; Parquet, JSON and Hub sources need it.
 """
 
 from __future__ import annotations
 
 import csv
 import gzip
-import json
 import os
-from typing import Any
+from datetime import datetime
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 
-__all__ = ["read_interactions", "detect_format", "FORMATS"]
+from .tables import datasets, make_table
 
-FORMATS = ("movielens", "recbole", "sequences", "csv", "tsv", "parquet", "json", "hub")
+FORMATS = ("auto", "movielens", "recbole", "sasrec_pairs", "sequences", "csv", "tsv", "parquet", "json", "hub")
 
-# Column names the field uses, lower case, RecBole ":type" suffixes stripped. First match wins.
-_USER_NAMES = ("user_id", "userid", "user", "uid", "reviewerid", "visitorid", "customer_id", "session_id")
-_ITEM_NAMES = ("item_id", "itemid", "movieid", "movie_id", "item", "iid", "parent_asin", "asin",
-               "product_id", "productid", "track_id", "business_id", "book_id")
-_TIME_NAMES = ("timestamp", "time", "ts", "unixreviewtime", "datetime", "date", "created_at", "event_time")
-_RATING_NAMES = ("rating", "score", "overall", "stars")
-
-
-def _open_text(path: str, encoding: str = "utf-8"):
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding=encoding)
-    return open(path, encoding=encoding)
+# Column names the field uses, compared in lower case with RecBole ":type" suffixes stripped. First match wins.
+COLUMN_NAMES = {
+    "user": ("user", "user_id", "userid", "uid", "reviewerid", "visitorid", "customer_id", "session_id"),
+    "item": ("item", "item_id", "itemid", "movieid", "movie_id", "iid", "parent_asin", "asin", "product_id",
+             "productid", "track_id", "business_id", "book_id"),
+    "timestamp": ("timestamp", "time", "ts", "unixreviewtime", "datetime", "date", "created_at", "event_time"),
+    "rating": ("rating", "score", "overall", "stars"),
+}
+REQUIRED = ("user", "item")
 
 
-def _first_line(path: str) -> str:
-    with _open_text(path, "latin-1") as f:
-        for line in f:
-            if line.strip():
-                return line.rstrip("\r\n")
-    return ""
-
-
-def detect_format(source: Any) -> str:
-    """Guess the format of ``source`` (a path or an in-memory table)."""
+def load_interactions(source, *, format: str | None = "auto", user_column: str | None = None,
+                      item_column: str | None = None, timestamp_column: str | None = None,
+                      rating_column: str | None = None, split: str = "train", streaming: bool = False):
+    """Events of an interaction log (see the module docstring). ``source``: a file path, a Hub dataset id or
+    ``load_dataset`` path, or an in-memory ``datasets.Dataset`` / ``IterableDataset`` / ``DatasetDict`` / dict of
+    columns. ``timestamp_column=""`` ignores the source's time column (file order then decides)."""
+    format = format or "auto"
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    columns = {"user": user_column, "item": item_column, "timestamp": timestamp_column, "rating": rating_column}
     if not isinstance(source, (str, os.PathLike)):
-        return "table"
+        return _standardize(_in_memory(source, split), columns, type(source).__name__)
     path = os.fspath(source)
-    if path.startswith("hf://"):
+    if format == "auto":
+        format = detect_format(path)
+    if format in ("movielens", "recbole", "sasrec_pairs", "sequences", "csv", "tsv"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file")
+        if format in ("sasrec_pairs", "sequences"):
+            return _read_whitespace(path, pairs=format == "sasrec_pairs")
+        if format == "movielens":
+            return _read_movielens(path)
+        return _read_delimited(path, "," if format == "csv" else "\t", columns, typed_header=format == "recbole")
+    if datasets is None:
+        raise ImportError(f"reading {format} sources needs the `datasets` library (pip install datasets)")
+    if format in ("parquet", "json"):
+        dataset = datasets.load_dataset(format, data_files=path, split="train", streaming=streaming)
+    else:
+        dataset = datasets.load_dataset(path, split=split, streaming=streaming)
+    return _standardize(dataset, columns, path)
+
+
+def detect_format(path: str) -> str:
+    """The reader for a path: by extension, then by the first line; anything not a local file is ``hub``."""
+    if not os.path.isfile(path):
         return "hub"
     name = path[:-3] if path.endswith(".gz") else path
     ext = os.path.splitext(name)[1].lower()
@@ -76,209 +90,194 @@ def detect_format(source: Any) -> str:
     if ext == ".csv":
         return "csv"
     if ext == ".tsv":
-        header = first.split("\t")
-        return "recbole" if all(":" in h for h in header) else "tsv"
+        return "recbole" if all(":" in name for name in first.split("\t")) else "tsv"
     return "sequences"
 
 
-def read_interactions(
-    source: Any,
-    format: str | None = None,
-    *,
-    user_col: str | None = None,
-    item_col: str | None = None,
-    time_col: str | None = None,
-    rating_col: str | None = None,
-    split: str = "train",
-) -> pa.Table:
-    """Read an interaction log; see the module docstring for formats and the returned columns.
-
-    ``user_col`` etc. name the columns of tabular sources when the usual names do not match;
-    ``time_col=""`` ignores any timestamp (file order is then the time order).
-    """
-    fmt = format or detect_format(source)
-    if fmt not in FORMATS + ("table",):
-        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-    if fmt == "sequences":
-        return _read_sequences(os.fspath(source))
-    if fmt == "movielens":
-        table = _read_movielens(os.fspath(source))
-    elif fmt == "recbole":
-        table = _read_delimited(os.fspath(source), "\t", typed_header=True)
-    elif fmt in ("csv", "tsv"):
-        table = _read_delimited(os.fspath(source), "," if fmt == "csv" else "\t")
-    elif fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(os.fspath(source))
-    elif fmt == "json":
-        table = _read_json(os.fspath(source))
-    elif fmt == "hub":
-        import datasets
-
-        table = _to_table(datasets.load_dataset(os.fspath(source)[len("hf://"):], split=split))
-    else:
-        table = _to_table(source, split)
-    return _select_columns(table, user_col, item_col, time_col, rating_col)
+# ----------------------------------------------------------------------------- text formats
 
 
-# ----------------------------------------------------------------------------- format readers
+def _open(path: str, encoding: str = "utf-8"):
+    opener = gzip.open if path.endswith(".gz") else open
+    return opener(path, "rt", encoding=encoding, newline="")
 
 
-def _read_sequences(path: str) -> pa.Table:
-    users: list[str] = []
-    counts: list[int] = []
-    items: list[str] = []
-    with _open_text(path) as f:
+def _first_line(path: str) -> str:
+    with _open(path, "latin-1") as f:
+        for line in f:
+            if line.strip():
+                return line.rstrip("\r\n")
+    return ""
+
+
+def _events(path: str, user: list, item: list, timestamp=None, rating=None):
+    if not user:
+        raise ValueError(f"{path}: no interactions in the file")
+    columns = {"user": np.array(user, dtype=object), "item": np.array(item, dtype=object),
+               "timestamp": np.arange(len(user), dtype=np.float64) if timestamp is None else timestamp}
+    if rating is not None:
+        columns["rating"] = rating
+    return make_table(columns)
+
+
+def _read_whitespace(path: str, pairs: bool):
+    user, item = [], []
+    expected = "'user item'" if pairs else "'user item [item ...]'"
+    with _open(path) as f:
         for lineno, line in enumerate(f, 1):
             tokens = line.split()
             if not tokens:
                 continue
-            if len(tokens) < 2:
-                raise ValueError(f"{path}:{lineno}: expected 'user item [item ...]', got {line!r}")
-            users.append(tokens[0])
-            counts.append(len(tokens) - 1)
-            items.extend(tokens[1:])
-    user = np.repeat(np.array(users, dtype=object), counts)
-    return pa.table({"user": _maybe_int(pa.array(user, pa.string())),
-                     "item": _maybe_int(pa.array(items, pa.string()))})
+            if len(tokens) < 2 or (pairs and len(tokens) != 2):
+                raise ValueError(f"{path}:{lineno}: expected {expected}, got {line.strip()[:80]!r}")
+            user.extend([tokens[0]] * (len(tokens) - 1))
+            item.extend(tokens[1:])
+    return _events(path, user, item)
 
 
-def _read_movielens(path: str) -> pa.Table:
-    # "u::i::r::t": read with ':' as the delimiter; the empty fields between the colons are dropped.
-    table = pacsv.read_csv(
-        path,
-        read_options=pacsv.ReadOptions(autogenerate_column_names=True, encoding="latin-1"),
-        parse_options=pacsv.ParseOptions(delimiter=":"),
-        convert_options=pacsv.ConvertOptions(column_types={"f0": pa.string(), "f2": pa.string()}),
-    )
-    if table.num_columns < 7:
-        raise ValueError(f"{path}: expected 'user::item::rating::timestamp' lines")
-    return pa.table({"user": table.column(0), "item": table.column(2),
-                     "rating": table.column(4), "timestamp": table.column(6)})
+def _read_movielens(path: str):
+    user, item, rating, timestamp = [], [], [], []
+    with _open(path, "latin-1") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            fields = line.strip().split("::")
+            if len(fields) != 4:
+                raise ValueError(f"{path}:{lineno}: expected 'user::item::rating::timestamp', got {line.strip()[:80]!r}")
+            user.append(fields[0])
+            item.append(fields[1])
+            rating.append(fields[2])
+            timestamp.append(fields[3])
+    return _events(path, user, item, _numbers(timestamp, path, "timestamp", 1), _numbers(rating, path, "rating", 1))
 
 
-def _read_delimited(path: str, delimiter: str, typed_header: bool = False) -> pa.Table:
-    first = next(csv.reader([_first_line(path)], delimiter=delimiter))
-    names = [h.split(":")[0] if typed_header else h for h in first]
-    types = {}
-    for raw, name in zip(first, names):
-        kind = raw.split(":")[1].lower() if typed_header and ":" in raw else ""
-        if kind.startswith("token"):
-            types[name] = pa.string()
-        elif kind.startswith("float"):
-            types[name] = pa.float64()
-    # Ids stay text until _maybe_int: "007" and "7" are different ids.
-    for name in names:
-        if _canon(name) in _USER_NAMES + _ITEM_NAMES:
-            types[name] = pa.string()
-    return pacsv.read_csv(
-        path,
-        read_options=pacsv.ReadOptions(column_names=names, skip_rows=1),
-        parse_options=pacsv.ParseOptions(delimiter=delimiter),
-        convert_options=pacsv.ConvertOptions(column_types=types),
-    )
+def _read_delimited(path: str, delimiter: str, wanted: dict, typed_header: bool):
+    with _open(path) as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{path}: the file is empty")
+        names = [h.split(":")[0] if typed_header else h for h in header]
+        found = _resolve_columns(names, wanted, path)
+        index = {role: names.index(name) for role, name in found.items()}
+        values: dict[str, list] = {role: [] for role in index}
+        for lineno, row in enumerate(reader, 2):
+            if not row:
+                continue
+            if len(row) != len(names):
+                raise ValueError(f"{path}:{lineno}: expected {len(names)} fields ({delimiter!r}-separated), "
+                                 f"got {len(row)}")
+            for role, i in index.items():
+                values[role].append(row[i])
+    timestamp = _numbers(values["timestamp"], path, "timestamp", 2) if "timestamp" in values else None
+    rating = _numbers(values["rating"], path, "rating", 2) if "rating" in values else None
+    return _events(path, values["user"], values["item"], timestamp, rating)
 
 
-def _read_json(path: str) -> pa.Table:
-    import pyarrow.json as pajson
-
+def _numbers(values: list, path: str, what: str, first_lineno: int) -> np.ndarray:
+    """float64 of text values; timestamps may also be ISO dates (seconds since the epoch)."""
     try:
-        return pajson.read_json(path)  # JSON lines
-    except pa.ArrowInvalid:
-        with _open_text(path) as f:
-            rows = json.load(f)
-        if isinstance(rows, dict):  # {"col": [...], ...}
-            return pa.table(rows)
-        return pa.Table.from_pylist(rows)
+        return np.array(values, dtype=np.float64)
+    except ValueError:
+        pass
+    out = np.empty(len(values), dtype=np.float64)
+    for i, value in enumerate(values):
+        try:
+            out[i] = float(value)
+        except ValueError:
+            try:
+                if what != "timestamp":
+                    raise
+                out[i] = datetime.fromisoformat(value.strip()).timestamp()
+            except ValueError:
+                raise ValueError(f"{path}:{first_lineno + i}: {what} {value!r} is not a number"
+                                 f"{' or an ISO date' if what == 'timestamp' else ''}") from None
+    return out
 
 
-def _to_table(source: Any, split: str = "train") -> pa.Table:
-    if isinstance(source, pa.Table):
+# ----------------------------------------------------------------------------- datasets-backed sources
+
+
+def _in_memory(source, split: str):
+    if datasets is None:
+        raise ImportError("reading an in-memory table needs the `datasets` library (pip install datasets)")
+    if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
         return source
+    if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if split not in source:
+            raise KeyError(f"the dataset has no split {split!r}; its splits are {list(source)}")
+        return source[split]
     if isinstance(source, dict):
-        if split in source and hasattr(source[split], "features"):  # a DatasetDict
-            source = source[split]
-        else:  # columns
-            return pa.table(dict(source))
-    if hasattr(source, "with_format") and hasattr(source, "features"):  # datasets.Dataset
-        return source.with_format("arrow")[:]
+        return datasets.Dataset.from_dict(source)
     if type(source).__name__ == "DataFrame":
-        return pa.Table.from_pandas(source, preserve_index=False)
-    raise TypeError(f"cannot read interactions from {type(source).__name__}")
+        return datasets.Dataset.from_pandas(source, preserve_index=False)
+    raise TypeError(f"cannot read interactions from a {type(source).__name__}")
 
 
-# ----------------------------------------------------------------------------- columns
-
-
-def _canon(name: str) -> str:
+def _canonical(name: str) -> str:
     return name.split(":")[0].strip().lower()
 
 
-def _find(table: pa.Table, wanted: str | None, candidates: tuple[str, ...], role: str, required: bool):
-    if wanted is not None:
-        if wanted == "":
-            return None
-        if wanted in table.column_names:
-            return wanted
-        raise KeyError(f"{role} column {wanted!r} not in {table.column_names}")
-    by_canon = {_canon(n): n for n in reversed(table.column_names)}
-    for cand in candidates:
-        if cand in by_canon:
-            return by_canon[cand]
-    if required:
-        raise KeyError(f"no {role} column among {table.column_names}; pass {role}_col=")
-    return None
-
-
-def _select_columns(table, user_col, item_col, time_col, rating_col) -> pa.Table:
-    cols = {
-        "user": _find(table, user_col, _USER_NAMES, "user", True),
-        "item": _find(table, item_col, _ITEM_NAMES, "item", True),
-        "timestamp": _find(table, time_col, _TIME_NAMES, "time", False),
-        "rating": _find(table, rating_col, _RATING_NAMES, "rating", False),
-    }
-    out = {}
-    for key, name in cols.items():
-        if name is None:
+def _resolve_columns(names: list[str], wanted: dict, where: str) -> dict:
+    """Role -> column name, from explicit names or the usual ones; missing required columns are an error."""
+    found = {}
+    by_canonical = {}
+    for name in names:
+        by_canonical.setdefault(_canonical(name), name)
+    for role, candidates in COLUMN_NAMES.items():
+        name = wanted.get(role)
+        if name == "":
             continue
-        col = table.column(name)
-        if key in ("user", "item"):
-            col = _maybe_int(col if pa.types.is_string(col.type) or pa.types.is_integer(col.type)
-                             else pc.cast(col, pa.string()))
-        elif key == "timestamp":
-            col = _time_to_number(col)
-        out[key] = col
-    return pa.table(out)
+        if name is not None:
+            if name not in names:
+                raise KeyError(f"{where} has no column {name!r} ({role}_column); its columns are {names}")
+            found[role] = name
+            continue
+        for candidate in candidates:
+            if candidate in by_canonical:
+                found[role] = by_canonical[candidate]
+                break
+        else:
+            if role in REQUIRED:
+                raise KeyError(f"{where} has no {role} column (looked for {', '.join(candidates[:4])}, ...); its "
+                               f"columns are {names}; name it with {role}_column=")
+    return found
 
 
-def _maybe_int(col):
-    """Integer ids as int64 when the text round-trips ("12" yes, "012" no); else strings."""
-    if pa.types.is_integer(col.type):
-        return pc.cast(col, pa.int64())
+def _standardize(dataset, wanted: dict, where: str):
+    """A loaded dataset's columns renamed and typed as events; a missing time becomes the row index."""
+    names = list(dataset.column_names or next(iter(dataset)).keys())
+    found = _resolve_columns(names, wanted, where)
+
+    def convert(batch, indices):
+        out = {"user": [str(v) for v in batch[found["user"]]], "item": [str(v) for v in batch[found["item"]]]}
+        for role in ("user", "item"):
+            if any(v is None for v in batch[found[role]]):
+                raise ValueError(f"{where}: an event has no {role} (row {indices[0]} or after)")
+        if "timestamp" in found:
+            out["timestamp"] = [_time_value(v, where) for v in batch[found["timestamp"]]]
+        else:
+            out["timestamp"] = [float(i) for i in indices]
+        if "rating" in found:
+            out["rating"] = [float(v) for v in batch[found["rating"]]]
+        return out
+
+    features = {"user": "string", "item": "string", "timestamp": "float64"}
+    if "rating" in found:
+        features["rating"] = "float64"
+    features = datasets.Features({k: datasets.Value(v) for k, v in features.items()})
+    return dataset.map(convert, batched=True, with_indices=True, remove_columns=names, features=features)
+
+
+def _time_value(value, where: str) -> float:
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if hasattr(value, "isoformat") and not isinstance(value, (int, float)):  # a date
+        return datetime.fromisoformat(value.isoformat()).timestamp()
     try:
-        as_int = pc.cast(col, pa.int64())
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        return col
-    if pc.all(pc.equal(pc.cast(as_int, pa.string()), col)).as_py() is False:
-        return col
-    return as_int
-
-
-def _time_to_number(col):
-    """Timestamps as int64 or float64, so they sort; datetimes and ISO strings become epoch units."""
-    t = col.type
-    if pa.types.is_integer(t) or pa.types.is_floating(t):
-        return col
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return float(value)
+    except (TypeError, ValueError):
         try:
-            return pc.cast(col, pa.float64())
-        except pa.ArrowInvalid:
-            col = pc.cast(col, pa.timestamp("us"))
-            t = col.type
-    if pa.types.is_date(t):
-        col = pc.cast(col, pa.timestamp("s"))
-        t = col.type
-    if pa.types.is_timestamp(t):
-        return pc.cast(col, pa.int64())
-    raise TypeError(f"cannot use a {t} column as a timestamp")
+            return datetime.fromisoformat(str(value).strip()).timestamp()
+        except ValueError:
+            raise ValueError(f"{where}: timestamp {value!r} is not a number or an ISO date") from None
