@@ -24,8 +24,14 @@ from hub_standin import DEFAULT_TOKEN, HubStandIn
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PUSH_SCRIPT = REPO_ROOT / "scripts" / "push_to_hub.py"
 HISTORIES = [[0, 0, 0, 0, 3, 1, 4, 1, 5, 9, 2, 6], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7, 8]]
-METRICS = {"test": {"recall@10": 0.25, "ndcg@10": 0.125}, "validation": {"recall@10": 0.3, "ndcg@10": 0.15},
-           "popularity": {"test": {"recall@10": 0.05, "ndcg@10": 0.02}}}
+METRICS = {"dataset": "synthetic", "eval_mode": "full", "exclude_history": False,  # laid out as scripts/train.py does
+           "validation": {"model": {"recall@10": 0.3, "ndcg@10": 0.15, "num_users": 2},
+                          "popularity": {"recall@10": 0.05, "ndcg@10": 0.02, "num_users": 2}},
+           "test": {"model": {"recall@10": 0.25, "ndcg@10": 0.125, "num_users": 2},
+                    "popularity": {"recall@10": 0.04, "ndcg@10": 0.01, "num_users": 2}}}
+TRAINING_ARGS = {"dataset": "synthetic", "max_seq_length": 11, "num_train_epochs": 1, "push_to_hub": True,
+                 "hub_model_id": "org/tiny", "model_overrides": {"hidden_size": 16}, "num_processes": 1,
+                 "mixed_precision": "no"}  # a part of what scripts/train.py records
 CODE_MARKER = "SECOND_PUSH = True"
 TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE")
 
@@ -59,9 +65,10 @@ def save_tiny_model(directory: Path, seed: int) -> list:
                               num_selected_blocks=2, stis_window=2)
     model = BlossomRecForSequentialRecommendation(config).eval()
     model.save_pretrained(directory)
-    (directory / "item_vocabulary.json").write_text(json.dumps({"items": [f"sku-{i}" for i in range(1, 41)]}))
+    vocabulary = {"padding_id": 0, "items": [f"sku-{i}" for i in range(1, 41)]}  # as ItemVocabulary saves it
+    (directory / "item_vocabulary.json").write_text(json.dumps(vocabulary))
     (directory / "metrics.json").write_text(json.dumps(METRICS))
-    (directory / "training_args.json").write_text(json.dumps({"dataset": "synthetic", "max_seq_length": 11}))
+    (directory / "training_args.json").write_text(json.dumps(TRAINING_ARGS))
     with torch.no_grad():
         return model(torch.tensor(HISTORIES), logits_to_keep=1).logits[:, -1].tolist()
 
@@ -161,7 +168,9 @@ def test_model_card_metadata_usage_and_card_only_mode(model_dir, tmp_path):
     assert measured == {("test", "recall@10"): 0.25, ("test", "ndcg@10"): 0.125,
                         ("validation", "recall@10"): 0.3, ("validation", "ndcg@10"): 0.15}  # no baseline rows
     assert f'revision = "{"a" * 40}"' in card and 'repo_id = "org/tiny"' in card
-    assert "code_revision=revision" in card and "python scripts/train.py --dataset synthetic" in card
+    assert "code_revision=revision" in card
+    assert "python scripts/train.py --max_seq_length 11 --num_train_epochs 1 --hidden_size 16\n" in card
+    assert "Full ranking over all items" in card
 
     script = runpy.run_path(str(PUSH_SCRIPT), run_name="push_to_hub_cli")
     output = tmp_path / "README.md"

@@ -9,12 +9,12 @@ explicit list of files goes up; pickles (`*.bin`, `*.pt`, `*.pkl`, ...) never do
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import logging
 import re
 import shlex
 import string
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -29,6 +29,7 @@ OWN_PACKAGE = __name__.split(".")[0]
 _METRIC_KEY = re.compile(r"(?:(?P<split>test|eval|validation|valid)_)?(?P<name>recall|hr|hit|ndcg|mrr)@(?P<k>\d+)", re.I)
 _SPLITS = {"test": "test", "eval": "validation", "validation": "validation", "valid": "validation"}
 _BASELINES = ("popularity", "pop", "baseline", "random")
+_NOT_REPRODUCED = ("push_to_hub", "hub_model_id", "resume_from_checkpoint", "overwrite_output_dir")
 _METRIC_LABELS = {"recall": "Recall", "ndcg": "NDCG", "mrr": "MRR"}
 _ATTENTION_DESCRIPTIONS = {
     "blossom": "BlossomRec attention combines long-term interest selection (block-sparse attention over the blocks of "
@@ -43,7 +44,7 @@ class HubPublishError(Exception):
     """A push that cannot go ahead: no token, or a checkpoint folder a stranger could not load."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class PushResult:
     """Where a push landed: `commit_sha` is the new head (the model card), which pins `weights_commit_sha`."""
 
@@ -203,7 +204,18 @@ def _is_baseline(method: str) -> bool:
     return any(word in _BASELINES for word in re.split(r"[^a-z]+", method.lower()))
 
 
-def _results_section(rows) -> str:
+def _protocol(metrics: dict) -> str:
+    """One sentence on how the recorded metrics were measured (train.py records eval_mode and exclude_history)."""
+    ranking = {"full": "Full ranking over all items", "uni100": "Ranking against 100 sampled items the user never "
+               "interacted with (uni100, comparable to papers, inflated compared with full ranking)"}
+    sentence = ranking.get(metrics.get("eval_mode"), "Ranking metrics") + ", leave-one-out in time order (the last " \
+        "item of each history is the test target, the one before it the validation target)"
+    if metrics.get("exclude_history"):
+        sentence += "; items already in a user's history are not ranked"
+    return sentence + ", as recorded in `metrics.json`:"
+
+
+def _results_section(metrics: dict, rows) -> str:
     if not rows:
         return "No metrics were recorded with this checkpoint (no `metrics.json`)."
     columns = sorted({metric for _, _, metric, _ in rows}, key=lambda m: (m.split("@")[0], int(m.split("@")[1])))
@@ -214,8 +226,7 @@ def _results_section(rows) -> str:
     for (method, split), values in sorted(table.items(), key=lambda item: (_is_baseline(item[0][0]), item[0])):
         cells = [f"{values[c]:.4f}" if c in values else "" for c in columns]
         lines.append(f"| {method} | {split} | " + " | ".join(cells) + " |")
-    return ("Full ranking over all items, leave-one-out in time order (the last item of each history is the test "
-            "target, the one before it the validation target), as recorded in `metrics.json`:\n\n" + "\n".join(lines))
+    return _protocol(metrics) + "\n\n" + "\n".join(lines)
 
 
 def _model_index(model_name: str, dataset: str, rows) -> str:
@@ -233,19 +244,26 @@ def _model_index(model_name: str, dataset: str, rows) -> str:
 
 
 def _training_command(args) -> str:
+    """The command that trains this model again: a recorded "command", else the non-default train.py arguments."""
     if not isinstance(args, dict):
         return "# the training command was not recorded (no training_args.json)"
-    command = args.get("command")
-    if command:
-        return command if isinstance(command, str) else shlex.join(map(str, command))
-    parts = ["python", "scripts/train.py"]
-    for key, value in args.items():
-        if value is None or value is False or isinstance(value, dict):
-            continue
-        parts.append(f"--{key}")
-        if value is not True:
-            parts.extend(map(str, value) if isinstance(value, list) else [str(value)])
-    return shlex.join(parts)
+    if args.get("command"):
+        return args["command"] if isinstance(args["command"], str) else shlex.join(map(str, args["command"]))
+    from .training_args import DataArguments, EvaluationArguments, TrainingArguments
+
+    defaults = {field.name: field.default for arguments in (DataArguments, EvaluationArguments, TrainingArguments)
+                for field in dataclasses.fields(arguments)}
+    flags = {key: value for key, value in args.items()
+             if key in defaults and key not in _NOT_REPRODUCED and value != defaults[key]}
+    if args.get("model_overrides"):  # the merged config flags and --config_overrides, given back as flags
+        flags.pop("config_overrides", None)
+        flags.update(args["model_overrides"])
+    launcher = ["python"]
+    if args.get("num_processes", 1) > 1 or args.get("mixed_precision", "no") != "no":
+        launcher = ["accelerate", "launch", f"--num_processes={args.get('num_processes', 1)}",
+                    f"--mixed_precision={args.get('mixed_precision', 'no')}"]
+    return shlex.join([*launcher, "scripts/train.py", *(str(part) for key, value in flags.items()
+                                                         for part in (f"--{key}", value))])
 
 
 def _dataset_name(args) -> str | None:
@@ -260,23 +278,12 @@ def _dataset_name(args) -> str | None:
 
 
 def _vocabulary_code(vocabulary) -> tuple[str, list[str]]:
-    """Card code that builds `to_internal` / `to_external` from item_vocabulary.json, and a few external ids."""
-    if isinstance(vocabulary, dict):
-        lists = [key for key, value in vocabulary.items() if isinstance(value, list)]
-        if lists:
-            key = lists[0]
-            code = (f'to_external = dict(enumerate(vocabulary["{key}"], start=1))  # internal id -> external id\n'
-                    "to_internal = {item: i for i, item in to_external.items()}")
-            return code, [str(item) for item in vocabulary[key][:3]]
-        if all(isinstance(value, int) for value in vocabulary.values()):
-            code = ("to_internal = vocabulary  # external id -> internal id\n"
-                    "to_external = {i: item for item, i in to_internal.items()}")
-            return code, list(vocabulary)[:3]
-    if isinstance(vocabulary, list):
-        code = ("to_external = dict(enumerate(vocabulary, start=1))  # internal id -> external id\n"
-                "to_internal = {item: i for i, item in to_external.items()}")
-        return code, [str(item) for item in vocabulary[:3]]
-    raise HubPublishError(f"{VOCABULARY_FILE} has a layout the model card does not know how to describe.")
+    """Card code that maps ids both ways with item_vocabulary.json (``{"items": [...]}``), and a few external ids."""
+    if not isinstance(vocabulary, dict) or not isinstance(vocabulary.get("items"), list):
+        raise HubPublishError(f'{VOCABULARY_FILE} is not an item vocabulary: expected {{"items": [...]}}.')
+    code = ('to_external = dict(enumerate(vocabulary["items"], start=1))  # internal id -> external id\n'
+            "to_internal = {item: i for i, item in to_external.items()}")
+    return code, [str(item) for item in vocabulary["items"][:3]]
 
 
 def _num_parameters(model_dir: Path) -> str:
@@ -325,7 +332,7 @@ def render_model_card(model_dir: str | Path, *, repo_id: str | None = None, revi
         "model_name": model_name,
         "dataset_name": dataset_name,
         "num_parameters": _num_parameters(model_dir),
-        "results_section": _results_section(rows),
+        "results_section": _results_section(metrics, rows),
         "repo_id": repo_id or "<namespace>/<model-name>",
         "revision": revision or "main",
         "revision_comment": "the commit that published these weights" if revision
