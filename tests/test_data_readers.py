@@ -132,8 +132,9 @@ def test_malformed_files_name_the_line(tmp_path, name, text, message):
 def test_unknown_format_and_missing_file(tmp_path):
     with pytest.raises(ValueError, match="unknown format 'xml'"):
         load_interactions(str(tmp_path / "x"), format="xml")
-    with pytest.raises(FileNotFoundError, match="no such file"):
-        load_interactions(str(tmp_path / "missing.csv"), format="csv")
+    for fmt in ("csv", "auto"):
+        with pytest.raises(FileNotFoundError, match="no such file"):
+            load_interactions(str(tmp_path / "missing.csv"), format=fmt)
 
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

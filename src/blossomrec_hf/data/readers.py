@@ -63,6 +63,8 @@ def load_interactions(source, *, format: str | None = "auto", user_column: str |
         if format == "movielens":
             return _read_movielens(path)
         return _read_delimited(path, "," if format == "csv" else "\t", columns, typed_header=format == "recbole")
+    if format == "hub" and not os.path.exists(path) and _looks_like_a_file(path):
+        raise FileNotFoundError(f"{path}: no such file (and not a Hub dataset id)")
     if datasets is None:
         raise ImportError(f"reading {format} sources needs the `datasets` library (pip install datasets)")
     if format in ("parquet", "json"):
@@ -92,6 +94,12 @@ def detect_format(path: str) -> str:
     if ext == ".tsv":
         return "recbole" if all(":" in name for name in first.split("\t")) else "tsv"
     return "sequences"
+
+
+def _looks_like_a_file(path: str) -> bool:
+    name = path[:-3] if path.endswith(".gz") else path
+    return path.startswith((".", "/", "~")) or os.path.splitext(name)[1].lower() in (
+        ".csv", ".tsv", ".txt", ".dat", ".inter", ".parquet", ".pq", ".json", ".jsonl", ".ndjson")
 
 
 # ----------------------------------------------------------------------------- text formats
