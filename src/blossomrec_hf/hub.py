@@ -200,6 +200,11 @@ def _metric_rows(metrics, path=()) -> list[tuple[str, str, str, float]]:
     return rows
 
 
+def _metric_order(metric: str) -> tuple[int, int]:
+    name, k = metric.split("@")
+    return list(_METRIC_LABELS).index(name), int(k)
+
+
 def _is_baseline(method: str) -> bool:
     return any(word in _BASELINES for word in re.split(r"[^a-z]+", method.lower()))
 
@@ -218,10 +223,10 @@ def _protocol(metrics: dict) -> str:
 def _results_section(metrics: dict, rows) -> str:
     if not rows:
         return "No metrics were recorded with this checkpoint (no `metrics.json`)."
-    columns = sorted({metric for _, _, metric, _ in rows}, key=lambda m: (m.split("@")[0], int(m.split("@")[1])))
+    columns = sorted({metric for _, _, metric, _ in rows}, key=_metric_order)
     table = {}
     for method, split, metric, value in rows:
-        table.setdefault((method, split), {})[metric] = value
+        table.setdefault(("this model" if method == "model" else method, split), {})[metric] = value
     lines = ["| method | split | " + " | ".join(columns) + " |", "|---|---|" + "---:|" * len(columns)]
     for (method, split), values in sorted(table.items(), key=lambda item: (_is_baseline(item[0][0]), item[0])):
         cells = [f"{values[c]:.4f}" if c in values else "" for c in columns]
@@ -231,7 +236,8 @@ def _results_section(metrics: dict, rows) -> str:
 
 def _model_index(model_name: str, dataset: str, rows) -> str:
     results = {}
-    for _, split, metric, value in (row for row in rows if not _is_baseline(row[0])):
+    for _, split, metric, value in sorted((row for row in rows if not _is_baseline(row[0])),
+                                         key=lambda row: _metric_order(row[2])):
         name, k = metric.split("@")
         results.setdefault(split, []).append({"type": metric, "value": round(value, 6),
                                               "name": f"{_METRIC_LABELS[name]}@{k}"})
