@@ -78,8 +78,6 @@ class HubError(Exception):
 @dataclass(frozen=True)
 class Commit:
     sha: str
-    parent: str | None
-    message: str
     files: dict  # path -> git blob sha1: a full snapshot, so any old commit still resolves to its own content
 
 
@@ -113,7 +111,7 @@ class HubState:
     def new_commit(self, repo: Repo, parent: str | None, message: str, files: dict) -> Commit:
         self._counter += 1
         seed = json.dumps([repo.repo_id, parent, message, sorted(files.items()), self._counter, time.time()])
-        commit = Commit(hashlib.sha1(seed.encode()).hexdigest(), parent, message, dict(files))
+        commit = Commit(hashlib.sha1(seed.encode()).hexdigest(), dict(files))
         repo.commits[commit.sha] = commit
         return commit
 
@@ -174,10 +172,15 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self.route([unquote(part) for part in url.path.strip("/").split("/")])
         except HubError as error:
-            headers = {"X-Error-Message": error.message, **error.headers}
-            if error.code:
-                headers["X-Error-Code"] = error.code
-            self.send_json({"error": error.message, **error.body}, error.status, headers)
+            self.send_error_answer(error)
+        except (KeyError, ValueError, TypeError) as error:  # a malformed request: say so instead of hanging up
+            self.send_error_answer(HubError(400, f"Malformed request to the Hub stand-in: {error!r}"))
+
+    def send_error_answer(self, error: HubError):
+        headers = {"X-Error-Message": error.message, **error.headers}
+        if error.code:
+            headers["X-Error-Code"] = error.code
+        self.send_json({"error": error.message, **error.body}, error.status, headers)
 
     do_GET = do_HEAD = do_POST = dispatch
 
