@@ -87,8 +87,9 @@ def leave_one_out(histories):
     columns = read_columns(histories, ["user", "items"], what="the histories")
     user, items = columns["user"], columns["items"]
     start, end = items.offsets[:-1], items.offsets[1:]
-    evaluated = np.flatnonzero(items.lengths >= MIN_EVALUATED_LENGTH)
-    splits = {"train": {"user": user, "items": items.slices(start, end - np.where(items.lengths >= 3, 2, 0))}}
+    is_evaluated = items.lengths >= MIN_EVALUATED_LENGTH
+    evaluated = np.flatnonzero(is_evaluated)
+    splits = {"train": {"user": user, "items": items.slices(start, end - np.where(is_evaluated, 2, 0))}}
     for name, held_out in (("validation", 2), ("test", 1)):
         target_at = end[evaluated] - held_out
         splits[name] = {

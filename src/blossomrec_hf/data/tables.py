@@ -137,7 +137,7 @@ def from_arrow(table) -> dict:
 
 
 def read_columns(table, names: list[str], *, what: str = "table") -> dict:
-    """The named columns of a Dataset, IterableDataset, ColumnTable, pyarrow Table or dict, as numpy / ``Ragged``.
+    """The named columns of a Dataset, IterableDataset, ColumnTable or dict of columns, as numpy / ``Ragged``.
 
     A missing column is an error that names it and lists the columns there are.
     """
@@ -152,8 +152,6 @@ def read_columns(table, names: list[str], *, what: str = "table") -> dict:
         return {n: table._columns[n] for n in names}
     if datasets is not None and isinstance(table, datasets.Dataset):
         return from_arrow(table.select_columns(names).with_format("arrow")[:])
-    if type(table).__name__ == "Table" and hasattr(table, "schema"):  # pyarrow.Table
-        return from_arrow(table.select(names))
     out = {}
     for n in names:  # a dict of columns
         column = table[n]
