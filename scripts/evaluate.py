@@ -1,0 +1,73 @@
+"""Evaluate a saved BlossomRec model (a local directory or a Hub repo id) by leave-one-out ranking.
+
+    accelerate launch scripts/evaluate.py --model outputs/blossomrec-synthetic --dataset synthetic
+    python scripts/evaluate.py --model org/blossomrec-beauty --dataset ../shared/data/Beauty.txt --mode uni100
+
+Prints the metrics of the model and of the item-popularity baseline and writes them as JSON. The dataset is
+prepared exactly as for training (same filters), and its item vocabulary must match the one saved with the model.
+"""
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+from accelerate import Accelerator
+from transformers import AutoModel, HfArgumentParser
+from transformers.utils import logging as transformers_logging
+
+from blossomrec_hf.data import ItemVocabulary, prepare_data
+from blossomrec_hf.evaluation import RankingEvaluator
+from blossomrec_hf.metrics import format_metrics_table
+from blossomrec_hf.training_args import DataArguments, EvaluationArguments, user_input_errors
+
+
+@dataclass
+class EvaluateArguments:
+    model: str = field(metadata={"help": "a directory written by scripts/train.py, or a Hub model repo id"})
+    split: Literal["test", "validation"] = field(default="test", metadata={"help": "leave-one-out split to rank"})
+    output_file: str | None = field(default=None, metadata={"help": "write the metrics here as JSON"})
+    max_seq_length: int | None = field(default=None, metadata={
+        "help": "most recent items the model sees (default: the length it was trained with)"})
+    attn_implementation: str | None = field(default=None, metadata={"help": "attention backend override"})
+
+
+def main():
+    parser = HfArgumentParser([EvaluateArguments, DataArguments, EvaluationArguments])
+    args, data_args, eval_args = parser.parse_args_into_dataclasses()
+    accelerator = Accelerator()
+    transformers_logging.disable_progress_bar()
+
+    with user_input_errors(f"model {args.model!r}"):
+        model = AutoModel.from_pretrained(args.model, trust_remote_code=True,
+                                          attn_implementation=args.attn_implementation)
+        vocab = ItemVocabulary.from_pretrained(args.model)
+    max_seq_length = args.max_seq_length or model.config.max_position_embeddings - 1
+    with accelerator.main_process_first(), user_input_errors(f"dataset {data_args.dataset!r}"):
+        data = prepare_data(data_args.dataset, max_seq_length=max_seq_length, k_core=data_args.k_core,
+                            min_history_length=data_args.min_history_length, **data_args.reader_kwargs())
+        if data.vocab != vocab:
+            raise ValueError(
+                f"its item vocabulary ({data.vocab.n_items} items) differs from the model's ({vocab.n_items} items); "
+                f"evaluate on the data the model was trained on, with the same --k_core and --min_history_length")
+        evaluator = RankingEvaluator(data.splits[args.split], data.splits["train"], n_items=vocab.n_items,
+                                     max_seq_length=max_seq_length, accelerator=accelerator,
+                                     batch_size=eval_args.per_device_eval_batch_size, mode=eval_args.eval_mode,
+                                     exclude_history=eval_args.exclude_history, seed=eval_args.eval_seed)
+
+    metrics = {"model": evaluator.evaluate_model(model.to(accelerator.device)),
+               "popularity": evaluator.evaluate_popularity()}
+    if accelerator.is_main_process:
+        print(f"{args.split} split, {eval_args.eval_mode} ranking"
+              f"{', history excluded' if eval_args.exclude_history else ''}:")
+        print(format_metrics_table({args.model: metrics["model"], "popularity": metrics["popularity"]}))
+        if args.output_file:
+            record = {**dataclasses.asdict(args), **dataclasses.asdict(data_args), **dataclasses.asdict(eval_args),
+                      "max_seq_length": max_seq_length, "metrics": metrics}
+            with open(args.output_file, "w") as f:
+                json.dump(record, f, indent=2)
+            print(f"wrote {args.output_file}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Command-line arguments of ``scripts/train.py`` and ``scripts/evaluate.py``, in Transformers style.
+
+Data options and evaluation options are shared by both scripts. Every field of ``BlossomRecConfig`` (except the
+ones the data decides: ``n_items``, ``max_position_embeddings``) is also a flag (``--hidden_size 64``), read from the
+config's signature so new fields need no change here; ``--config_overrides key=value,...`` covers the same fields.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from transformers import HfArgumentParser
+
+from .model import BlossomRecConfig
+
+# Config fields that the training script sets itself, or that are training flags of their own.
+_NOT_OVERRIDABLE = {"self", "kwargs", "n_items", "max_position_embeddings", "pad_token_id", "attention_type"}
+
+
+@dataclass
+class DataArguments:
+    """Where the interactions come from and how they are filtered (shared by training and evaluation)."""
+
+    dataset: str = field(default="synthetic", metadata={
+        "help": "'synthetic' (the built-in default), a prepared directory, a local file (format detected), or a "
+                "Hub dataset id"})
+    dataset_format: str | None = field(default=None, metadata={
+        "help": "force a reader: movielens, recbole, sasrec_pairs, sequences, csv, tsv, parquet, json, hub"})
+    user_column: str | None = field(default=None, metadata={"help": "user id column of a table (guessed if unset)"})
+    item_column: str | None = field(default=None, metadata={"help": "item id column of a table (guessed if unset)"})
+    timestamp_column: str | None = field(default=None, metadata={"help": "time column of a table (guessed if unset)"})
+    k_core: int = field(default=0, metadata={"help": "iterative k-core filter on users and items (0 = off)"})
+    min_history_length: int = field(default=3, metadata={"help": "drop users with fewer interactions"})
+
+    def reader_kwargs(self) -> dict:
+        given = {"format": self.dataset_format, "user_column": self.user_column, "item_column": self.item_column,
+                 "timestamp_column": self.timestamp_column}
+        return {name: value for name, value in given.items() if value is not None}
+
+
+@dataclass
+class EvaluationArguments:
+    """How rankings are evaluated (shared by training and evaluation)."""
+
+    eval_mode: Literal["full", "uni100"] = field(default="full", metadata={
+        "aliases": ["--mode"],
+        "help": "full ranking over all items, or 100 sampled unseen negatives (for comparison with papers)"})
+    exclude_history: bool = field(default=False, metadata={
+        "help": "never rank items of the user's history (the target itself always stays ranked)"})
+    per_device_eval_batch_size: int = field(default=256, metadata={"help": "users per evaluation batch"})
+    eval_seed: int = field(default=0, metadata={"help": "seed of the uni100 negatives"})
+
+
+@dataclass
+class TrainingArguments:
+    """Optimisation, schedule, checkpointing and reporting of ``scripts/train.py``."""
+
+    output_dir: str | None = field(default=None, metadata={
+        "help": "where the best model, metrics and checkpoints go (default: outputs/<model>-<dataset>)"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "start from scratch even if output_dir already holds checkpoints of an earlier run"})
+    max_seq_length: int = field(default=50, metadata={"help": "most recent items the model sees"})
+    attention_type: Literal["blossom", "dense"] = field(default="blossom", metadata={
+        "help": "BlossomRec sparse attention, or dense causal attention (SASRec) for comparison"})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "attention backend: blossom_torch / blossom_triton, or sdpa / eager for dense (default: fastest)"})
+    num_train_epochs: int = field(default=3, metadata={
+        "help": "epochs over the training windows (3 trains the synthetic default in minutes on a CPU)"})
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides num_train_epochs when > 0"})
+    per_device_train_batch_size: int = field(default=256, metadata={"help": "training windows per device batch"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate of AdamW"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
+    lr_scheduler_type: str = field(default="constant", metadata={
+        "help": "transformers scheduler name: constant, linear, cosine, constant_with_warmup, ..."})
+    warmup_steps: int = field(default=0, metadata={"help": "learning-rate warmup in optimizer steps"})
+    seed: int = field(default=42, metadata={"help": "seed of the initialisation, data order and dropout"})
+    eval_steps: int | None = field(default=None, metadata={
+        "help": "evaluate on the validation split every N optimizer steps (default: after every epoch)"})
+    early_stopping_patience: int = field(default=10, metadata={
+        "help": "stop after this many evaluations without a better validation NDCG@10 (0 = never)"})
+    save_steps: int | None = field(default=None, metadata={
+        "help": "also checkpoint every N optimizer steps (a checkpoint follows every evaluation anyway)"})
+    save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept in output_dir/checkpoints"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "a checkpoint directory, or 'latest' for the newest one in output_dir/checkpoints"})
+    logging_steps: int = field(default=10, metadata={"help": "update the loss and items/s every N steps"})
+    report_to: Literal["none", "tensorboard"] = field(default="none", metadata={
+        "help": "also log to TensorBoard (under output_dir/runs)"})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    push_to_hub: bool = field(default=False, metadata={"help": "upload the best model to --hub_model_id at the end"})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository, e.g. org/blossomrec-beauty"})
+    config_overrides: str | None = field(default=None, metadata={
+        "help": "model config fields as key=value,key=value (same fields as the --<field> flags)"})
+
+    def resolve_output_dir(self, dataset: str) -> Path:
+        if self.output_dir is not None:
+            return Path(self.output_dir)
+        name = re.sub(r"[^A-Za-z0-9]+", "-", Path(dataset.rstrip("/")).stem).strip("-").lower() or "dataset"
+        prefix = "blossomrec" if self.attention_type == "blossom" else "dense"
+        return Path("outputs") / f"{prefix}-{name}"
+
+
+def model_config_fields() -> dict[str, object]:
+    """The ``BlossomRecConfig`` fields that may be overridden from the command line, with their defaults."""
+    parameters = inspect.signature(BlossomRecConfig.__init__).parameters.values()
+    return {p.name: p.default for p in parameters
+            if p.name not in _NOT_OVERRIDABLE and isinstance(p.default, (bool, int, float, str))}
+
+
+def _model_arguments_class() -> type:
+    fields = [(name, type(default) | None, field(default=None, metadata={"help": f"model config (default {default!r})"}))
+              for name, default in model_config_fields().items()]
+    return dataclasses.make_dataclass("ModelArguments", fields)
+
+
+def _parse_overrides(text: str | None) -> dict[str, object]:
+    """``"hidden_size=64,stis_window=4"`` -> ``{"hidden_size": 64, "stis_window": 4}``, values typed as JSON."""
+    known = model_config_fields()
+    overrides = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, separator, raw = item.partition("=")
+        key = key.strip()
+        if not separator or key not in known:
+            raise ValueError(f"--config_overrides: expected key=value with key among {sorted(known)}, got {item!r}")
+        try:
+            overrides[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key] = raw.strip()
+    return overrides
+
+
+def parse_training_arguments(argv: list[str] | None = None):
+    """``(data_args, eval_args, training_args, model_overrides)`` from the command line."""
+    parser = HfArgumentParser([DataArguments, EvaluationArguments, TrainingArguments, _model_arguments_class()])
+    data_args, eval_args, training_args, model_args = parser.parse_args_into_dataclasses(args=argv)
+    with user_input_errors("arguments"):
+        overrides = _parse_overrides(training_args.config_overrides)
+        flags = {name: value for name, value in vars(model_args).items() if value is not None}
+        both = sorted(set(flags) & set(overrides))
+        if both:
+            raise ValueError(f"{', '.join(both)} given both as a flag and in --config_overrides")
+        if training_args.push_to_hub and not training_args.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id org/name")
+    return data_args, eval_args, training_args, {**overrides, **flags}
+
+
+def build_model_config(training_args: TrainingArguments, overrides: dict, n_items: int) -> BlossomRecConfig:
+    """The model config for ``n_items`` items and windows of ``max_seq_length + 1`` items, with overrides."""
+    with user_input_errors("model config"):
+        options = dict(overrides)
+        if training_args.attn_implementation is not None:
+            options["attn_implementation"] = training_args.attn_implementation
+        return BlossomRecConfig(n_items=n_items, max_position_embeddings=training_args.max_seq_length + 1,
+                                attention_type=training_args.attention_type, **options)
+
+
+@contextlib.contextmanager
+def user_input_errors(what: str):
+    """Turn errors caused by the user's input (bad data, bad flags) into one ``error:`` line and exit status 2."""
+    try:
+        yield
+    except (ValueError, KeyError, TypeError, OSError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"error: {what}: {message}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,69 @@
+"""Shared pieces of the training-script tests: a tiny learnable log file, tiny model flags, and script runners."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / "scripts" / "train.py")
+EVALUATE = str(REPO / "scripts" / "evaluate.py")
+
+# A model small enough for a CPU test run of a few seconds.
+TINY_MODEL = ["--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2",
+              "--num_key_value_heads", "1", "--intermediate_size", "64", "--max_seq_length", "12",
+              "--compress_block_size", "4", "--compress_stride", "2", "--selection_block_size", "4",
+              "--num_selected_blocks", "2", "--stis_window", "2"]
+
+
+def write_sequences_file(path: Path, num_users: int = 101, num_items: int = 40, seed: int = 0) -> Path:
+    """An S3Rec-style log (``user item item ...`` per line) where each user walks one of four item cycles."""
+    rng = random.Random(seed)
+    lines = []
+    for user in range(num_users):
+        cycle = [item for item in range(1, num_items + 1) if item % 4 == user % 4]
+        position = rng.randrange(len(cycle))
+        items = []
+        for _ in range(rng.randint(5, 16)):
+            items.append(cycle[position % len(cycle)] if rng.random() < 0.9 else rng.randint(1, num_items))
+            position += 1
+        lines.append(" ".join(map(str, [f"u{user}", *(f"i{item}" for item in items)])))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def script_env(**extra: str) -> dict:
+    """The test process's environment, with the package importable from src/ and one CPU thread per process."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
+    env.update({"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false"}, **extra)
+    return env
+
+
+def run_script(command: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def python_command(script: str, *args: str) -> list[str]:
+    return [sys.executable, script, *args]
+
+
+def accelerate_command(script: str, *args: str, num_processes: int = 1) -> list[str]:
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "--num_processes", str(num_processes)]
+    if num_processes > 1:
+        launch += ["--multi_gpu"]  # with ACCELERATE_USE_CPU=true: several CPU processes over gloo
+    return [*launch, script, *args]
+
+
+def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
