@@ -28,8 +28,7 @@ print(model.config.n_items, tuple(scores.shape))
 def default_run(tmp_path_factory):
     """``accelerate launch scripts/train.py`` with no data or output arguments, run from an empty directory."""
     workdir = tmp_path_factory.mktemp("default")
-    result = subprocess.run(accelerate_command(TRAIN, *SHRINK), env=script_env(), cwd=workdir, capture_output=True,
-                            text=True, timeout=150)
+    result = run_script(accelerate_command(TRAIN, *SHRINK), timeout=150, cwd=workdir)
     return check(result), workdir / "outputs" / "blossomrec-synthetic"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -44,8 +45,17 @@ def script_env(**extra: str) -> dict:
     return env
 
 
-def run_script(command: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def run_script(command: list[str], timeout: float = 120, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run to completion; on timeout, kill the whole process group (a launcher and all its workers)."""
+    process = subprocess.Popen(command, env=script_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {command}\nstdout:\n{stdout}\nstderr:\n{stderr}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def python_command(script: str, *args: str) -> list[str]:
