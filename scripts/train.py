@@ -146,6 +146,9 @@ def train(accelerator: Accelerator, data_args, eval_args, args, model_overrides)
             progress.write(f"step {state.global_step} (epoch {epoch:.2f}): validation {EARLY_STOPPING_METRIC} "
                            f"{metrics[EARLY_STOPPING_METRIC]:.4f}, recall@10 {metrics['recall@10']:.4f}"
                            f"{' (best)' if improved else ''}")
+            if state.stopped_early:
+                progress.write(f"early stopping: no better validation {EARLY_STOPPING_METRIC} in {patience} "
+                               f"evaluations (best at step {state.best_step})")
 
     # Summed over the current logging window: loss of each batch, batches, next-item targets.
     running = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
@@ -184,6 +187,7 @@ def train(accelerator: Accelerator, data_args, eval_args, args, model_overrides)
 
             if state.global_step % args.logging_steps == 0 or finished:
                 loss_sum, batches, targets = accelerator.reduce(running, reduction="sum").tolist()
+                state.train_targets += int(targets)
                 items_per_second = targets / max(state.train_seconds - window_start_seconds, 1e-9)
                 logs = {"train/loss": round(loss_sum / batches, 6), "train/learning_rate": scheduler.get_last_lr()[0],
                         "train/items_per_second": round(items_per_second, 1)}
@@ -209,9 +213,9 @@ def train(accelerator: Accelerator, data_args, eval_args, args, model_overrides)
             if finished or state.stopped_early:
                 break
             step_start = time.perf_counter()
+    if state.best_step is None:  # resumed past --max_steps from a checkpoint taken before any evaluation
+        evaluate_and_track()
     progress.close()
-    if state.best_step is None:  # resumed from a finished run whose last evaluation was not saved as best
-        raise RuntimeError("training ended without a validation result")
 
     # Test the best model (as saved) and the popularity baseline on the same users.
     accelerator.wait_for_everyone()
@@ -228,6 +232,7 @@ def train(accelerator: Accelerator, data_args, eval_args, args, model_overrides)
         "best_epoch": state.best_epoch,
         "train_seconds_to_best": round(state.best_train_seconds, 2),
         "train_seconds": round(state.train_seconds, 2),
+        "train_items_per_second": round(state.train_targets / max(state.train_seconds, 1e-9), 1),
         "global_step": state.global_step,
         "stopped_early": state.stopped_early,
         "num_processes": accelerator.num_processes,

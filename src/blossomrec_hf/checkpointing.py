@@ -26,6 +26,7 @@ class TrainerState:
     epoch: int = 0  # epoch of the next batch
     batches_in_epoch: int = 0  # batches of that epoch already trained on (per process)
     train_seconds: float = 0.0  # time spent in training steps, without evaluation and checkpointing
+    train_targets: int = 0  # next-item predictions trained on, all processes together (for items/s)
     best_metric: float | None = None
     best_step: int | None = None
     best_epoch: float | None = None
