@@ -201,7 +201,7 @@ def train(accelerator: Accelerator, data_args, eval_args, args, model_overrides)
             if evaluate_now or finished:
                 evaluate_and_track()
                 last_evaluated = state.global_step
-            stop = stop_signals.requested(accelerator)
+            stop = stop_signals.requested(accelerator, state.global_step)
             if last_evaluated == state.global_step or stop or (
                     args.save_steps and state.global_step % args.save_steps == 0):
                 save_checkpoint(accelerator, output_dir, state, args.save_total_limit)
