@@ -66,6 +66,8 @@ def fallback_reason(q, k, ck, geometry: SparseGeometry) -> str | None:
         return f"the kernels support head dims 16..128, got {q.shape[-1]}"
     if q.dtype not in SUPPORTED_DTYPES:
         return f"unsupported dtype {q.dtype}"
+    if q.dtype == torch.float32 and (q.shape[1] // k.shape[1]) * _pow2(q.shape[-1]) > 512:
+        return "float32 with (heads per kv head) x head dim > 512 needs more shared memory than a GPU block has"
     heads, kv_heads = q.shape[1], k.shape[1]
     group = heads // kv_heads
     if heads % kv_heads or group & (group - 1) or group > 8:
@@ -111,12 +113,16 @@ class _Plan:
         self.num_blocks = geometry.num_selection_blocks(self.length)
         self.num_selected = geometry.num_selected_blocks
         self.window = geometry.stis_window
-        self.pow0 = _pow2(max(self.window, 1))
-        self.num_powers = 0
-        while self.pow0 << self.num_powers < self.length:
-            self.num_powers += 1
+        # STIS block visits: the M_NEAR blocks before a query block hold its window (and powers of two below the
+        # block size); a power of two >= the block size is exactly (power / block size) blocks back
+        self.m_near = max(1, (self.window - 1 + size - 1) // size)
+        self.p_far = _pow2(self.m_near + 1)
+        self.n_far = 0
+        while self.p_far << self.n_far < self.num_blocks:
+            self.n_far += 1
         self.block_d = max(16, _pow2(self.dim))
         self.tile_m = max(1, ROWS_PER_TILE // self.group)
+        self.tile_w = COMPRESSED_KEYS_PER_TILE if self.block_d <= 64 else COMPRESSED_KEYS_PER_TILE // 2
         rows = size * self.group
         self.chunk = max(1, min(size, _pow2(SPARSE_CHUNK_ELEMENTS // (rows * self.block_d) + 1) // 2))
         self.csr_chunk = max(1, ROWS_PER_TILE // self.group)
@@ -146,8 +152,8 @@ def _compressed_forward(plan: _Plan, q, ck, cv, select: bool):
         q, ck, cv_arg, out_arg, lse, block_indices,
         *_strides(q), *_strides(ck), *_strides(cv_arg), *out_strides,
         length, plan.num_compressed, plan.qk_scale,
-        **plan.common, BM=plan.tile_m, BW=COMPRESSED_KEYS_PER_TILE, SEL_B=plan.block, SPAN=plan.span,
-        N_SEL=plan.num_selected, N_PAD=_pow2(plan.num_selected), HAS_CV=cv is not None, SELECT=select,
+        **plan.common, BM=plan.tile_m, BW=plan.tile_w, SEL_B=plan.block, SPAN=plan.span,
+        N_SEL=plan.num_selected, HAS_CV=cv is not None, SELECT=select,
         DOT_PREC=plan.dot_prec, num_warps=4,
     )
     return out, lse, block_indices
@@ -179,9 +185,9 @@ class _BlossomAttention(torch.autograd.Function):
         sparse_forward[plan.sparse_grid()](
             q, k, v, block_indices, o_sel, o_stis, lse_sel, lse_stis,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o_sel),
-            plan.length, plan.num_powers, plan.qk_scale,
-            **plan.common, SEL_B=plan.block, N_SEL=plan.num_selected, WINDOW=plan.window, POW0=plan.pow0,
-            C=plan.chunk, num_warps=4,
+            plan.length, plan.n_far, plan.qk_scale,
+            **plan.common, SEL_B=plan.block, N_SEL=plan.num_selected, WINDOW=plan.window, M_NEAR=plan.m_near,
+            P_FAR=plan.p_far, C=plan.chunk, DOT_PREC=plan.dot_prec, num_warps=4,
         )
         ctx.plan = plan
         ctx.has_compressed = cv is not None
@@ -202,9 +208,9 @@ class _BlossomAttention(torch.autograd.Function):
         sparse_backward_dq[plan.sparse_grid()](
             q, k, v, block_indices, o_sel, o_stis, do_sel, do_stis, lse_sel, lse_stis, delta_sel, delta_stis, dq32,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o_sel), *_strides(do_sel), *_strides(do_stis),
-            plan.length, plan.num_powers, plan.qk_scale, plan.sm_scale,
-            **plan.common, SEL_B=plan.block, N_SEL=plan.num_selected, WINDOW=plan.window, POW0=plan.pow0,
-            C=plan.chunk, num_warps=4,
+            plan.length, plan.n_far, plan.qk_scale, plan.sm_scale,
+            **plan.common, SEL_B=plan.block, N_SEL=plan.num_selected, WINDOW=plan.window, M_NEAR=plan.m_near,
+            P_FAR=plan.p_far, C=plan.chunk, DOT_PREC=plan.dot_prec, num_warps=4,
         )
         offsets, queries = _selection_csr(block_indices, plan.num_blocks)
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -212,8 +218,9 @@ class _BlossomAttention(torch.autograd.Function):
         sparse_backward_dkdv[plan.sparse_grid()](
             q, k, v, do_sel, do_stis, lse_sel, lse_stis, delta_sel, delta_stis, offsets, queries, dk, dv,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do_sel), *_strides(do_stis),
-            plan.length, plan.num_blocks, plan.num_powers, plan.qk_scale, plan.sm_scale,
-            **plan.common, SEL_B=plan.block, WINDOW=plan.window, POW0=plan.pow0, QC=plan.csr_chunk,
+            plan.length, plan.num_blocks, plan.n_far, plan.qk_scale, plan.sm_scale,
+            **plan.common, SEL_B=plan.block, WINDOW=plan.window, M_NEAR=plan.m_near, P_FAR=plan.p_far,
+            QC=plan.csr_chunk,
             DOT_PREC=plan.dot_prec, num_warps=4,
         )
         if not ctx.has_compressed:
@@ -226,18 +233,18 @@ class _BlossomAttention(torch.autograd.Function):
             q, ck, cv, oc, do_c, lse_c, delta_c, dq32, dq,
             *_strides(q), *_strides(ck), *_strides(cv), *_strides(oc), *_strides(do_c), *_strides(dq),
             plan.length, plan.num_compressed, plan.qk_scale, plan.sm_scale,
-            **plan.common, BM=plan.tile_m, BW=COMPRESSED_KEYS_PER_TILE, SEL_B=plan.block, DOT_PREC=plan.dot_prec,
+            **plan.common, BM=plan.tile_m, BW=plan.tile_w, SEL_B=plan.block, DOT_PREC=plan.dot_prec,
             num_warps=4,
         )
         dck = torch.empty(ck.shape, dtype=ck.dtype, device=ck.device)
         dcv = torch.empty(cv.shape, dtype=cv.dtype, device=cv.device)
         if plan.num_compressed:
-            compressed_backward_dkdv[(triton.cdiv(plan.num_compressed, COMPRESSED_KEYS_PER_TILE),
+            compressed_backward_dkdv[(triton.cdiv(plan.num_compressed, plan.tile_w),
                                       plan.batch * plan.kv_heads)](
                 q, ck, cv, do_c, lse_c, delta_c, dck, dcv,
                 *_strides(q), *_strides(ck), *_strides(cv), *_strides(do_c),
                 plan.length, plan.num_compressed, plan.qk_scale, plan.sm_scale,
-                **plan.common, BM=plan.tile_m, BW=COMPRESSED_KEYS_PER_TILE, SEL_B=plan.block,
+                **plan.common, BM=plan.tile_m, BW=plan.tile_w, SEL_B=plan.block,
                 DOT_PREC=plan.dot_prec, num_warps=4,
             )
         return dq, dk, dv, dck, dcv, None

@@ -15,7 +15,7 @@ and `compressed_backward_dkdv` (key-centric over compressed keys).
 import triton
 import triton.language as tl
 
-NEG_INF = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
@@ -45,7 +45,7 @@ def compressed_forward(
     sqb, sqh, sql, sckb, sckh, sckw, scvb, scvh, scvw, sob, soh, sol,
     L, W, qk_scale,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr,
-    BW: tl.constexpr, SEL_B: tl.constexpr, SPAN: tl.constexpr, N_SEL: tl.constexpr, N_PAD: tl.constexpr,
+    BW: tl.constexpr, SEL_B: tl.constexpr, SPAN: tl.constexpr, N_SEL: tl.constexpr,
     HAS_CV: tl.constexpr, SELECT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -97,14 +97,16 @@ def compressed_forward(
                  out.to(OC.dtype.element_ty), mask=row_ok[:, None] & dmask[None, :])
 
     if SELECT:
-        # Running top-N_SEL per position, merged tile by tile in increasing block order. A new block only replaces
-        # the worst kept one when strictly larger, and within a tile the first maximum is taken first, so ties go
-        # to the earlier block exactly as the reference's stable descending sort.
+        # Top-N_SEL per position. Each candidate is packed into one int64 key, (score bits << 32) | (2^32-1 - j):
+        # scores are >= 0, so a larger key is a larger score and, on ties, the earlier block, exactly the order of
+        # the reference's stable descending sort. The running best keys live in the first N_SEL columns of a tile-
+        # shaped tensor and are merged with each tile by N_SEL max-extractions (no score tensor over all blocks).
+        tl.debug_barrier()
         positions = m0 + tl.arange(0, BM)
+        pmask = positions < L
         own_p = positions // SEL_B
-        slots = tl.arange(0, N_PAD)
-        best = tl.where(slots[None, :] < N_SEL, NEG_INF, float("inf")) + tl.zeros([BM, N_PAD], tl.float32)
-        best_idx = tl.full([BM, N_PAD], -1, tl.int32)
+        low32 = tl.full([BW], 0xFFFFFFFF, tl.int64)
+        best = tl.full([BM, BW], -2, tl.int64)
         n_selectable = last // SEL_B
         for j0 in range(0, n_selectable, BW):
             j = j0 + wofs
@@ -113,35 +115,74 @@ def compressed_forward(
                 w = j + o
                 ck = tl.load(ck_base + w[:, None] * sckw + dofs[None, :], mask=(w < W)[:, None] & dmask[None, :],
                              other=0.0)
-                s = tl.dot(q, tl.trans(ck), input_precision=DOT_PREC) * qk_scale
-                visible = (w[None, :] < own[:, None]) & (w[None, :] < W)
-                p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
-                score += tl.sum(tl.reshape(p, (G, BM, BW)), 0)
-            score = tl.where(j[None, :] < own_p[:, None], score, NEG_INF)
-            for _ in tl.static_range(N_SEL):
-                top = tl.max(score, 1)
-                top_col = tl.argmax(score, 1, tie_break_left=True)
-                worst = tl.min(best, 1)
-                worst_key = tl.where(best == worst[:, None], best_idx, -2)
-                worst_slot = tl.argmax(worst_key, 1, tie_break_left=True)
-                replace = (slots[None, :] == worst_slot[:, None]) & (top > worst)[:, None]
-                best = tl.where(replace, top[:, None], best)
-                best_idx = tl.where(replace, (j0 + top_col)[:, None], best_idx)
-                score = tl.where(wofs[None, :] == top_col[:, None], NEG_INF, score)
-        bidx_ptr = BIDX + ((b * HKV + h) * L + positions)[:, None] * N_SEL + slots[None, :]
-        tl.store(bidx_ptr, best_idx, mask=(positions < L)[:, None] & (slots[None, :] < N_SEL))
+                visible = (w[None, :] < own_p[:, None]) & (w[None, :] < W)
+                group_prob = tl.zeros([BM, BW], tl.float32)
+                for gg in tl.static_range(G):
+                    row = b * L * HKV * G + (h * G + gg) * L + positions
+                    q_g = tl.load(Q + b * sqb + (h * G + gg) * sqh + positions[:, None] * sql + dofs[None, :],
+                                  mask=pmask[:, None] & dmask[None, :], other=0.0)
+                    lse_g = tl.load(LSEC + row, mask=pmask, other=0.0)
+                    s = tl.dot(q_g, tl.trans(ck), input_precision=DOT_PREC) * qk_scale
+                    group_prob += tl.where(visible, tl.exp2(s - lse_g[:, None]), 0.0)
+                score += group_prob
+            bits = score.to(tl.int32, bitcast=True).to(tl.int64)
+            keys = tl.where(j[None, :] < own_p[:, None], (bits << 32) | (low32 - j)[None, :], -1)
+            merged = tl.full([BM, BW], -2, tl.int64)
+            for i in tl.static_range(N_SEL):
+                top = tl.maximum(tl.max(keys, 1), tl.max(best, 1))
+                merged = tl.where(wofs[None, :] == i, top[:, None], merged)
+                keys = tl.where(keys == top[:, None], -3, keys)
+                best = tl.where(best == top[:, None], -3, best)
+            best = merged
+        chosen = tl.where(best >= 0, low32[None, :] - (best & low32[None, :]), -1).to(tl.int32)
+        bidx_ptr = BIDX + ((b * HKV + h) * L + positions)[:, None] * N_SEL + wofs[None, :]
+        tl.store(bidx_ptr, chosen, mask=pmask[:, None] & (wofs[None, :] < N_SEL))
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # Selected blocks + own block + STIS (forward)
+#
+# STIS is computed block-wise on the tensor cores: the keys t - delta of a query block lie in its own block, the
+# M_NEAR blocks before it (window and small powers), and the blocks exactly P_FAR << i blocks back (powers of two
+# >= the block size are whole multiples of it); each visited key block gets one [rows, SEL_B] score tile with the
+# exact STIS offset mask. The own block's scores serve both LTIS (causal mask) and STIS.
 # ------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _online_dot(m, l, acc, s, v, DOT_PREC: tl.constexpr):
+    """Online-softmax step with a [SEL_B, BD] value block on the tensor cores; s [R, SEL_B], -inf = not attended."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+    alpha = tl.exp2(m - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return m_new, l, acc
+
+
+@triton.jit
+def _load_block(base, stride, kb, L, SEL_B: tl.constexpr, dofs, dmask):
+    """Key (or value) block `kb` [SEL_B, BD] (zeros outside 0..L-1) and its positions."""
+    kpos = kb * SEL_B + tl.arange(0, SEL_B)
+    kmask = (kpos >= 0) & (kpos < L)
+    return tl.load(base + kpos[:, None] * stride + dofs[None, :], mask=kmask[:, None] & dmask[None, :],
+                   other=0.0), kpos
+
+
+@triton.jit
+def _stis_scores(q, k, kpos, pos, L, qk_scale, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    valid = _is_stis_offset(pos[:, None] - kpos[None, :], WINDOW) & ((kpos >= 0) & (kpos < L))[None, :]
+    return s, valid
+
+
 @triton.jit
 def sparse_forward(
     Q, K, V, BIDX, OS, OT, LSES, LSET,
     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
-    L, n_powers, qk_scale,
+    L, n_far, qk_scale,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, SEL_B: tl.constexpr,
-    N_SEL: tl.constexpr, WINDOW: tl.constexpr, POW0: tl.constexpr, C: tl.constexpr,
+    N_SEL: tl.constexpr, WINDOW: tl.constexpr, M_NEAR: tl.constexpr, P_FAR: tl.constexpr, C: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """One program = one selection block of queries (all G heads of one kv head); rows are (position, head)."""
     blk = tl.program_id(0)
@@ -156,7 +197,8 @@ def sparse_forward(
     dofs = tl.arange(0, BLOCK_D)
     dmask = dofs < D
     q = tl.load(Q + b * sqb + head[:, None] * sqh + pos[:, None] * sql + dofs[None, :],
-                mask=row_ok[:, None] & dmask[None, :], other=0.0).to(tl.float32) * qk_scale
+                mask=row_ok[:, None] & dmask[None, :], other=0.0)
+    qf = q.to(tl.float32) * qk_scale
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     cofs = tl.arange(0, C)
@@ -169,7 +211,7 @@ def sparse_forward(
     l_t = tl.zeros([R], tl.float32)
     acc_t = tl.zeros([R, BLOCK_D], tl.float32)
 
-    # LTIS: the selected blocks (all end before the query's own block, so they need no causal mask)
+    # LTIS: each position's selected blocks (gathered per row; they all end before the own block: no causal mask)
     for i in range(N_SEL):
         sel = tl.load(BIDX + ((b * HKV + h) * L + pos) * N_SEL + i, mask=row_ok, other=-1)
         for c0 in range(0, SEL_B, C):
@@ -179,44 +221,29 @@ def sparse_forward(
                          other=0.0).to(tl.float32)
             vv = tl.load(v_base + kpos[:, :, None] * svl + dofs[None, None, :], mask=valid[:, :, None] & dmask3,
                          other=0.0).to(tl.float32)
-            s = tl.where(valid, tl.sum(q[:, None, :] * kk, 2), NEG_INF)
+            s = tl.where(valid, tl.sum(qf[:, None, :] * kk, 2), NEG_INF)
             m_s, l_s, acc_s = _online_update(m_s, l_s, acc_s, s, vv)
 
-    # The own block: one score computation serves LTIS (causal) and STIS (offsets that land in the block)
-    for c0 in range(0, SEL_B, C):
-        kpos = blk * SEL_B + c0 + cofs
-        kmask = (kpos < L)[:, None] & dmask[None, :]
-        kk = tl.load(k_base + kpos[:, None] * skl + dofs[None, :], mask=kmask, other=0.0).to(tl.float32)
-        vv = tl.load(v_base + kpos[:, None] * svl + dofs[None, :], mask=kmask, other=0.0).to(tl.float32)
-        s = tl.sum(q[:, None, :] * kk[None, :, :], 2)
-        delta = pos[:, None] - kpos[None, :]
-        m_s, l_s, acc_s = _online_update(m_s, l_s, acc_s, tl.where(delta >= 0, s, NEG_INF), vv[None, :, :])
-        m_t, l_t, acc_t = _online_update(m_t, l_t, acc_t, tl.where(_is_stis_offset(delta, WINDOW), s, NEG_INF),
-                                         vv[None, :, :])
+    # the own block: LTIS (causal) and STIS share one score tile
+    k, kpos = _load_block(k_base, skl, blk, L, SEL_B, dofs, dmask)
+    v, _ = _load_block(v_base, svl, blk, L, SEL_B, dofs, dmask)
+    s, stis_valid = _stis_scores(q, k, kpos, pos, L, qk_scale, WINDOW, DOT_PREC)
+    m_s, l_s, acc_s = _online_dot(m_s, l_s, acc_s, tl.where(pos[:, None] >= kpos[None, :], s, NEG_INF), v, DOT_PREC)
+    m_t, l_t, acc_t = _online_dot(m_t, l_t, acc_t, tl.where(stis_valid, s, NEG_INF), v, DOT_PREC)
 
-    # STIS keys before the own block: the window, then powers of two from POW0 (the first one >= WINDOW)
-    block_start = blk * SEL_B
-    for d0 in range(0, WINDOW, C):
-        delta = d0 + cofs
-        kpos = pos[:, None] - delta[None, :]
-        valid = (delta < WINDOW)[None, :] & (kpos >= 0) & (kpos < block_start)
-        kk = tl.load(k_base + kpos[:, :, None] * skl + dofs[None, None, :], mask=valid[:, :, None] & dmask3,
-                     other=0.0).to(tl.float32)
-        vv = tl.load(v_base + kpos[:, :, None] * svl + dofs[None, None, :], mask=valid[:, :, None] & dmask3,
-                     other=0.0).to(tl.float32)
-        s = tl.where(valid, tl.sum(q[:, None, :] * kk, 2), NEG_INF)
-        m_t, l_t, acc_t = _online_update(m_t, l_t, acc_t, s, vv)
-    for e0 in range(0, n_powers, C):
-        e = e0 + cofs
-        delta = tl.where(e < n_powers, POW0 << tl.minimum(e, 30), 0)
-        kpos = pos[:, None] - delta[None, :]
-        valid = (e < n_powers)[None, :] & (kpos >= 0) & (kpos < block_start)
-        kk = tl.load(k_base + kpos[:, :, None] * skl + dofs[None, None, :], mask=valid[:, :, None] & dmask3,
-                     other=0.0).to(tl.float32)
-        vv = tl.load(v_base + kpos[:, :, None] * svl + dofs[None, None, :], mask=valid[:, :, None] & dmask3,
-                     other=0.0).to(tl.float32)
-        s = tl.where(valid, tl.sum(q[:, None, :] * kk, 2), NEG_INF)
-        m_t, l_t, acc_t = _online_update(m_t, l_t, acc_t, s, vv)
+    # STIS: the near blocks, then the far power-of-two blocks
+    for mm in range(1, tl.minimum(M_NEAR, blk) + 1):
+        k, kpos = _load_block(k_base, skl, blk - mm, L, SEL_B, dofs, dmask)
+        v, _ = _load_block(v_base, svl, blk - mm, L, SEL_B, dofs, dmask)
+        s, valid = _stis_scores(q, k, kpos, pos, L, qk_scale, WINDOW, DOT_PREC)
+        m_t, l_t, acc_t = _online_dot(m_t, l_t, acc_t, tl.where(valid, s, NEG_INF), v, DOT_PREC)
+    for i in range(0, n_far):
+        mm = P_FAR << i
+        if mm <= blk:
+            k, kpos = _load_block(k_base, skl, blk - mm, L, SEL_B, dofs, dmask)
+            v, _ = _load_block(v_base, svl, blk - mm, L, SEL_B, dofs, dmask)
+            s, valid = _stis_scores(q, k, kpos, pos, L, qk_scale, WINDOW, DOT_PREC)
+            m_t, l_t, acc_t = _online_dot(m_t, l_t, acc_t, tl.where(valid, s, NEG_INF), v, DOT_PREC)
 
     out_ptr = b * sob + head[:, None] * soh + pos[:, None] * sol + dofs[None, :]
     omask = row_ok[:, None] & dmask[None, :]
@@ -234,7 +261,7 @@ def sparse_forward(
 # ------------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _dq_step(dq, q, do, lse, delta, s_valid, kk, vv):
-    """dq += dS K for one chunk; q is pre-scaled (base 2), kk/vv [R or 1, C, BD]; returns the new dq (unscaled)."""
+    """dq += dS K for one gathered chunk; q is pre-scaled (base 2), kk/vv [R, C, BD]; dq stays unscaled."""
     s = tl.sum(q[:, None, :] * kk, 2)
     p = tl.where(s_valid, tl.exp2(s - lse[:, None]), 0.0)
     dp = tl.sum(do[:, None, :] * vv, 2)
@@ -243,12 +270,22 @@ def _dq_step(dq, q, do, lse, delta, s_valid, kk, vv):
 
 
 @triton.jit
+def _dq_dot(dq, s, valid, do, lse, delta, k, v, DOT_PREC: tl.constexpr):
+    """dq += dS K for one key block on the tensor cores; s [R, SEL_B] base-2 scores."""
+    p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+
+
+@triton.jit
 def sparse_backward_dq(
     Q, K, V, BIDX, OS, OT, DOS, DOT, LSES, LSET, DELS, DELT, DQ,
     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, sdsb, sdsh, sdsl, sdtb, sdth, sdtl,
-    L, n_powers, qk_scale, sm_scale,
+    L, n_far, qk_scale, sm_scale,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, SEL_B: tl.constexpr,
-    N_SEL: tl.constexpr, WINDOW: tl.constexpr, POW0: tl.constexpr, C: tl.constexpr,
+    N_SEL: tl.constexpr, WINDOW: tl.constexpr, M_NEAR: tl.constexpr, P_FAR: tl.constexpr, C: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """Mirror of `sparse_forward`: writes dq (float32, [B, H, L, D] contiguous) and the rows' delta = dO . O."""
     blk = tl.program_id(0)
@@ -263,16 +300,17 @@ def sparse_backward_dq(
     dofs = tl.arange(0, BLOCK_D)
     dmask = dofs < D
     rmask = row_ok[:, None] & dmask[None, :]
-    q = tl.load(Q + b * sqb + head[:, None] * sqh + pos[:, None] * sql + dofs[None, :],
-                mask=rmask, other=0.0).to(tl.float32) * qk_scale
+    q = tl.load(Q + b * sqb + head[:, None] * sqh + pos[:, None] * sql + dofs[None, :], mask=rmask, other=0.0)
+    qf = q.to(tl.float32) * qk_scale
     out_ofs = b * sob + head[:, None] * soh + pos[:, None] * sol + dofs[None, :]
     do_s = tl.load(DOS + b * sdsb + head[:, None] * sdsh + pos[:, None] * sdsl + dofs[None, :], mask=rmask,
-                   other=0.0).to(tl.float32)
+                   other=0.0)
     do_t = tl.load(DOT + b * sdtb + head[:, None] * sdth + pos[:, None] * sdtl + dofs[None, :], mask=rmask,
-                   other=0.0).to(tl.float32)
+                   other=0.0)
+    do_sf = do_s.to(tl.float32)
     lse_row = (b * HKV * G + head) * L + pos
-    delta_s = tl.sum(do_s * tl.load(OS + out_ofs, mask=rmask, other=0.0).to(tl.float32), 1)
-    delta_t = tl.sum(do_t * tl.load(OT + out_ofs, mask=rmask, other=0.0).to(tl.float32), 1)
+    delta_s = tl.sum(do_sf * tl.load(OS + out_ofs, mask=rmask, other=0.0).to(tl.float32), 1)
+    delta_t = tl.sum(do_t.to(tl.float32) * tl.load(OT + out_ofs, mask=rmask, other=0.0).to(tl.float32), 1)
     tl.store(DELS + lse_row, delta_s, mask=row_ok)
     tl.store(DELT + lse_row, delta_t, mask=row_ok)
     lse_s = tl.load(LSES + lse_row, mask=row_ok, other=0.0)
@@ -288,39 +326,29 @@ def sparse_backward_dq(
         for c0 in range(0, SEL_B, C):
             kpos = sel[:, None] * SEL_B + c0 + cofs[None, :]
             valid = (sel >= 0)[:, None] & (kpos >= 0)
-            kk = tl.load(K + b * skb + h * skh + kpos[:, :, None] * skl + dofs[None, None, :],
-                         mask=valid[:, :, None] & dmask3, other=0.0).to(tl.float32)
+            kk = tl.load(k_base + kpos[:, :, None] * skl + dofs[None, None, :], mask=valid[:, :, None] & dmask3,
+                         other=0.0).to(tl.float32)
             vv = tl.load(v_base + kpos[:, :, None] * svl + dofs[None, None, :], mask=valid[:, :, None] & dmask3,
                          other=0.0).to(tl.float32)
-            dq = _dq_step(dq, q, do_s, lse_s, delta_s, valid, kk, vv)
-    for c0 in range(0, SEL_B, C):
-        kpos = blk * SEL_B + c0 + cofs
-        kmask = (kpos < L)[:, None] & dmask[None, :]
-        kk = tl.load(k_base + kpos[:, None] * skl + dofs[None, :], mask=kmask, other=0.0).to(tl.float32)[None, :, :]
-        vv = tl.load(v_base + kpos[:, None] * svl + dofs[None, :], mask=kmask, other=0.0).to(tl.float32)[None, :, :]
-        delta = pos[:, None] - kpos[None, :]
-        dq = _dq_step(dq, q, do_s, lse_s, delta_s, delta >= 0, kk, vv)
-        dq = _dq_step(dq, q, do_t, lse_t, delta_t, _is_stis_offset(delta, WINDOW), kk, vv)
-    block_start = blk * SEL_B
-    for d0 in range(0, WINDOW, C):
-        delta = d0 + cofs
-        kpos = pos[:, None] - delta[None, :]
-        valid = (delta < WINDOW)[None, :] & (kpos >= 0) & (kpos < block_start)
-        kk = tl.load(k_base + kpos[:, :, None] * skl + dofs[None, None, :], mask=valid[:, :, None] & dmask3,
-                     other=0.0).to(tl.float32)
-        vv = tl.load(v_base + kpos[:, :, None] * svl + dofs[None, None, :], mask=valid[:, :, None] & dmask3,
-                     other=0.0).to(tl.float32)
-        dq = _dq_step(dq, q, do_t, lse_t, delta_t, valid, kk, vv)
-    for e0 in range(0, n_powers, C):
-        e = e0 + cofs
-        delta = tl.where(e < n_powers, POW0 << tl.minimum(e, 30), 0)
-        kpos = pos[:, None] - delta[None, :]
-        valid = (e < n_powers)[None, :] & (kpos >= 0) & (kpos < block_start)
-        kk = tl.load(k_base + kpos[:, :, None] * skl + dofs[None, None, :], mask=valid[:, :, None] & dmask3,
-                     other=0.0).to(tl.float32)
-        vv = tl.load(v_base + kpos[:, :, None] * svl + dofs[None, None, :], mask=valid[:, :, None] & dmask3,
-                     other=0.0).to(tl.float32)
-        dq = _dq_step(dq, q, do_t, lse_t, delta_t, valid, kk, vv)
+            dq = _dq_step(dq, qf, do_sf, lse_s, delta_s, valid, kk, vv)
+
+    k, kpos = _load_block(k_base, skl, blk, L, SEL_B, dofs, dmask)
+    v, _ = _load_block(v_base, svl, blk, L, SEL_B, dofs, dmask)
+    s, stis_valid = _stis_scores(q, k, kpos, pos, L, qk_scale, WINDOW, DOT_PREC)
+    dq = _dq_dot(dq, s, pos[:, None] >= kpos[None, :], do_s, lse_s, delta_s, k, v, DOT_PREC)
+    dq = _dq_dot(dq, s, stis_valid, do_t, lse_t, delta_t, k, v, DOT_PREC)
+    for mm in range(1, tl.minimum(M_NEAR, blk) + 1):
+        k, kpos = _load_block(k_base, skl, blk - mm, L, SEL_B, dofs, dmask)
+        v, _ = _load_block(v_base, svl, blk - mm, L, SEL_B, dofs, dmask)
+        s, valid = _stis_scores(q, k, kpos, pos, L, qk_scale, WINDOW, DOT_PREC)
+        dq = _dq_dot(dq, s, valid, do_t, lse_t, delta_t, k, v, DOT_PREC)
+    for i in range(0, n_far):
+        mm = P_FAR << i
+        if mm <= blk:
+            k, kpos = _load_block(k_base, skl, blk - mm, L, SEL_B, dofs, dmask)
+            v, _ = _load_block(v_base, svl, blk - mm, L, SEL_B, dofs, dmask)
+            s, valid = _stis_scores(q, k, kpos, pos, L, qk_scale, WINDOW, DOT_PREC)
+            dq = _dq_dot(dq, s, valid, do_t, lse_t, delta_t, k, v, DOT_PREC)
     tl.store(DQ + lse_row[:, None] * D + dofs[None, :], dq * sm_scale, mask=rmask)
 
 
@@ -380,87 +408,88 @@ def compressed_backward_dq(
 # Backward: dk, dv (key-centric, no atomics)
 # ------------------------------------------------------------------------------------------------------------------
 @triton.jit
+def _dkdv_dot(dk, dv, q, do, p, delta, v, DOT_PREC: tl.constexpr):
+    """dk (unscaled) and dv of one key block from a tile of query rows; p [R, SEL_B] probabilities."""
+    dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PREC)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _stis_query_block(dk, dv, k, v, kpos, qb, q_base, DOT, LSET, DELT, lse_base, h, sqh, sql, sdtb_ofs, sdth, sdtl,
+                      L, qk_scale, G: tl.constexpr, SEL_B: tl.constexpr, WINDOW: tl.constexpr, dofs, dmask,
+                      DOT_PREC: tl.constexpr):
+    """STIS contribution to one key block from the queries of query block `qb` (all G heads)."""
+    rows = tl.arange(0, SEL_B * G)
+    head = h * G + rows // SEL_B
+    qpos = qb * SEL_B + rows % SEL_B
+    row_ok = qpos < L
+    rmask = row_ok[:, None] & dmask[None, :]
+    q = tl.load(q_base + head[:, None] * sqh + qpos[:, None] * sql + dofs[None, :], mask=rmask, other=0.0)
+    do = tl.load(DOT + sdtb_ofs + head[:, None] * sdth + qpos[:, None] * sdtl + dofs[None, :], mask=rmask,
+                 other=0.0)
+    row = lse_base + head * L + qpos
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    valid = _is_stis_offset(qpos[:, None] - kpos[None, :], WINDOW) & row_ok[:, None] & (kpos < L)[None, :]
+    p = tl.where(valid, tl.exp2(s - tl.load(LSET + row, mask=row_ok, other=0.0)[:, None]), 0.0)
+    return _dkdv_dot(dk, dv, q, do, p, tl.load(DELT + row, mask=row_ok, other=0.0), v, DOT_PREC)
+
+
+@triton.jit
 def sparse_backward_dkdv(
     Q, K, V, DOS, DOT, LSES, LSET, DELS, DELT, CSR_OFFSETS, CSR_QUERIES, DK, DV,
     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdsb, sdsh, sdsl, sdtb, sdth, sdtl,
-    L, n_blocks, n_powers, qk_scale, sm_scale,
+    L, n_blocks, n_far, qk_scale, sm_scale,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, SEL_B: tl.constexpr,
-    WINDOW: tl.constexpr, POW0: tl.constexpr, QC: tl.constexpr, DOT_PREC: tl.constexpr,
+    WINDOW: tl.constexpr, M_NEAR: tl.constexpr, P_FAR: tl.constexpr, QC: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """dk, dv of one selection block of keys from every query that reads it, in a fixed order:
-    its own block's queries (LTIS causal + STIS), the later queries whose STIS offsets land on it, and the queries
-    that selected it (CSR list built on the host from the block indices)."""
+    """dk, dv of one selection block of keys from every query that reads it, in a fixed order: its own block's
+    queries (LTIS causal + STIS), the later query blocks whose STIS offsets land on it, and the queries that
+    selected it (CSR list built on the host from the block indices)."""
     blk = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
     h = pid_bh % HKV
     dofs = tl.arange(0, BLOCK_D)
     dmask = dofs < D
-    kofs = tl.arange(0, SEL_B)
-    kpos = blk * SEL_B + kofs
-    kmask = (kpos < L)[:, None] & dmask[None, :]
-    k = tl.load(K + b * skb + h * skh + kpos[:, None] * skl + dofs[None, :], mask=kmask, other=0.0)
-    v = tl.load(V + b * svb + h * svh + kpos[:, None] * svl + dofs[None, :], mask=kmask, other=0.0)
+    k, kpos = _load_block(K + b * skb + h * skh, skl, blk, L, SEL_B, dofs, dmask)
+    v, _ = _load_block(V + b * svb + h * svh, svl, blk, L, SEL_B, dofs, dmask)
     q_base = Q + b * sqb
     lse_base = b * HKV * G * L
     dk = tl.zeros([SEL_B, BLOCK_D], tl.float32)
     dv = tl.zeros([SEL_B, BLOCK_D], tl.float32)
 
-    # (1) the own block's queries, all G heads: rows r = (head g, position)
-    R: tl.constexpr = SEL_B * G
-    rows = tl.arange(0, R)
+    # (1) the own block's queries, all G heads: LTIS with the causal mask, STIS with the offset mask
+    rows = tl.arange(0, SEL_B * G)
     head = h * G + rows // SEL_B
     qpos = blk * SEL_B + rows % SEL_B
     row_ok = qpos < L
     rmask = row_ok[:, None] & dmask[None, :]
-    qr = tl.load(q_base + head[:, None] * sqh + qpos[:, None] * sql + dofs[None, :], mask=rmask, other=0.0)
+    q = tl.load(q_base + head[:, None] * sqh + qpos[:, None] * sql + dofs[None, :], mask=rmask, other=0.0)
     do_s = tl.load(DOS + b * sdsb + head[:, None] * sdsh + qpos[:, None] * sdsl + dofs[None, :], mask=rmask,
                    other=0.0)
-    do_t = tl.load(DOT + b * sdtb + head[:, None] * sdth + qpos[:, None] * sdtl + dofs[None, :], mask=rmask,
-                   other=0.0)
-    lse_row = lse_base + head * L + qpos
-    s = tl.dot(qr, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-    delta = qpos[:, None] - kpos[None, :]
-    p_s = tl.where((delta >= 0) & row_ok[:, None],
-                   tl.exp2(s - tl.load(LSES + lse_row, mask=row_ok, other=0.0)[:, None]), 0.0)
-    p_t = tl.where(_is_stis_offset(delta, WINDOW) & row_ok[:, None],
-                   tl.exp2(s - tl.load(LSET + lse_row, mask=row_ok, other=0.0)[:, None]), 0.0)
-    dv += tl.dot(tl.trans(p_s).to(do_s.dtype), do_s, input_precision=DOT_PREC)
-    dv += tl.dot(tl.trans(p_t).to(do_t.dtype), do_t, input_precision=DOT_PREC)
-    dp_s = tl.dot(do_s, tl.trans(v).to(do_s.dtype), input_precision=DOT_PREC)
-    dp_t = tl.dot(do_t, tl.trans(v).to(do_t.dtype), input_precision=DOT_PREC)
-    ds = p_s * (dp_s - tl.load(DELS + lse_row, mask=row_ok, other=0.0)[:, None]) \
-        + p_t * (dp_t - tl.load(DELT + lse_row, mask=row_ok, other=0.0)[:, None])
-    dk += tl.dot(tl.trans(ds).to(qr.dtype), qr, input_precision=DOT_PREC)
+    row = lse_base + head * L + qpos
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    p = tl.where((qpos[:, None] >= kpos[None, :]) & row_ok[:, None],
+                 tl.exp2(s - tl.load(LSES + row, mask=row_ok, other=0.0)[:, None]), 0.0)
+    dk, dv = _dkdv_dot(dk, dv, q, do_s, p, tl.load(DELS + row, mask=row_ok, other=0.0), v, DOT_PREC)
+    dk, dv = _stis_query_block(dk, dv, k, v, kpos, blk, q_base, DOT, LSET, DELT, lse_base, h, sqh, sql, b * sdtb,
+                               sdth, sdtl, L, qk_scale, G, SEL_B, WINDOW, dofs, dmask, DOT_PREC)
 
-    # (2) STIS from later blocks: key j is read by query j + delta; rows are (key, head g) in 3-D
-    gofs = tl.arange(0, G)
-    kf = k.to(tl.float32)
-    vf = v.to(tl.float32)
-    block_end = (blk + 1) * SEL_B
-    n_offsets = WINDOW + n_powers
-    for oi in range(0, n_offsets):
-        off = tl.where(oi < WINDOW, oi, POW0 << tl.maximum(oi - WINDOW, 0))
-        tpos = kpos + off
-        valid = (tpos < L) & (tpos >= block_end) & (kpos < L)
-        m3 = valid[:, None, None] & dmask[None, None, :]
-        heads3 = (h * G + gofs)[None, :, None]
-        q3 = tl.load(q_base + heads3 * sqh + tpos[:, None, None] * sql + dofs[None, None, :], mask=m3,
-                     other=0.0).to(tl.float32)
-        do3 = tl.load(DOT + b * sdtb + heads3 * sdth + tpos[:, None, None] * sdtl + dofs[None, None, :], mask=m3,
-                      other=0.0).to(tl.float32)
-        row2 = lse_base + (h * G + gofs)[None, :] * L + tpos[:, None]
-        m2 = valid[:, None] & (gofs[None, :] >= 0)
-        s3 = tl.sum(q3 * kf[:, None, :], 2) * qk_scale
-        p3 = tl.where(m2, tl.exp2(s3 - tl.load(LSET + row2, mask=m2, other=0.0)), 0.0)
-        dp3 = tl.sum(do3 * vf[:, None, :], 2)
-        ds3 = p3 * (dp3 - tl.load(DELT + row2, mask=m2, other=0.0))
-        dv += tl.sum(p3[:, :, None] * do3, 1)
-        dk += tl.sum(ds3[:, :, None] * q3, 1)
+    # (2) STIS from later query blocks: the near ones, then the far power-of-two ones
+    for mm in range(1, tl.minimum(M_NEAR, n_blocks - 1 - blk) + 1):
+        dk, dv = _stis_query_block(dk, dv, k, v, kpos, blk + mm, q_base, DOT, LSET, DELT, lse_base, h, sqh, sql,
+                                   b * sdtb, sdth, sdtl, L, qk_scale, G, SEL_B, WINDOW, dofs, dmask, DOT_PREC)
+    for i in range(0, n_far):
+        qb = blk + (P_FAR << i)
+        if qb < n_blocks:
+            dk, dv = _stis_query_block(dk, dv, k, v, kpos, qb, q_base, DOT, LSET, DELT, lse_base, h, sqh, sql,
+                                       b * sdtb, sdth, sdtl, L, qk_scale, G, SEL_B, WINDOW, dofs, dmask, DOT_PREC)
 
     # (3) LTIS: the queries that selected this block (each query once; all G heads share its selection)
-    RQ: tl.constexpr = QC * G
-    qrows = tl.arange(0, RQ)
+    qrows = tl.arange(0, QC * G)
     qi = qrows % QC
     qhead = h * G + qrows // QC
     csr = pid_bh.to(tl.int64) * n_blocks + blk
@@ -470,20 +499,20 @@ def sparse_backward_dkdv(
         in_list = i0 + qi < end
         tq = tl.load(CSR_QUERIES + i0 + qi, mask=in_list, other=0)
         qm = in_list[:, None] & dmask[None, :]
-        qr = tl.load(q_base + qhead[:, None] * sqh + tq[:, None] * sql + dofs[None, :], mask=qm, other=0.0)
-        do_s = tl.load(DOS + b * sdsb + qhead[:, None] * sdsh + tq[:, None] * sdsl + dofs[None, :], mask=qm,
-                       other=0.0)
-        row = lse_base + qhead * L + tq
-        s = tl.dot(qr, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        p = tl.where(in_list[:, None], tl.exp2(s - tl.load(LSES + row, mask=in_list, other=0.0)[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p).to(do_s.dtype), do_s, input_precision=DOT_PREC)
-        dp = tl.dot(do_s, tl.trans(v).to(do_s.dtype), input_precision=DOT_PREC)
-        ds = p * (dp - tl.load(DELS + row, mask=in_list, other=0.0)[:, None])
-        dk += tl.dot(tl.trans(ds).to(qr.dtype), qr, input_precision=DOT_PREC)
+        q_sel = tl.load(q_base + qhead[:, None] * sqh + tq[:, None] * sql + dofs[None, :], mask=qm, other=0.0)
+        do_sel = tl.load(DOS + b * sdsb + qhead[:, None] * sdsh + tq[:, None] * sdsl + dofs[None, :], mask=qm,
+                         other=0.0)
+        row_sel = lse_base + qhead * L + tq
+        s_sel = tl.dot(q_sel, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        p_sel = tl.where(in_list[:, None],
+                         tl.exp2(s_sel - tl.load(LSES + row_sel, mask=in_list, other=0.0)[:, None]), 0.0)
+        dk, dv = _dkdv_dot(dk, dv, q_sel, do_sel, p_sel, tl.load(DELS + row_sel, mask=in_list, other=0.0), v,
+                           DOT_PREC)
 
     out = (b * HKV + h) * L * D + kpos[:, None] * D + dofs[None, :]
-    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask)
-    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kmask)
+    omask = (kpos < L)[:, None] & dmask[None, :]
+    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=omask)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=omask)
 
 
 @triton.jit
