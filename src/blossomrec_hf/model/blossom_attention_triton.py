@@ -33,9 +33,11 @@ except ImportError:
     triton = None
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-ROWS_PER_TILE = 64
-COMPRESSED_KEYS_PER_TILE = 64
-SPARSE_CHUNK_ELEMENTS = 8192
+# Launch settings (benchmarks/tune_kernels.py measures alternatives): query rows per compressed-branch tile,
+# compressed keys per tile, elements per gathered chunk of the selected-block loop, warps per kernel.
+TUNING = dict(rows_per_tile=64, compressed_keys_per_tile=64, sparse_chunk_elements=8192, compressed_forward_warps=4,
+              sparse_forward_warps=4, sparse_dq_warps=4, sparse_dkdv_warps=4, compressed_dq_warps=4,
+              compressed_dkdv_warps=4)
 _warned: set[str] = set()
 
 
@@ -121,11 +123,11 @@ class _Plan:
         while self.p_far << self.n_far < self.num_blocks:
             self.n_far += 1
         self.block_d = max(16, _pow2(self.dim))
-        self.tile_m = max(1, ROWS_PER_TILE // self.group)
-        self.tile_w = COMPRESSED_KEYS_PER_TILE if self.block_d <= 64 else COMPRESSED_KEYS_PER_TILE // 2
+        self.tile_m = max(1, TUNING["rows_per_tile"] // self.group)
+        self.tile_w = TUNING["compressed_keys_per_tile"] // (1 if self.block_d <= 64 else 2)
         rows = size * self.group
-        self.chunk = max(1, min(size, _pow2(SPARSE_CHUNK_ELEMENTS // (rows * self.block_d) + 1) // 2))
-        self.csr_chunk = max(1, ROWS_PER_TILE // self.group)
+        self.chunk = max(1, min(size, _pow2(TUNING["sparse_chunk_elements"] // (rows * self.block_d) + 1) // 2))
+        self.csr_chunk = max(1, 64 // self.group)
         self.sm_scale = 1.0 / math.sqrt(self.dim)
         self.qk_scale = self.sm_scale * math.log2(math.e)
         self.dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -154,7 +156,7 @@ def _compressed_forward(plan: _Plan, q, ck, cv, select: bool):
         length, plan.num_compressed, plan.qk_scale,
         **plan.common, BM=plan.tile_m, BW=plan.tile_w, SEL_B=plan.block, SPAN=plan.span,
         N_SEL=plan.num_selected, HAS_CV=cv is not None, SELECT=select,
-        DOT_PREC=plan.dot_prec, num_warps=4,
+        DOT_PREC=plan.dot_prec, num_warps=TUNING["compressed_forward_warps"],
     )
     return out, lse, block_indices
 
@@ -187,7 +189,7 @@ class _BlossomAttention(torch.autograd.Function):
             *_strides(q), *_strides(k), *_strides(v), *_strides(o_sel),
             plan.length, plan.n_far, plan.qk_scale,
             **plan.common, SEL_B=plan.block, N_SEL=plan.num_selected, WINDOW=plan.window, M_NEAR=plan.m_near,
-            P_FAR=plan.p_far, C=plan.chunk, DOT_PREC=plan.dot_prec, num_warps=4,
+            P_FAR=plan.p_far, C=plan.chunk, DOT_PREC=plan.dot_prec, num_warps=TUNING["sparse_forward_warps"],
         )
         ctx.plan = plan
         ctx.has_compressed = cv is not None
@@ -210,7 +212,7 @@ class _BlossomAttention(torch.autograd.Function):
             *_strides(q), *_strides(k), *_strides(v), *_strides(o_sel), *_strides(do_sel), *_strides(do_stis),
             plan.length, plan.n_far, plan.qk_scale, plan.sm_scale,
             **plan.common, SEL_B=plan.block, N_SEL=plan.num_selected, WINDOW=plan.window, M_NEAR=plan.m_near,
-            P_FAR=plan.p_far, C=plan.chunk, DOT_PREC=plan.dot_prec, num_warps=4,
+            P_FAR=plan.p_far, C=plan.chunk, DOT_PREC=plan.dot_prec, num_warps=TUNING["sparse_dq_warps"],
         )
         offsets, queries = _selection_csr(block_indices, plan.num_blocks)
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -221,7 +223,7 @@ class _BlossomAttention(torch.autograd.Function):
             plan.length, plan.num_blocks, plan.n_far, plan.qk_scale, plan.sm_scale,
             **plan.common, SEL_B=plan.block, WINDOW=plan.window, M_NEAR=plan.m_near, P_FAR=plan.p_far,
             QC=plan.csr_chunk,
-            DOT_PREC=plan.dot_prec, num_warps=4,
+            DOT_PREC=plan.dot_prec, num_warps=TUNING["sparse_dkdv_warps"],
         )
         if not ctx.has_compressed:
             return dq32.to(q.dtype), dk, dv, None, None, None
@@ -234,7 +236,7 @@ class _BlossomAttention(torch.autograd.Function):
             *_strides(q), *_strides(ck), *_strides(cv), *_strides(oc), *_strides(do_c), *_strides(dq),
             plan.length, plan.num_compressed, plan.qk_scale, plan.sm_scale,
             **plan.common, BM=plan.tile_m, BW=plan.tile_w, SEL_B=plan.block, DOT_PREC=plan.dot_prec,
-            num_warps=4,
+            num_warps=TUNING["compressed_dq_warps"],
         )
         dck = torch.empty(ck.shape, dtype=ck.dtype, device=ck.device)
         dcv = torch.empty(cv.shape, dtype=cv.dtype, device=cv.device)
@@ -245,7 +247,7 @@ class _BlossomAttention(torch.autograd.Function):
                 *_strides(q), *_strides(ck), *_strides(cv), *_strides(do_c),
                 plan.length, plan.num_compressed, plan.qk_scale, plan.sm_scale,
                 **plan.common, BM=plan.tile_m, BW=plan.tile_w, SEL_B=plan.block,
-                DOT_PREC=plan.dot_prec, num_warps=4,
+                DOT_PREC=plan.dot_prec, num_warps=TUNING["compressed_dkdv_warps"],
             )
         return dq, dk, dv, dck, dcv, None
 

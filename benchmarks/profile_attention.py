@@ -1,0 +1,41 @@
+"""Where the time of one BlossomRec attention module step goes: CUDA time per kernel (torch.profiler).
+
+    python benchmarks/profile_attention.py [--lengths 1024 16384] [--implementation blossom_triton]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from benchmark_attention import module_step  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 16384])
+    parser.add_argument("--implementation", default="blossom_triton")
+    parser.add_argument("--rows", type=int, default=30)
+    args = parser.parse_args()
+    for length in args.lengths:
+        step, keep = module_step(args.implementation, length)
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        print(f"\n== {args.implementation} L={length}: CUDA ms per step, by kernel")
+        events = sorted(profiler.key_averages(), key=lambda e: -e.device_time_total)
+        total = sum(e.device_time_total for e in events) / 5 / 1e3
+        for event in events[:args.rows]:
+            print(f"{event.device_time_total / 5 / 1e3:8.3f} {event.count // 5:4d}x  {event.key[:110]}")
+        print(f"{total:8.3f}        total")
+        del step, keep
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""CUDA time per Triton kernel of one BlossomRec attention forward + backward, for alternative launch settings.
+
+Published shapes (8 heads, 2 kv heads, head dim 16, bf16, 131,072 tokens); each variant overrides entries of
+`blossom_attention_triton.TUNING` and is profiled with torch.profiler (ms per step, 5 steps).
+
+    python benchmarks/tune_kernels.py [--lengths 1024 16384]
+"""
+
+import argparse
+
+import torch
+
+from blossomrec_hf.model import blossom_attention_triton as backend
+from blossomrec_hf.model.sparse_patterns import SparseGeometry
+
+GEOMETRY = SparseGeometry(32, 16, 16, 4, 8)
+KERNELS = ["compressed_forward", "sparse_forward", "sparse_backward_dq", "sparse_backward_dkdv",
+           "compressed_backward_dq", "compressed_backward_dkdv"]
+VARIANTS = {
+    "base": {},
+    "warps8": {k: 8 for k in backend.TUNING if k.endswith("_warps")},
+    "warps2": {k: 2 for k in backend.TUNING if k.endswith("_warps")},
+    "chunk16k": {"sparse_chunk_elements": 16384},
+    "chunk4k": {"sparse_chunk_elements": 4096},
+    "rows128": {"rows_per_tile": 128},
+    "keys128": {"compressed_keys_per_tile": 128},
+    "keys32": {"compressed_keys_per_tile": 32},
+}
+
+
+def inputs(length: int):
+    batch = 131072 // length
+    torch.manual_seed(0)
+
+    def make(heads, positions):
+        return (torch.randn(batch, positions, heads, 16, device="cuda") * 0.5).to(torch.bfloat16).transpose(1, 2)
+
+    tensors = [make(8, length), make(2, length), make(2, length), make(2, length // 16), make(2, length // 16)]
+    return [t.requires_grad_() for t in tensors]
+
+
+def profile(length: int) -> dict[str, float]:
+    q, k, v, ck, cv = inputs(length)
+    weights = [torch.randn(q.shape, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+
+    def step():
+        outputs = backend.blossom_attention_triton(q, k, v, ck, cv, GEOMETRY)
+        torch.autograd.backward(outputs, weights)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    times = {name: 0.0 for name in KERNELS + ["other"]}
+    for event in profiler.key_averages():
+        key = event.key if event.key in KERNELS else "other"
+        times[key] += event.device_time_total / 5 / 1e3
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 16384])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    args = parser.parse_args()
+    defaults = dict(backend.TUNING)
+    short = ["cfwd", "sfwd", "sdq", "sdkdv", "cdq", "cdkdv", "other"]
+    for length in args.lengths:
+        print(f"\nL={length}: ms per forward+backward step\n{'variant':>9} " + " ".join(f"{s:>7}" for s in short)
+              + f" {'total':>7}")
+        for name in args.variants:
+            backend.TUNING.clear()
+            backend.TUNING.update(defaults, **VARIANTS[name])
+            times = profile(length)
+            print(f"{name:>9} " + " ".join(f"{times[k]:7.3f}" for k in KERNELS + ["other"])
+                  + f" {sum(times.values()):7.3f}", flush=True)
+    backend.TUNING.clear()
+    backend.TUNING.update(defaults)
+
+
+if __name__ == "__main__":
+    main()

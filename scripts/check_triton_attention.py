@@ -1,0 +1,182 @@
+"""GPU correctness sweep of the fused Triton BlossomRec attention against a float64 reference.
+
+For each case (batch, length, group size, head dim, compressed branch on/off, dtype) the kernel's outputs and the
+gradients of q, k, v, ck, cv are compared with the exact sparse attention computed in float64 on the same input
+values. The selected branch of the reference uses the kernel's own block indices (block selection is a top-n, so
+a near-tie can legitimately flip between float32 and float64); how often the kernel's selection equals the float64
+selection is reported separately. Model-level cases run `BlossomRecForSequentialRecommendation` with
+`blossom_triton` against `blossom_torch` on the same weights, left and right padding.
+
+    python scripts/check_triton_attention.py [--output benchmarks/results/triton_correctness.json]
+"""
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from blossomrec_hf import BlossomRecConfig, BlossomRecForSequentialRecommendation
+from blossomrec_hf.model.blossom_attention_torch import (
+    attend_gathered,
+    compressed_probabilities,
+    gather_positions,
+    selected_keys,
+    selection_scores,
+    stis_keys,
+    top_blocks,
+)
+from blossomrec_hf.model.blossom_attention_triton import blossom_attention_triton, select_blocks_triton
+from blossomrec_hf.model.sparse_patterns import SparseGeometry
+
+GEOMETRY = SparseGeometry(compress_block_size=32, compress_stride=16, selection_block_size=16,
+                          num_selected_blocks=4, stis_window=8)
+TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 1e-2}
+
+
+def reference_float64(q, k, v, ck, cv, geometry, block_indices):
+    """Exact BlossomRec branches in float64 (unchunked), the selected branch on the given block indices."""
+    batch, heads, length, dim = q.shape
+    kv_heads = k.shape[1]
+    qg = q.view(batch, kv_heads, heads // kv_heads, length, dim)
+    positions = torch.arange(length, device=q.device)
+    probs = compressed_probabilities(qg, ck, positions, geometry)
+    key_positions, valid = selected_keys(block_indices.long(), positions, geometry)
+    selected = attend_gathered(qg, gather_positions(k, key_positions), gather_positions(v, key_positions), valid)
+    key_positions, valid = stis_keys(positions, length, geometry)
+    stis = attend_gathered(qg, gather_positions(k, key_positions), gather_positions(v, key_positions), valid)
+    outputs = [selected, stis] + ([torch.einsum("bhgcw,bhwd->bhgcd", probs, cv)] if cv is not None else [])
+    with torch.no_grad():
+        best = top_blocks(selection_scores(probs, positions, length, geometry), geometry.num_selected_blocks)
+    return [o.reshape(batch, heads, length, dim) for o in outputs], best
+
+
+def relative_error(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+def same_sets(a, b):
+    """Fraction of (batch, kv head, query) rows whose selected block sets agree."""
+    width = max(a.shape[-1], b.shape[-1])
+    a = torch.nn.functional.pad(a.long(), (0, width - a.shape[-1]), value=-1).sort(-1).values
+    b = torch.nn.functional.pad(b.long(), (0, width - b.shape[-1]), value=-1).sort(-1).values
+    return (a == b).all(-1).float().mean().item()
+
+
+def kernel_case(batch, length, group, dim, compressed, dtype, seed):
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    kv_heads = 2
+    heads = kv_heads * group
+    width = GEOMETRY.num_compressed_blocks(length)
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", generator=generator).to(dtype)
+
+    inputs = [rand(batch, heads, length, dim), rand(batch, kv_heads, length, dim), rand(batch, kv_heads, length, dim),
+              rand(batch, kv_heads, width, dim)] + ([rand(batch, kv_heads, width, dim)] if compressed else [])
+    kernel_inputs = [x.clone().requires_grad_() for x in inputs]
+    q, k, v, ck = kernel_inputs[:4]
+    cv = kernel_inputs[4] if compressed else None
+    outputs = [o for o in blossom_attention_triton(q, k, v, ck, cv, GEOMETRY) if o is not None]
+    block_indices = select_blocks_triton(q.detach(), ck.detach(), GEOMETRY)
+    weights = [torch.randn(o.shape, device="cuda", generator=generator, dtype=torch.float64) for o in outputs]
+    grads = torch.autograd.grad(sum((w * o.double()).sum() for w, o in zip(weights, outputs)), kernel_inputs,
+                                allow_unused=True)
+
+    ref_inputs = [x.double().requires_grad_() for x in inputs]
+    q64, k64, v64, ck64 = ref_inputs[:4]
+    ref_outputs, ref_selection = reference_float64(q64, k64, v64, ck64, ref_inputs[4] if compressed else None,
+                                                   GEOMETRY, block_indices)
+    ref_grads = torch.autograd.grad(sum((w * o).sum() for w, o in zip(weights, ref_outputs)), ref_inputs,
+                                    allow_unused=True)
+    errors = {name: relative_error(o, r) for name, o, r in zip(["selected", "stis", "compressed"], outputs,
+                                                                  ref_outputs)}
+    for name, g, r in zip(["dq", "dk", "dv", "dck", "dcv"], grads, ref_grads):
+        if r is not None and r.norm() > 0:
+            errors[name] = relative_error(g, r)
+    return errors, same_sets(block_indices, ref_selection)
+
+
+def model_case(length, side, dtype, seed):
+    """Loss and every parameter's gradient: blossom_triton vs blossom_torch, same weights, padding on `side`."""
+    torch.manual_seed(seed)
+    config = BlossomRecConfig(n_items=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, intermediate_size=128, hidden_dropout_prob=0.0)
+    results = {}
+    ids = torch.randint(1, 501, (3, length))
+    lengths = [length, max(1, length // 2), max(1, length - 5)]
+    for row, keep in enumerate(lengths):
+        if side == "left":
+            ids[row, :length - keep] = 0
+        else:
+            ids[row, keep:] = 0
+    ids = ids.cuda()
+    for implementation in ("blossom_torch", "blossom_triton"):
+        torch.manual_seed(seed)
+        model = BlossomRecForSequentialRecommendation(config).cuda().train()
+        model.set_attn_implementation(implementation)
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        results[implementation] = (loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()})
+    (loss_ref, grads_ref), (loss_tri, grads_tri) = results["blossom_torch"], results["blossom_triton"]
+    errors = {"loss": relative_error(loss_tri, loss_ref)}
+    errors["grads"] = max(relative_error(grads_tri[n], grads_ref[n]) for n in grads_ref if grads_ref[n].norm() > 0)
+    return errors
+
+
+def cases(seed: int):
+    """Every length in fp32 and bf16; group sizes and head dims cycle through a few pairs (each pair compiles the
+    kernels once, lengths and batch sizes do not recompile)."""
+    rng = random.Random(seed)
+    lengths = [1, 2, 7, 15, 16, 17, 31, 33, 50, 63, 100, 129, 200, 255, 333, 511, 512, 777, 1024, 1500, 2047, 2048]
+    shapes = [(4, 16), (1, 32), (2, 64), (8, 16), (4, 128), (2, 48)]
+    for index, length in enumerate(lengths):
+        for dtype in (torch.float32, torch.bfloat16):
+            group, dim = shapes[(index + (dtype == torch.bfloat16) * 3) % len(shapes)]
+            batch = rng.randint(1, 8) if length <= 1024 else rng.randint(1, 3)
+            yield batch, length, group, dim, index % 4 != 3, dtype
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output", default="benchmarks/results/triton_correctness.json")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rows = []
+    header = f"{'B':>2} {'L':>5} {'G':>2} {'D':>4} {'cmp':>4} {'dtype':>9} {'worst err':>10} {'worst of':>10} " \
+             f"{'sel=f64':>8} {'pass':>5}"
+    print(header)
+    for case_index, (batch, length, group, dim, compressed, dtype) in enumerate(cases(args.seed)):
+        start = time.time()
+        errors, agreement = kernel_case(batch, length, group, dim, compressed, dtype, seed=args.seed + case_index)
+        worst = max(errors, key=errors.get)
+        passed = errors[worst] <= TOLERANCE[dtype]
+        rows.append(dict(kind="kernel", batch=batch, length=length, group=group, head_dim=dim, compressed=compressed,
+                         dtype=str(dtype).removeprefix("torch."), errors=errors, selection_agreement=agreement,
+                         passed=passed, seconds=round(time.time() - start, 2)))
+        print(f"{batch:>2} {length:>5} {group:>2} {dim:>4} {str(compressed)[0]:>4} {rows[-1]['dtype']:>9} "
+              f"{errors[worst]:>10.2e} {worst:>10} {agreement:>8.4f} {str(passed):>5}", flush=True)
+    print(f"\n{'model':>6} {'L':>5} {'pad':>5} {'dtype':>9} {'loss err':>9} {'grad err':>9} {'pass':>5}")
+    for length in (1, 13, 50, 200, 1000):
+        for side in ("left", "right"):
+            for dtype in (torch.float32, torch.bfloat16):
+                errors = model_case(length, side, dtype, seed=length)
+                passed = max(errors.values()) <= TOLERANCE[dtype]
+                rows.append(dict(kind="model", length=length, padding=side, dtype=str(dtype).removeprefix("torch."),
+                                 errors=errors, passed=passed))
+                print(f"{'':>6} {length:>5} {side:>5} {rows[-1]['dtype']:>9} {errors['loss']:>9.2e} "
+                      f"{errors['grads']:>9.2e} {str(passed):>5}", flush=True)
+    total = len(rows)
+    passed = sum(r["passed"] for r in rows)
+    print(f"\n{passed}/{total} cases pass (fp32 within 1e-3, bf16 within 1e-2 relative)")
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cases=rows),
+                                 indent=1))
+
+
+if __name__ == "__main__":
+    main()
