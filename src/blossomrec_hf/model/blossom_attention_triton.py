@@ -33,11 +33,13 @@ except ImportError:
     triton = None
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Launch settings (benchmarks/tune_kernels.py measures alternatives): query rows per compressed-branch tile,
-# compressed keys per tile, elements per gathered chunk of the selected-block loop, warps per kernel.
-TUNING = dict(rows_per_tile=64, compressed_keys_per_tile=64, sparse_chunk_elements=8192, compressed_forward_warps=4,
-              sparse_forward_warps=4, sparse_dq_warps=4, sparse_dkdv_warps=4, compressed_dq_warps=4,
-              compressed_dkdv_warps=4)
+# Launch settings, measured with benchmarks/tune_kernels.py on an H200 (head dim 16, 4 heads per kv head): query
+# rows per tile and compressed keys per tile of each compressed-branch kernel, elements per gathered chunk of the
+# selected-block loop, warps per kernel. Tiles are halved for head dims above 64 (register and shared memory).
+TUNING = dict(forward_rows=64, forward_keys=64, forward_keys_long=128, long_from=512, dq_rows=64, dq_keys=32,
+              dkdv_rows=128, dkdv_keys=64, sparse_chunk_elements=8192, compressed_forward_warps=2,
+              compressed_forward_long_warps=4, sparse_forward_warps=4, sparse_dq_warps=4, sparse_dkdv_warps=2,
+              compressed_dq_warps=4, compressed_dkdv_warps=4)
 _warned: set[str] = set()
 
 
@@ -64,6 +66,8 @@ def fallback_reason(q, k, ck, geometry: SparseGeometry) -> str | None:
                 f"got {geometry.compress_block_size}/{geometry.compress_stride}/{size}")
     if size < 16 or size & (size - 1):
         return f"the kernels need a power-of-two selection_block_size >= 16, got {size}"
+    if geometry.num_selected_blocks > 16:
+        return f"the kernels keep at most 16 selected blocks per query, got {geometry.num_selected_blocks}"
     if not 16 <= q.shape[-1] <= 128:
         return f"the kernels support head dims 16..128, got {q.shape[-1]}"
     if q.dtype not in SUPPORTED_DTYPES:
@@ -123,8 +127,13 @@ class _Plan:
         while self.p_far << self.n_far < self.num_blocks:
             self.n_far += 1
         self.block_d = max(16, _pow2(self.dim))
-        self.tile_m = max(1, TUNING["rows_per_tile"] // self.group)
-        self.tile_w = TUNING["compressed_keys_per_tile"] // (1 if self.block_d <= 64 else 2)
+        shrink = 1 if self.block_d <= 64 else 2
+        long = self.num_compressed >= TUNING["long_from"]
+        self.forward_tile = (max(1, TUNING["forward_rows"] // self.group),
+                             TUNING["forward_keys_long" if long else "forward_keys"] // shrink)
+        self.forward_warps = TUNING["compressed_forward_long_warps" if long else "compressed_forward_warps"]
+        self.dq_tile = (max(1, TUNING["dq_rows"] // self.group), TUNING["dq_keys"] // shrink)
+        self.dkdv_tile = (max(1, TUNING["dkdv_rows"] // shrink // self.group), TUNING["dkdv_keys"] // shrink)
         rows = size * self.group
         self.chunk = max(1, min(size, _pow2(TUNING["sparse_chunk_elements"] // (rows * self.block_d) + 1) // 2))
         self.csr_chunk = max(1, 64 // self.group)
@@ -133,8 +142,8 @@ class _Plan:
         self.dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
         self.common = dict(HKV=self.kv_heads, G=self.group, D=self.dim, BLOCK_D=self.block_d)
 
-    def compressed_grid(self):
-        return (triton.cdiv(self.length, self.tile_m), self.batch * self.kv_heads)
+    def query_grid(self, tile):
+        return (triton.cdiv(self.length, tile[0]), self.batch * self.kv_heads)
 
     def sparse_grid(self):
         return (self.num_blocks, self.batch * self.kv_heads)
@@ -150,13 +159,13 @@ def _compressed_forward(plan: _Plan, q, ck, cv, select: bool):
     cv_arg = cv if cv is not None else ck
     out_arg = out if out is not None else lse
     out_strides = _strides(out) if out is not None else (0, 0, 0)
-    compressed_forward[plan.compressed_grid()](
+    compressed_forward[plan.query_grid(plan.forward_tile)](
         q, ck, cv_arg, out_arg, lse, block_indices,
         *_strides(q), *_strides(ck), *_strides(cv_arg), *out_strides,
         length, plan.num_compressed, plan.qk_scale,
-        **plan.common, BM=plan.tile_m, BW=plan.tile_w, SEL_B=plan.block, SPAN=plan.span,
-        N_SEL=plan.num_selected, HAS_CV=cv is not None, SELECT=select,
-        DOT_PREC=plan.dot_prec, num_warps=TUNING["compressed_forward_warps"],
+        **plan.common, BM=plan.forward_tile[0], BW=plan.forward_tile[1], SEL_B=plan.block, SPAN=plan.span,
+        N_SEL=plan.num_selected, HAS_CV=cv is not None, SELECT=select, DOT_PREC=plan.dot_prec,
+        num_warps=plan.forward_warps,
     )
     return out, lse, block_indices
 
@@ -231,22 +240,22 @@ class _BlossomAttention(torch.autograd.Function):
         do_c = _row_major(do_c)
         delta_c = torch.empty_like(lse_c)
         dq = _new_output(plan.batch, plan.heads, plan.length, plan.dim, q)
-        compressed_backward_dq[plan.compressed_grid()](
+        compressed_backward_dq[plan.query_grid(plan.dq_tile)](
             q, ck, cv, oc, do_c, lse_c, delta_c, dq32, dq,
             *_strides(q), *_strides(ck), *_strides(cv), *_strides(oc), *_strides(do_c), *_strides(dq),
             plan.length, plan.num_compressed, plan.qk_scale, plan.sm_scale,
-            **plan.common, BM=plan.tile_m, BW=plan.tile_w, SEL_B=plan.block, DOT_PREC=plan.dot_prec,
+            **plan.common, BM=plan.dq_tile[0], BW=plan.dq_tile[1], SEL_B=plan.block, DOT_PREC=plan.dot_prec,
             num_warps=TUNING["compressed_dq_warps"],
         )
         dck = torch.empty(ck.shape, dtype=ck.dtype, device=ck.device)
         dcv = torch.empty(cv.shape, dtype=cv.dtype, device=cv.device)
         if plan.num_compressed:
-            compressed_backward_dkdv[(triton.cdiv(plan.num_compressed, plan.tile_w),
+            compressed_backward_dkdv[(triton.cdiv(plan.num_compressed, plan.dkdv_tile[1]),
                                       plan.batch * plan.kv_heads)](
                 q, ck, cv, do_c, lse_c, delta_c, dck, dcv,
                 *_strides(q), *_strides(ck), *_strides(cv), *_strides(do_c),
                 plan.length, plan.num_compressed, plan.qk_scale, plan.sm_scale,
-                **plan.common, BM=plan.tile_m, BW=plan.tile_w, SEL_B=plan.block,
+                **plan.common, BM=plan.dkdv_tile[0], BW=plan.dkdv_tile[1], SEL_B=plan.block,
                 DOT_PREC=plan.dot_prec, num_warps=TUNING["compressed_dkdv_warps"],
             )
         return dq, dk, dv, dck, dcv, None
