@@ -36,6 +36,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--extra", default="", help="more train.py flags for every run, e.g. '--hidden_dropout_prob 0.5'")
+    parser.add_argument("--blossom_backend", default=None, choices=["blossom_torch", "blossom_triton"],
+                        help="attn_implementation of the BlossomRec runs (default: the model's choice)")
     parser.add_argument("--tag", default="", help="suffix of the run names and output folders")
     parser.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data"), help="where the logs are")
     parser.add_argument("--output_root", default="outputs/quality")
@@ -51,6 +53,8 @@ def main() -> int:
         output_dir = Path(args.output_root) / run
         command = [sys.executable, str(REPO / "scripts" / "train.py"),
                    *(flag.format(data=args.data_dir) for flag in RUNS[name]), *shlex.split(args.extra),
+                   *(["--attn_implementation", args.blossom_backend]
+                     if args.blossom_backend and name.endswith("blossom") else []),
                    "--output_dir", str(output_dir),
                    *(["--resume_from_checkpoint", "latest"] if args.resume else ["--overwrite_output_dir"])]
         output_dir.parent.mkdir(parents=True, exist_ok=True)
