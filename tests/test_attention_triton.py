@@ -14,6 +14,7 @@ from blossomrec_hf.model import blossom_attention_triton as triton_backend
 from blossomrec_hf.model.blossom_attention_torch import blossom_attention_torch, select_blocks
 from blossomrec_hf.model.blossom_attention_triton import (
     blossom_attention_triton,
+    fallback_reason,
     select_blocks_triton,
     triton_unavailable_reason,
 )
@@ -72,6 +73,7 @@ def test_outputs_gradients_and_selection_match_the_reference(batch, heads, kv_he
                                                              geometry):
     inputs = random_inputs(batch, heads, kv_heads, length, dim, compressed, geometry, seed=length)
     q, k, v, ck, cv = inputs
+    assert fallback_reason(q, k, ck, geometry) is None
     weights = [torch.randn(q.shape) for _ in range(3)]
     reference, reference_grads = outputs_and_grads(blossom_attention_torch, inputs, geometry, weights)
     fused, fused_grads = outputs_and_grads(blossom_attention_triton, inputs, geometry, weights)

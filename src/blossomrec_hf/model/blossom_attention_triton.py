@@ -20,26 +20,25 @@ from .sparse_patterns import SparseGeometry
 
 try:
     import triton
-
-    from .triton_blossom_kernels import (
-        compressed_backward_dkdv,
-        compressed_backward_dq,
-        compressed_forward,
-        sparse_backward_dkdv,
-        sparse_backward_dq,
-        sparse_forward,
-    )
 except ImportError:
     triton = None
+
+if triton is not None:
+    from .triton_blossom_kernels import (
+        backward_dq,
+        compressed_backward_dkdv,
+        compressed_forward,
+        sparse_backward_dkdv,
+        sparse_forward,
+    )
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Launch settings, measured with benchmarks/tune_kernels.py on an H200 (head dim 16, 4 heads per kv head): query
 # rows per tile and compressed keys per tile of each compressed-branch kernel, elements per gathered chunk of the
 # selected-block loop, warps per kernel. Tiles are halved for head dims above 64 (register and shared memory).
-TUNING = dict(forward_rows=64, forward_keys=64, forward_keys_long=128, long_from=512, dq_rows=64, dq_keys=32,
-              dkdv_rows=128, dkdv_keys=64, sparse_chunk_elements=8192, compressed_forward_warps=2,
-              compressed_forward_long_warps=4, sparse_forward_warps=4, sparse_dq_warps=4, sparse_dkdv_warps=2,
-              compressed_dq_warps=4, compressed_dkdv_warps=4)
+TUNING = dict(forward_rows=64, forward_keys=64, forward_keys_long=128, long_from=512, dq_keys=64, dkdv_rows=128,
+              dkdv_keys=64, sparse_chunk_elements=8192, compressed_forward_warps=2, compressed_forward_long_warps=4,
+              sparse_forward_warps=4, dq_warps=4, sparse_dkdv_warps=2, compressed_dkdv_warps=4)
 _warned: set[str] = set()
 
 
@@ -132,7 +131,7 @@ class _Plan:
         self.forward_tile = (max(1, TUNING["forward_rows"] // self.group),
                              TUNING["forward_keys_long" if long else "forward_keys"] // shrink)
         self.forward_warps = TUNING["compressed_forward_long_warps" if long else "compressed_forward_warps"]
-        self.dq_tile = (max(1, TUNING["dq_rows"] // self.group), TUNING["dq_keys"] // shrink)
+        self.dq_keys = TUNING["dq_keys"] // shrink
         self.dkdv_tile = (max(1, TUNING["dkdv_rows"] // shrink // self.group), TUNING["dkdv_keys"] // shrink)
         rows = size * self.group
         self.chunk = max(1, min(size, _pow2(TUNING["sparse_chunk_elements"] // (rows * self.block_d) + 1) // 2))
@@ -215,13 +214,22 @@ class _BlossomAttention(torch.autograd.Function):
         do_sel, do_stis = _row_major(do_sel), _row_major(do_stis)
         delta_sel = torch.empty_like(lse_sel)
         delta_stis = torch.empty_like(lse_sel)
-        dq32 = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        sparse_backward_dq[plan.sparse_grid()](
-            q, k, v, block_indices, o_sel, o_stis, do_sel, do_stis, lse_sel, lse_stis, delta_sel, delta_stis, dq32,
+        if ctx.has_compressed:
+            cv, oc, lse_c = ctx.saved_tensors[9:]
+            do_c = _row_major(do_c)
+            delta_c = torch.empty_like(lse_c)
+        else:
+            cv, oc, do_c, lse_c, delta_c = ck, o_sel, do_sel, lse_sel, delta_sel
+        dq = _new_output(plan.batch, plan.heads, plan.length, plan.dim, q)
+        backward_dq[plan.sparse_grid()](
+            q, k, v, block_indices, o_sel, o_stis, do_sel, do_stis, lse_sel, lse_stis, delta_sel, delta_stis,
+            ck, cv, oc, do_c, lse_c, delta_c, dq,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o_sel), *_strides(do_sel), *_strides(do_stis),
-            plan.length, plan.n_far, plan.qk_scale, plan.sm_scale,
+            *_strides(ck), *_strides(cv), *_strides(oc), *_strides(do_c), *_strides(dq),
+            plan.length, plan.num_compressed, plan.n_far, plan.qk_scale, plan.sm_scale,
             **plan.common, SEL_B=plan.block, N_SEL=plan.num_selected, WINDOW=plan.window, M_NEAR=plan.m_near,
-            P_FAR=plan.p_far, C=plan.chunk, DOT_PREC=plan.dot_prec, num_warps=TUNING["sparse_dq_warps"],
+            P_FAR=plan.p_far, C=plan.chunk, HAS_CV=ctx.has_compressed, BW=plan.dq_keys, DOT_PREC=plan.dot_prec,
+            num_warps=TUNING["dq_warps"],
         )
         offsets, queries = _selection_csr(block_indices, plan.num_blocks)
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -231,22 +239,10 @@ class _BlossomAttention(torch.autograd.Function):
             *_strides(q), *_strides(k), *_strides(v), *_strides(do_sel), *_strides(do_stis),
             plan.length, plan.num_blocks, plan.n_far, plan.qk_scale, plan.sm_scale,
             **plan.common, SEL_B=plan.block, WINDOW=plan.window, M_NEAR=plan.m_near, P_FAR=plan.p_far,
-            QC=plan.csr_chunk,
-            DOT_PREC=plan.dot_prec, num_warps=TUNING["sparse_dkdv_warps"],
+            QC=plan.csr_chunk, DOT_PREC=plan.dot_prec, num_warps=TUNING["sparse_dkdv_warps"],
         )
         if not ctx.has_compressed:
-            return dq32.to(q.dtype), dk, dv, None, None, None
-        cv, oc, lse_c = ctx.saved_tensors[9:]
-        do_c = _row_major(do_c)
-        delta_c = torch.empty_like(lse_c)
-        dq = _new_output(plan.batch, plan.heads, plan.length, plan.dim, q)
-        compressed_backward_dq[plan.query_grid(plan.dq_tile)](
-            q, ck, cv, oc, do_c, lse_c, delta_c, dq32, dq,
-            *_strides(q), *_strides(ck), *_strides(cv), *_strides(oc), *_strides(do_c), *_strides(dq),
-            plan.length, plan.num_compressed, plan.qk_scale, plan.sm_scale,
-            **plan.common, BM=plan.dq_tile[0], BW=plan.dq_tile[1], SEL_B=plan.block, DOT_PREC=plan.dot_prec,
-            num_warps=TUNING["compressed_dq_warps"],
-        )
+            return dq, dk, dv, None, None, None
         dck = torch.empty(ck.shape, dtype=ck.dtype, device=ck.device)
         dcv = torch.empty(cv.shape, dtype=cv.dtype, device=cv.device)
         if plan.num_compressed:

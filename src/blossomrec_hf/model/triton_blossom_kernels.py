@@ -7,7 +7,7 @@ units (`qk_scale` = log2(e) / sqrt(D)), so every log-sum-exp (`lse`) below is ba
 
 Forward: `compressed_forward` (compressed branch, its lse, and in-kernel top-n block selection) and
 `sparse_forward` (selected blocks + own block + STIS, sharing the own block's scores between the two branches).
-Backward, atomic-free and hence deterministic: `sparse_backward_dq` and `compressed_backward_dq` (query-centric),
+Backward, atomic-free and hence deterministic: `backward_dq` (query-centric, all branches),
 `sparse_backward_dkdv` (key-centric: own block, STIS reverse offsets, CSR list of the queries that selected the block)
 and `compressed_backward_dkdv` (key-centric over compressed keys).
 """
@@ -279,15 +279,17 @@ def _dq_dot(dq, s, valid, do, lse, delta, k, v, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def sparse_backward_dq(
-    Q, K, V, BIDX, OS, OT, DOS, DOT, LSES, LSET, DELS, DELT, DQ,
+def backward_dq(
+    Q, K, V, BIDX, OS, OT, DOS, DOT, LSES, LSET, DELS, DELT, CK, CV, OC, DOC, LSEC, DELC, DQ,
     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, sdsb, sdsh, sdsl, sdtb, sdth, sdtl,
-    L, n_far, qk_scale, sm_scale,
+    sckb, sckh, sckw, scvb, scvh, scvw, socb, soch, socl, sdcb, sdch, sdcl, sdqb, sdqh, sdql,
+    L, W, n_far, qk_scale, sm_scale,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, SEL_B: tl.constexpr,
     N_SEL: tl.constexpr, WINDOW: tl.constexpr, M_NEAR: tl.constexpr, P_FAR: tl.constexpr, C: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    HAS_CV: tl.constexpr, BW: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Mirror of `sparse_forward`: writes dq (float32, [B, H, L, D] contiguous) and the rows' delta = dO . O."""
+    """dq of every branch for one query block (mirror of `sparse_forward`, plus the compressed branch, whose keys
+    all queries of a selection block see alike: w < block), and the rows' delta = dO . O of each branch."""
     blk = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
@@ -349,59 +351,28 @@ def sparse_backward_dq(
             v, _ = _load_block(v_base, svl, blk - mm, L, SEL_B, dofs, dmask)
             s, valid = _stis_scores(q, k, kpos, pos, L, qk_scale, WINDOW, DOT_PREC)
             dq = _dq_dot(dq, s, valid, do_t, lse_t, delta_t, k, v, DOT_PREC)
-    tl.store(DQ + lse_row[:, None] * D + dofs[None, :], dq * sm_scale, mask=rmask)
-
-
-@triton.jit
-def compressed_backward_dq(
-    Q, CK, CV, OC, DOC, LSEC, DELC, DQ_PARTIAL, DQ,
-    sqb, sqh, sql, sckb, sckh, sckw, scvb, scvh, scvw, sob, soh, sol, sdob, sdoh, sdol, sdqb, sdqh, sdql,
-    L, W, qk_scale, sm_scale,
-    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr,
-    BW: tl.constexpr, SEL_B: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    """dq of the compressed branch added to the sparse branches' float32 dq; stores the final dq in q's dtype."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // HKV).to(tl.int64)
-    h = pid_bh % HKV
-    m0 = pid_m * BM
-    rows = tl.arange(0, G * BM)
-    head = h * G + rows // BM
-    pos = m0 + rows % BM
-    row_ok = pos < L
-    dofs = tl.arange(0, BLOCK_D)
-    dmask = dofs < D
-    rmask = row_ok[:, None] & dmask[None, :]
-    q = tl.load(Q + b * sqb + head[:, None] * sqh + pos[:, None] * sql + dofs[None, :], mask=rmask, other=0.0)
-    do = tl.load(DOC + b * sdob + head[:, None] * sdoh + pos[:, None] * sdol + dofs[None, :], mask=rmask,
-                 other=0.0)
-    o = tl.load(OC + b * sob + head[:, None] * soh + pos[:, None] * sol + dofs[None, :], mask=rmask, other=0.0)
-    lse_row = (b * HKV * G + head) * L + pos
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    tl.store(DELC + lse_row, delta, mask=row_ok)
-    lse = tl.load(LSEC + lse_row, mask=row_ok, other=0.0)
-    ck_base = CK + b * sckb + h * sckh
-    cv_base = CV + b * scvb + h * scvh
-    last = tl.minimum(m0 + BM, L) - 1
-    n_visible = tl.minimum(last // SEL_B, W)
-    own = pos // SEL_B
-    wofs = tl.arange(0, BW)
-    dq = tl.zeros([G * BM, BLOCK_D], tl.float32)
-    for w0 in range(0, n_visible, BW):
-        w = w0 + wofs
-        kmask = (w < W)[:, None] & dmask[None, :]
-        ck = tl.load(ck_base + w[:, None] * sckw + dofs[None, :], mask=kmask, other=0.0)
-        cv = tl.load(cv_base + w[:, None] * scvw + dofs[None, :], mask=kmask, other=0.0)
-        s = tl.dot(q, tl.trans(ck), input_precision=DOT_PREC) * qk_scale
-        visible = (w[None, :] < own[:, None]) & (w[None, :] < W)
-        p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(cv).to(do.dtype), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(ck.dtype), ck, input_precision=DOT_PREC)
-    partial = tl.load(DQ_PARTIAL + lse_row[:, None] * D + dofs[None, :], mask=rmask, other=0.0)
+    if HAS_CV:
+        do_c = tl.load(DOC + b * sdcb + head[:, None] * sdch + pos[:, None] * sdcl + dofs[None, :], mask=rmask,
+                       other=0.0)
+        o_c = tl.load(OC + b * socb + head[:, None] * soch + pos[:, None] * socl + dofs[None, :], mask=rmask,
+                      other=0.0)
+        delta_c = tl.sum(do_c.to(tl.float32) * o_c.to(tl.float32), 1)
+        tl.store(DELC + lse_row, delta_c, mask=row_ok)
+        lse_c = tl.load(LSEC + lse_row, mask=row_ok, other=0.0)
+        ck_base = CK + b * sckb + h * sckh
+        cv_base = CV + b * scvb + h * scvh
+        wofs = tl.arange(0, BW)
+        n_visible = tl.minimum(blk, W)
+        for w0 in range(0, n_visible, BW):
+            w = w0 + wofs
+            wmask = (w < n_visible)[:, None] & dmask[None, :]
+            ck = tl.load(ck_base + w[:, None] * sckw + dofs[None, :], mask=wmask, other=0.0)
+            cv = tl.load(cv_base + w[:, None] * scvw + dofs[None, :], mask=wmask, other=0.0)
+            s_c = tl.dot(q, tl.trans(ck), input_precision=DOT_PREC) * qk_scale
+            dq = _dq_dot(dq, s_c, (w < n_visible)[None, :] & row_ok[:, None], do_c, lse_c, delta_c, ck, cv,
+                         DOT_PREC)
     tl.store(DQ + b * sdqb + head[:, None] * sdqh + pos[:, None] * sdql + dofs[None, :],
-             (partial + dq * sm_scale).to(DQ.dtype.element_ty), mask=rmask)
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=rmask)
 
 
 # ------------------------------------------------------------------------------------------------------------------
