@@ -28,6 +28,8 @@ if triton is not None:
         backward_dq,
         compressed_backward_dkdv,
         compressed_forward,
+        gated_sum_backward,
+        gated_sum_forward,
         sparse_backward_dkdv,
         sparse_forward,
     )
@@ -288,3 +290,55 @@ def select_blocks_triton(q, ck, geometry: SparseGeometry) -> torch.Tensor:
     q, ck = _row_major(q), _row_major(ck.to(q.dtype))
     plan = _Plan(q, ck, ck, geometry)
     return _compressed_forward(plan, q, ck, None, select=True)[2]
+
+
+GATED_ROWS = 128
+
+
+class _GatedSum(torch.autograd.Function):
+    """out[b, h, l] = sum_i gates[b, l, h, i] * branch_i[b, h, l] in one pass (and one pass back)."""
+
+    @staticmethod
+    def forward(ctx, gates, *branches):
+        batch, heads, length, dim = branches[0].shape
+        dtype = torch.result_type(gates, branches[0])
+        out = torch.empty(batch, length, heads, dim, dtype=dtype, device=gates.device).transpose(1, 2)
+        padded = list(branches) + [branches[0]] * (3 - len(branches))
+        n_rows = batch * length * heads
+        gated_sum_forward[(triton.cdiv(n_rows, GATED_ROWS),)](
+            gates, *padded, out, *(s for b in padded for s in _strides(b)), *_strides(out),
+            n_rows, length, H=heads, NB=len(branches), D=dim, BLOCK_D=_pow2(dim), ROWS=GATED_ROWS,
+        )
+        ctx.save_for_backward(gates, *branches)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        gates, *branches = ctx.saved_tensors
+        batch, heads, length, dim = branches[0].shape
+        dout = _row_major(dout)
+        dgates = torch.empty_like(gates)
+        grads = [torch.empty_strided(b.shape, b.stride(), dtype=b.dtype, device=b.device) for b in branches]
+        padded = list(branches) + [branches[0]] * (3 - len(branches))
+        padded_grads = grads + [grads[0]] * (3 - len(grads))
+        n_rows = batch * length * heads
+        gated_sum_backward[(triton.cdiv(n_rows, GATED_ROWS),)](
+            gates, dgates, dout, *padded, *padded_grads, *_strides(dout),
+            *(s for b in padded for s in _strides(b)), n_rows, length, H=heads, NB=len(branches), D=dim,
+            BLOCK_D=_pow2(dim), ROWS=GATED_ROWS,
+        )
+        return (dgates, *grads)
+
+
+def gated_sum(gates: torch.Tensor, branches, fused: bool = True) -> torch.Tensor:
+    """sum_i gates[..., i] * branch_i: gates [B, L, H, n_branches], branches [B, H, L, D] -> [B, H, L, D].
+
+    With `fused`, one Triton pass each way where the kernels run (same device rules); plain PyTorch otherwise.
+    """
+    branches = [b for b in branches if b is not None]
+    usable = fused and triton is not None and (gates.is_cuda or _interpreting()) and len(branches) in (2, 3) \
+        and all(b.stride(-1) == 1 and b.dtype == branches[0].dtype for b in branches) and gates.is_contiguous()
+    if not usable:
+        weights = gates.permute(0, 2, 1, 3).unsqueeze(-1)
+        return sum(weights[..., i, :] * branch for i, branch in enumerate(branches))
+    return _GatedSum.apply(gates, *branches)

@@ -20,7 +20,7 @@ from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
 from .blossom_attention_torch import blossom_attention_torch
-from .blossom_attention_triton import blossom_attention_triton, triton_unavailable_reason
+from .blossom_attention_triton import blossom_attention_triton, gated_sum, triton_unavailable_reason
 from .chunked_cross_entropy import linear_cross_entropy
 from .configuration_blossomrec import BlossomRecConfig
 from .history_layout import HistoryLayout, check_ids_tensor, check_item_ids
@@ -171,8 +171,7 @@ class BlossomRecAttention(nn.Module):
             compressed_keys, compressed_values = self.compressor(k, v)
             branches = BLOSSOM_BACKENDS[implementation](q, k, v, compressed_keys, compressed_values, self.geometry)
             gates = torch.sigmoid(self.gate(hidden)).view(batch, length, self.num_heads, self.num_branches)
-            gates = gates.permute(0, 2, 1, 3).unsqueeze(-1)
-            out = sum(gates[..., i, :] * branch for i, branch in enumerate(b for b in branches if b is not None))
+            out = gated_sum(gates, branches, fused=implementation == "blossom_triton")
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
 
 
