@@ -131,7 +131,7 @@ def cases(seed: int):
     """Every length in fp32 and bf16; group sizes and head dims cycle through a few pairs (each pair compiles the
     kernels once, lengths and batch sizes do not recompile)."""
     rng = random.Random(seed)
-    lengths = [1, 2, 7, 15, 16, 17, 31, 33, 50, 63, 100, 129, 200, 255, 333, 511, 512, 777, 1024, 1500, 2047, 2048]
+    lengths = [1, 2, 7, 15, 16, 17, 33, 50, 129, 200, 511, 777, 1024, 2047]
     shapes = [(4, 16), (1, 32), (2, 64), (8, 16), (4, 128), (2, 48)]
     for index, length in enumerate(lengths):
         for dtype in (torch.float32, torch.bfloat16):
@@ -146,6 +146,13 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rows = []
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        output.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cases=rows),
+                                     indent=1))
+
     header = f"{'B':>2} {'L':>5} {'G':>2} {'D':>4} {'cmp':>4} {'dtype':>9} {'worst err':>10} {'worst of':>10} " \
              f"{'sel=f64':>8} {'pass':>5}"
     print(header)
@@ -159,8 +166,9 @@ def main():
                          passed=passed, seconds=round(time.time() - start, 2)))
         print(f"{batch:>2} {length:>5} {group:>2} {dim:>4} {str(compressed)[0]:>4} {rows[-1]['dtype']:>9} "
               f"{errors[worst]:>10.2e} {worst:>10} {agreement:>8.4f} {str(passed):>5}", flush=True)
+        save()
     print(f"\n{'model':>6} {'L':>5} {'pad':>5} {'dtype':>9} {'loss err':>9} {'grad err':>9} {'pass':>5}")
-    for length in (1, 13, 50, 200, 1000):
+    for length in (13, 200, 1000):
         for side in ("left", "right"):
             for dtype in (torch.float32, torch.bfloat16):
                 errors = model_case(length, side, dtype, seed=length)
@@ -169,13 +177,11 @@ def main():
                                  errors=errors, passed=passed))
                 print(f"{'':>6} {length:>5} {side:>5} {rows[-1]['dtype']:>9} {errors['loss']:>9.2e} "
                       f"{errors['grads']:>9.2e} {str(passed):>5}", flush=True)
+                save()
     total = len(rows)
     passed = sum(r["passed"] for r in rows)
     print(f"\n{passed}/{total} cases pass (fp32 within 1e-3, bf16 within 1e-2 relative)")
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cases=rows),
-                                 indent=1))
+    save()
 
 
 if __name__ == "__main__":
