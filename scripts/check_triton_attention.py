@@ -131,7 +131,7 @@ def cases(seed: int):
     """Every length in fp32 and bf16; group sizes and head dims cycle through a few pairs (each pair compiles the
     kernels once, lengths and batch sizes do not recompile)."""
     rng = random.Random(seed)
-    lengths = [1, 2, 7, 15, 16, 17, 33, 50, 129, 200, 511, 777, 1024, 2047]
+    lengths = [1, 2, 7, 15, 16, 17, 33, 50, 129, 200, 511, 777, 1024, 2047, 2048]
     shapes = [(4, 16), (1, 32), (2, 64), (8, 16), (4, 128), (2, 48)]
     for index, length in enumerate(lengths):
         for dtype in (torch.float32, torch.bfloat16):

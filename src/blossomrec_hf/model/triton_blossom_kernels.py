@@ -9,7 +9,8 @@ Forward: `compressed_forward` (compressed branch, its lse, and in-kernel top-n b
 `sparse_forward` (selected blocks + own block + STIS, sharing the own block's scores between the two branches).
 Backward, atomic-free and hence deterministic: `backward_dq` (query-centric, all branches),
 `sparse_backward_dkdv` (key-centric: own block, STIS reverse offsets, CSR list of the queries that selected the block)
-and `compressed_backward_dkdv` (key-centric over compressed keys).
+and `compressed_backward_dkdv` (key-centric over compressed keys). Lengths and counts are not specialised on (one
+compile serves every sequence length).
 """
 
 import triton
@@ -39,7 +40,7 @@ def _is_stis_offset(delta, WINDOW: tl.constexpr):
 # ------------------------------------------------------------------------------------------------------------------
 # Compressed branch + block selection (forward)
 # ------------------------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["L", "W"])
 def compressed_forward(
     Q, CK, CV, OC, LSEC, BIDX,
     sqb, sqh, sql, sckb, sckh, sckw, scvb, scvh, scvw, sob, soh, sol,
@@ -175,7 +176,7 @@ def _stis_scores(q, k, kpos, pos, L, qk_scale, WINDOW: tl.constexpr, DOT_PREC: t
     return s, valid
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "n_far"])
 def sparse_forward(
     Q, K, V, BIDX, OS, OT, LSES, LSET,
     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
@@ -278,7 +279,7 @@ def _dq_dot(dq, s, valid, do, lse, delta, k, v, DOT_PREC: tl.constexpr):
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "W", "n_far"])
 def backward_dq(
     Q, K, V, BIDX, OS, OT, DOS, DOT, LSES, LSET, DELS, DELT, CK, CV, OC, DOC, LSEC, DELC, DQ,
     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, sdsb, sdsh, sdsl, sdtb, sdth, sdtl,
@@ -408,7 +409,7 @@ def _stis_query_block(dk, dv, k, v, kpos, qb, q_base, DOT, LSET, DELT, lse_base,
     return _dkdv_dot(dk, dv, q, do, p, tl.load(DELT + row, mask=row_ok, other=0.0), v, DOT_PREC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "n_blocks", "n_far"])
 def sparse_backward_dkdv(
     Q, K, V, DOS, DOT, LSES, LSET, DELS, DELT, CSR_OFFSETS, CSR_QUERIES, DK, DV,
     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdsb, sdsh, sdsl, sdtb, sdth, sdtl,
@@ -486,7 +487,7 @@ def sparse_backward_dkdv(
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=omask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "W"])
 def compressed_backward_dkdv(
     Q, CK, CV, DOC, LSEC, DELC, DCK, DCV,
     sqb, sqh, sql, sckb, sckh, sckw, scvb, scvh, scvw, sdob, sdoh, sdol,
@@ -540,7 +541,7 @@ def _gated_rows(row, L, H: tl.constexpr):
     return row // (L * H), row % H, (row // H) % L
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "L"])
 def gated_sum_forward(
     GATES, O0, O1, O2, OUT, so0b, so0h, so0l, so1b, so1h, so1l, so2b, so2h, so2l, soutb, south, soutl,
     n_rows, L, H: tl.constexpr, NB: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
@@ -569,7 +570,7 @@ def _gated_branch_backward(GATES, DGATES, O, DO, gate_row, do_out, branch_ofs, r
     tl.store(DO + branch_ofs[:, None] + dofs[None, :], (g[:, None] * do_out).to(DO.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "L"])
 def gated_sum_backward(
     GATES, DGATES, DOUT, O0, O1, O2, DO0, DO1, DO2, sdb, sdh, sdl, so0b, so0h, so0l, so1b, so1h, so1l,
     so2b, so2h, so2l, n_rows, L, H: tl.constexpr, NB: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
