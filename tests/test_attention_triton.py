@@ -15,6 +15,7 @@ from blossomrec_hf.model.blossom_attention_torch import blossom_attention_torch,
 from blossomrec_hf.model.blossom_attention_triton import (
     blossom_attention_triton,
     fallback_reason,
+    gated_sum,
     select_blocks_triton,
     triton_unavailable_reason,
 )
@@ -102,11 +103,31 @@ def test_selection_ties_go_to_the_earlier_block():
 
 
 def test_gradients_are_bitwise_reproducible():
+    """No atomics anywhere: the backward also runs under torch's deterministic mode, bit for bit twice."""
     inputs = random_inputs(1, 4, 2, 45, 16, True, DEFAULT, seed=3)
     weights = [torch.randn(1, 4, 45, 16) for _ in range(3)]
-    first = outputs_and_grads(blossom_attention_triton, inputs, DEFAULT, weights)[1]
-    second = outputs_and_grads(blossom_attention_triton, inputs, DEFAULT, weights)[1]
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = outputs_and_grads(blossom_attention_triton, inputs, DEFAULT, weights)[1]
+        second = outputs_and_grads(blossom_attention_triton, inputs, DEFAULT, weights)[1]
+    finally:
+        torch.use_deterministic_algorithms(previous)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("num_branches", [2, 3])
+def test_fused_gated_sum_matches_the_plain_sum(num_branches):
+    batch, heads, length, dim = 2, 4, 13, 24
+    gates = torch.rand(batch, length, heads * num_branches).view(batch, length, heads, num_branches).requires_grad_()
+    branches = [torch.randn(batch, length, heads, dim).transpose(1, 2).requires_grad_() for _ in range(num_branches)]
+    weights = torch.randn(batch, heads, length, dim)
+    fused = gated_sum(gates, branches)
+    plain = gated_sum(gates, branches, fused=False)
+    torch.testing.assert_close(fused, plain)
+    for got, want in zip(torch.autograd.grad((fused * weights).sum(), [gates, *branches]),
+                         torch.autograd.grad((plain * weights).sum(), [gates, *branches])):
+        torch.testing.assert_close(got, want)
 
 
 def test_unsupported_geometry_falls_back_with_one_warning(monkeypatch):
