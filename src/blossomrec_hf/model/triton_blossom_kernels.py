@@ -170,6 +170,17 @@ def _load_block(base, stride, kb, L, SEL_B: tl.constexpr, dofs, dmask):
 
 
 @triton.jit
+def _load_selected_chunk(k_base, v_base, skl, svl, sel, c0, cofs, dofs, dmask3, SEL_B: tl.constexpr):
+    """Keys and values [rows, C, BD] (float32) of chunk `c0` of each row's selected block `sel` (-1 = none)."""
+    kpos = sel[:, None] * SEL_B + c0 + cofs[None, :]
+    valid = (sel >= 0)[:, None] & (kpos >= 0)
+    mask = valid[:, :, None] & dmask3
+    kk = tl.load(k_base + kpos[:, :, None] * skl + dofs[None, None, :], mask=mask, other=0.0).to(tl.float32)
+    vv = tl.load(v_base + kpos[:, :, None] * svl + dofs[None, None, :], mask=mask, other=0.0).to(tl.float32)
+    return kk, vv, valid
+
+
+@triton.jit
 def _stis_scores(q, k, kpos, pos, L, qk_scale, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     valid = _is_stis_offset(pos[:, None] - kpos[None, :], WINDOW) & ((kpos >= 0) & (kpos < L))[None, :]
@@ -216,12 +227,7 @@ def sparse_forward(
     for i in range(N_SEL):
         sel = tl.load(BIDX + ((b * HKV + h) * L + pos) * N_SEL + i, mask=row_ok, other=-1)
         for c0 in range(0, SEL_B, C):
-            kpos = sel[:, None] * SEL_B + c0 + cofs[None, :]
-            valid = (sel >= 0)[:, None] & (kpos >= 0)
-            kk = tl.load(k_base + kpos[:, :, None] * skl + dofs[None, None, :], mask=valid[:, :, None] & dmask3,
-                         other=0.0).to(tl.float32)
-            vv = tl.load(v_base + kpos[:, :, None] * svl + dofs[None, None, :], mask=valid[:, :, None] & dmask3,
-                         other=0.0).to(tl.float32)
+            kk, vv, valid = _load_selected_chunk(k_base, v_base, skl, svl, sel, c0, cofs, dofs, dmask3, SEL_B)
             s = tl.where(valid, tl.sum(qf[:, None, :] * kk, 2), NEG_INF)
             m_s, l_s, acc_s = _online_update(m_s, l_s, acc_s, s, vv)
 
@@ -327,12 +333,7 @@ def backward_dq(
     for i in range(N_SEL):
         sel = tl.load(BIDX + ((b * HKV + h) * L + pos) * N_SEL + i, mask=row_ok, other=-1)
         for c0 in range(0, SEL_B, C):
-            kpos = sel[:, None] * SEL_B + c0 + cofs[None, :]
-            valid = (sel >= 0)[:, None] & (kpos >= 0)
-            kk = tl.load(k_base + kpos[:, :, None] * skl + dofs[None, None, :], mask=valid[:, :, None] & dmask3,
-                         other=0.0).to(tl.float32)
-            vv = tl.load(v_base + kpos[:, :, None] * svl + dofs[None, None, :], mask=valid[:, :, None] & dmask3,
-                         other=0.0).to(tl.float32)
+            kk, vv, valid = _load_selected_chunk(k_base, v_base, skl, svl, sel, c0, cofs, dofs, dmask3, SEL_B)
             dq = _dq_step(dq, qf, do_sf, lse_s, delta_s, valid, kk, vv)
 
     k, kpos = _load_block(k_base, skl, blk, L, SEL_B, dofs, dmask)
