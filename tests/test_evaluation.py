@@ -25,16 +25,22 @@ class NextIdScorer(torch.nn.Module):
         return SimpleNamespace(logits=scores[:, None, :])
 
 
-def test_rank_counts_strictly_higher_scores_and_never_the_padding_column():
+def test_rank_counts_higher_and_tied_scores_but_never_the_padding_column():
     scores = torch.tensor([[100.0, 0.1, 0.5, 0.3, 0.9, 0.3]])
     target = torch.tensor([3])
-    assert target_ranks(scores, target).tolist() == [2]  # 0.5 and 0.9; the tie at item 5 and column 0 do not count
+    assert target_ranks(scores, target).tolist() == [3]  # 0.5, 0.9 and the tie at item 5; column 0 does not count
+
+
+def test_collapsed_scores_rank_the_target_last():
+    scores = torch.zeros(2, 8)
+    assert target_ranks(scores, torch.tensor([1, 7])).tolist() == [6, 6]
+    assert target_ranks(scores, torch.tensor([2]), candidates=torch.tensor([[3, 4, 5]])).tolist() == [3]
 
 
 def test_history_exclusion_keeps_the_target():
     scores = torch.tensor([[0.0, 0.1, 0.5, 0.3, 0.9, 0.3]])
     history = torch.tensor([[4, 3, 0]])  # item 3 is also the target: it must stay ranked
-    assert target_ranks(scores, torch.tensor([3]), history_items=history).tolist() == [1]
+    assert target_ranks(scores, torch.tensor([3]), history_items=history).tolist() == [2]  # item 2, and the tie at 5
 
 
 def test_sampled_candidates_restrict_the_competition():

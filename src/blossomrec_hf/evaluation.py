@@ -1,10 +1,10 @@
 """Leave-one-out ranking evaluation: the model and the item-popularity baseline, by full ranking or ``uni100``.
 
 Full ranking scores every real item 1..n_items (column 0, the padding id, is never ranked). The target's rank is
-the number of candidates that score strictly higher than it: ties go in the target's favour, which is the usual
-convention, and exact float ties are rare for a trained model scored in float32 (training evaluates an unprepared
-float32 copy of the model, outside mixed-precision autocast, because bfloat16 scores tie often). The popularity baseline has no ties: equal counts are ordered by item
-id, so it does not profit from the tie rule.
+the number of other candidates that score at least as high as it: ties count against the target, so a model whose
+scores collapse can never look good. Exact float ties are rare for a trained model scored in float32 (training
+evaluates an unprepared float32 copy of the model, outside mixed-precision autocast, because bfloat16 scores tie
+often). The popularity baseline has no ties: equal counts are ordered by item id.
 
 Everything runs under ``accelerate``: each process scores its shard of users and ``gather_for_metrics`` collects the
 ranks, dropping the duplicates that even sharding adds, so every user is counted exactly once.
@@ -28,7 +28,7 @@ ScoreFunction = Callable[[dict], torch.Tensor]
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor, *, history_items: torch.Tensor | None = None,
                  candidates: torch.Tensor | None = None) -> torch.Tensor:
-    """0-based rank of each target among the candidates, counting candidates that score strictly higher.
+    """0-based rank of each target among the candidates, counting the other candidates that score at least as high.
 
     ``scores``: ``[B, n_items + 1]``. Full ranking by default; ``history_items`` (``[B, H]``, 0-padded) removes
     those items from the competition, except the target itself; ``candidates`` (``[B, C]`` sampled negatives)
@@ -40,12 +40,13 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, *, history_items: 
         raise FloatingPointError("the model produced NaN scores; the ranking would be meaningless")
     target_scores = scores.gather(1, targets[:, None])
     if candidates is not None:
-        return (scores.gather(1, candidates) > target_scores).sum(dim=1)
+        return (scores.gather(1, candidates) >= target_scores).sum(dim=1)
     competing = torch.ones_like(scores, dtype=torch.bool)
     competing[:, 0] = False
     if history_items is not None:
         competing.scatter_(1, history_items, False)
-    return ((scores > target_scores) & competing).sum(dim=1)
+    competing.scatter_(1, targets[:, None], False)
+    return ((scores >= target_scores) & competing).sum(dim=1)
 
 
 @torch.no_grad()
