@@ -124,6 +124,19 @@ def test_chunked_loss_matches_full_cross_entropy_value_and_gradients():
         torch.testing.assert_close(g, w)
 
 
+def test_chunked_loss_under_no_grad_forms_no_gradients(monkeypatch):
+    hidden, weight = torch.randn(9, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True)
+    targets = torch.randint(1, 6, (9,))
+    with_grad = linear_cross_entropy(hidden, weight, targets, chunk_size=4)
+    products = []
+    original_matmul = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: products.append(1) or original_matmul(a, b))
+    with torch.no_grad():
+        without_grad = linear_cross_entropy(hidden, weight, targets, chunk_size=4)
+    assert len(products) == 3  # one logits product per chunk, no gradient products
+    torch.testing.assert_close(without_grad, with_grad.detach())
+
+
 def test_no_labels_to_predict_gives_zero_loss():
     model = tiny_model()
     ids = torch.tensor([[0, 0, 7]])
@@ -193,6 +206,8 @@ def test_recommend_returns_best_items_and_can_exclude_history():
         assert not seen & set(excluded.item_ids[row][torch.isfinite(excluded.scores[row])].tolist())
     with pytest.raises(ValueError, match="top_k"):
         model.recommend(ids, top_k=N_ITEMS + 1)
+    with pytest.raises(ValueError, match=r"rows \[0\] have fewer than top_k=.* outside their history"):
+        model.recommend(ids, top_k=N_ITEMS - len(set(ids[0].tolist()) - {0}) + 1, exclude_history=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -12,8 +12,10 @@ CHUNK_ELEMENTS = 2**26  # logits per chunk: 256 MB in float32
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size):
-        need_hidden_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, targets, chunk_size, grad_enabled):
+        # grad mode is always off inside forward: the caller tells whether gradients will be asked for
+        need_hidden_grad = grad_enabled and ctx.needs_input_grad[0]
+        need_weight_grad = grad_enabled and ctx.needs_input_grad[1]
         count = hidden.shape[0]
         with torch.autocast(hidden.device.type, enabled=False):
             weight32 = weight.float()
@@ -48,6 +50,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             (weight_grad * grad_output).to(weight_dtype) if weight_grad is not None else None,
             None,
             None,
+            None,
         )
 
 
@@ -60,4 +63,4 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0 + weight.sum() * 0.0
     chunk_size = chunk_size or max(1, CHUNK_ELEMENTS // weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, torch.is_grad_enabled())

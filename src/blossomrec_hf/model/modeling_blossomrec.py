@@ -407,6 +407,9 @@ class BlossomRecForSequentialRecommendation(BlossomRecPreTrainedModel):
             seen = input_ids if attention_mask is None else input_ids * attention_mask.to(input_ids.dtype)
             scores.scatter_(1, seen.long(), float("-inf"))
         best_scores, best_items = scores.topk(top_k, dim=-1)
+        short = torch.isinf(best_scores).any(dim=-1).nonzero().flatten().tolist()
+        if short:
+            raise ValueError(f"rows {short} have fewer than top_k={top_k} items outside their history; lower top_k")
         return RecommendationOutput(item_ids=best_items, scores=best_scores)
 
 
