@@ -66,6 +66,13 @@ def test_every_format_gives_the_same_histories(files, name, fmt):
     assert _histories(load_interactions(files[name], format=fmt)) == EXPECTED
 
 
+def test_movielens_100k_u_data_is_not_mistaken_for_sequences(tmp_path):
+    path = _write(tmp_path / "u.data", "196\t242\t3\t881250949\n196\t302\t4\t881250950\n22\t377\t1\t878887116\n")
+    assert detect_format(path) == "movielens"
+    events = load_interactions(path)
+    assert events["item"] == ["242", "302", "377"] and events["rating"] == [3.0, 4.0, 1.0]
+
+
 def test_ratings_are_read_where_present(files):
     assert load_interactions(files["ratings.dat"])["rating"] == [float(r[2]) for r in ROWS]
     assert load_interactions(files["x.inter"])["rating"] == [float(r[2]) for r in ROWS]

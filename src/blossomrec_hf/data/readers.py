@@ -3,7 +3,8 @@
 
 Formats (``format="auto"`` picks one from the file name and first line):
 
-- ``movielens``: MovieLens ``ratings.dat``, ``user::item::rating::timestamp``, latin-1.
+- ``movielens``: MovieLens ``ratings.dat``, ``user::item::rating::timestamp``, latin-1; also MovieLens 100K's
+  ``u.data``, the same four fields separated by tabs.
 - ``recbole``: RecBole atomic ``.inter``, TSV whose header names carry types (``user_id:token``).
 - ``sasrec_pairs``: ``user item`` per line, in time order.
 - ``sequences``: ``user item item ...`` per line (S3Rec/ICLRec), items in time order.
@@ -87,13 +88,19 @@ def detect_format(path: str) -> str:
     if ext == ".inter":
         return "recbole"
     first = _first_line(path)
-    if "::" in first:
+    if "::" in first or _is_tab_separated_rating(first):
         return "movielens"
     if ext == ".csv":
         return "csv"
     if ext == ".tsv":
         return "recbole" if all(":" in name for name in first.split("\t")) else "tsv"
     return "sequences"
+
+
+def _is_tab_separated_rating(line: str) -> bool:
+    """MovieLens 100K ``u.data``: ``user<TAB>item<TAB>rating<TAB>timestamp``, all numbers (sequences use spaces)."""
+    fields = line.split("\t")
+    return len(fields) == 4 and all(field.strip().replace(".", "", 1).isdigit() for field in fields)
 
 
 def _looks_like_a_file(path: str) -> bool:
@@ -149,9 +156,10 @@ def _read_movielens(path: str):
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            fields = line.strip().split("::")
+            fields = line.strip().split("::") if "::" in line else line.split()
             if len(fields) != 4:
-                raise ValueError(f"{path}:{lineno}: expected 'user::item::rating::timestamp', got {line.strip()[:80]!r}")
+                raise ValueError(f"{path}:{lineno}: expected 'user::item::rating::timestamp' (or the same four "
+                                 f"fields separated by tabs), got {line.strip()[:80]!r}")
             user.append(fields[0])
             item.append(fields[1])
             rating.append(fields[2])
