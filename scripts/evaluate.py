@@ -25,6 +25,8 @@ from blossomrec_hf.training_args import DataArguments, EvaluationArguments, user
 @dataclass
 class EvaluateArguments:
     model: str = field(metadata={"help": "a directory written by scripts/train.py, or a Hub model repo id"})
+    revision: str | None = field(default=None, metadata={
+        "help": "Hub commit sha (or branch) to load weights, code and vocabulary from; pin it for remote code"})
     split: Literal["test", "validation"] = field(default="test", metadata={"help": "leave-one-out split to rank"})
     output_file: str | None = field(default=None, metadata={"help": "write the metrics here as JSON"})
     max_seq_length: int | None = field(default=None, metadata={
@@ -39,9 +41,9 @@ def main():
     transformers_logging.disable_progress_bar()
 
     with user_input_errors(f"model {args.model!r}"):
-        model = AutoModel.from_pretrained(args.model, trust_remote_code=True,
-                                          attn_implementation=args.attn_implementation)
-        vocab = ItemVocabulary.from_pretrained(args.model)
+        model = AutoModel.from_pretrained(args.model, trust_remote_code=True, revision=args.revision,
+                                          code_revision=args.revision, attn_implementation=args.attn_implementation)
+        vocab = ItemVocabulary.from_pretrained(args.model, revision=args.revision)
     max_seq_length = args.max_seq_length or model.config.max_position_embeddings - 1
     with accelerator.main_process_first(), user_input_errors(f"dataset {data_args.dataset!r}"):
         data = prepare_data(data_args.dataset, max_seq_length=max_seq_length, k_core=data_args.k_core,

@@ -83,7 +83,7 @@ class EvaluationCollator:
     """Batches of evaluation rows (``user``, ``history``, ``target``).
 
     Gives ``input_ids`` (the last ``max_seq_length`` history items) and ``targets``; with ``exclude_history`` also
-    ``history_items`` (the whole history, right-padded with 0) so the ranking can drop already-seen items; with a
+    ``history_items`` (the whole history, left-padded with 0) so the ranking can drop already-seen items; with a
     ``negative_sampler`` also ``candidates`` (the sampled negatives the target is ranked against).
     """
 

@@ -170,7 +170,7 @@ def collect_upload_files(model_dir: str | Path) -> list[str]:
             "Save the vocabulary next to the model (ItemVocabulary.save_pretrained)."
         )
     files = set(_weight_files(model_dir)) | set(_remote_code_files(model_dir, config))
-    files |= {p.name for p in model_dir.iterdir() if p.is_file() and p.suffix == ".json"}
+    files |= {"config.json", VOCABULARY_FILE} | {name for name in OPTIONAL_RECORDS if (model_dir / name).is_file()}
     if (model_dir / "training_args.json").is_file():
         _refuse_secrets(_read_json(model_dir / "training_args.json", "The training arguments"), "training_args.json")
     missing_records = [name for name in OPTIONAL_RECORDS if name not in files]

@@ -69,15 +69,15 @@ class ItemVocabulary:
         return path
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "ItemVocabulary":
-        """Load from a directory, or from a Hub model repo id (downloads ``item_vocabulary.json``)."""
+    def from_pretrained(cls, directory: str | os.PathLike, revision: str | None = None) -> "ItemVocabulary":
+        """Load from a directory, or from a Hub model repo id at `revision` (downloads ``item_vocabulary.json``)."""
         path = os.path.join(directory, VOCABULARY_FILE)
         if not os.path.isfile(path):
             if os.path.isdir(directory):
                 raise FileNotFoundError(f"{directory} has no {VOCABULARY_FILE}")
             from huggingface_hub import hf_hub_download
 
-            path = hf_hub_download(str(directory), VOCABULARY_FILE)
+            path = hf_hub_download(str(directory), VOCABULARY_FILE, revision=revision)
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         if not isinstance(data, dict) or not isinstance(data.get("items"), list):
