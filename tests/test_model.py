@@ -277,3 +277,15 @@ def test_forward_at_16384_items_on_cpu_stays_under_4_gb():
     assert result.returncode == 0, result.stderr
     peak_gib = float(result.stdout.split()[-1])
     assert peak_gib < 4.0, f"peak resident memory {peak_gib:.2f} GiB"
+
+
+def test_backbone_returns_the_hidden_states_the_recommender_scores():
+    model = tiny_model()
+    ids = pad([random_history(6, 11), random_history(9, 12)], 9, "left")
+    with torch.no_grad():
+        backbone = model.model(ids, output_hidden_states=True)
+        full = model(ids, output_hidden_states=True)
+    assert len(backbone.hidden_states) == model.config.num_hidden_layers + 1
+    torch.testing.assert_close(backbone.last_hidden_state, full.hidden_states[-1])
+    assert backbone.last_hidden_state[0, :3].abs().sum() == 0  # padding positions come back as zeros
+    torch.testing.assert_close(model.score(backbone.last_hidden_state), full.logits)

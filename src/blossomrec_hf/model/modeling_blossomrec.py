@@ -289,14 +289,22 @@ class BlossomRecModel(BlossomRecPreTrainedModel):
             states.append(layer(states[-1], rotary))
         return states
 
-    def forward(self, input_ids, attention_mask=None, output_hidden_states=None, return_dict=None):
+    def encode(self, input_ids, attention_mask=None) -> tuple[HistoryLayout, list[torch.Tensor]]:
+        """Check the histories, left-align them and encode: their layout and the aligned hidden states."""
         layout = HistoryLayout.from_inputs(input_ids, attention_mask, self.config.n_items)
-        states = self.encode_aligned(layout.align(input_ids) * layout.real)
-        output_hidden_states = output_hidden_states if output_hidden_states is not None \
-            else self.config.output_hidden_states
+        return layout, self.encode_aligned(layout.align(input_ids) * layout.real)
+
+    def caller_hidden_states(self, layout: HistoryLayout, states, output_hidden_states):
+        """Every layer's states in the caller's layout when asked for (argument, else config), else None."""
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        return tuple(layout.to_caller(s) for s in states) if output_hidden_states else None
+
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=None, return_dict=None):
+        layout, states = self.encode(input_ids, attention_mask)
         output = BlossomRecModelOutput(
             last_hidden_state=layout.to_caller(states[-1]),
-            hidden_states=tuple(layout.to_caller(s) for s in states) if output_hidden_states else None,
+            hidden_states=self.caller_hidden_states(layout, states, output_hidden_states),
         )
         return output if return_dict is not False else output.to_tuple()
 
@@ -350,8 +358,7 @@ class BlossomRecForSequentialRecommendation(BlossomRecPreTrainedModel):
         """
         if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be a non-negative int, got {logits_to_keep!r}")
-        layout = HistoryLayout.from_inputs(input_ids, attention_mask, self.config.n_items)
-        states = self.model.encode_aligned(layout.align(input_ids) * layout.real)
+        layout, states = self.model.encode(input_ids, attention_mask)
         last = states[-1]
 
         loss = None
@@ -360,20 +367,23 @@ class BlossomRecForSequentialRecommendation(BlossomRecPreTrainedModel):
 
         logits = None
         if logits_to_keep > 0:
-            positions, present = layout.last_positions(logits_to_keep)
-            kept = last.gather(1, positions[..., None].expand(-1, -1, last.shape[-1])) * present[..., None]
-            logits = self.score(kept)
+            logits = self.score(self.last_items_hidden(last, layout, logits_to_keep))
         elif labels is None:
             logits = self.score(layout.to_caller(last))
 
-        output_hidden_states = output_hidden_states if output_hidden_states is not None \
-            else self.config.output_hidden_states
         output = SequentialRecommenderOutput(
             loss=loss,
             logits=logits,
-            hidden_states=tuple(layout.to_caller(s) for s in states) if output_hidden_states else None,
+            hidden_states=self.model.caller_hidden_states(layout, states, output_hidden_states),
         )
         return output if return_dict is not False else output.to_tuple()
+
+    @staticmethod
+    def last_items_hidden(aligned_hidden, layout: HistoryLayout, count: int) -> torch.Tensor:
+        """[B, count, d]: hidden states after each history's last `count` items (zeros where a history is shorter)."""
+        positions, present = layout.last_positions(count)
+        index = positions[..., None].expand(-1, -1, aligned_hidden.shape[-1])
+        return aligned_hidden.gather(1, index) * present[..., None]
 
     def next_item_loss(self, aligned_hidden, layout: HistoryLayout, labels, input_shape) -> torch.Tensor:
         """Cross-entropy of predicting, at every item, the label of the next item of its history."""
@@ -392,16 +402,16 @@ class BlossomRecForSequentialRecommendation(BlossomRecPreTrainedModel):
         """The `top_k` best next items for each history (in eval mode), optionally leaving out items already seen."""
         if not isinstance(top_k, int) or not 1 <= top_k <= self.config.n_items:
             raise ValueError(f"top_k must be an int in [1, n_items={self.config.n_items}], got {top_k!r}")
-        layout = HistoryLayout.from_inputs(input_ids, attention_mask, self.config.n_items)
-        empty = (layout.lengths == 0).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(f"cannot recommend for empty histories (rows {empty} hold only padding)")
         was_training = self.training
         self.eval()
         try:
-            scores = self(input_ids, attention_mask=attention_mask, logits_to_keep=1).logits[:, -1].float()
+            layout, states = self.model.encode(input_ids, attention_mask)
         finally:
             self.train(was_training)
+        empty = (layout.lengths == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"cannot recommend for empty histories (rows {empty} hold only padding)")
+        scores = self.score(self.last_items_hidden(states[-1], layout, 1))[:, 0].float()
         scores[:, 0] = float("-inf")
         if exclude_history:
             seen = input_ids if attention_mask is None else input_ids * attention_mask.to(input_ids.dtype)
