@@ -153,6 +153,17 @@ def train(accelerator: Accelerator, data_args, eval_args, args, model_overrides)
     # Summed over the current logging window: loss of each batch, batches, next-item targets.
     running = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     window_start_seconds, last_evaluated = state.train_seconds, None
+
+    def close_window():
+        """Fold the window into the state (so a checkpoint counts its targets); its sums over all processes and its
+        training seconds."""
+        nonlocal window_start_seconds
+        sums = accelerator.reduce(running, reduction="sum").tolist()
+        state.train_targets += int(sums[2])
+        seconds = state.train_seconds - window_start_seconds
+        running.zero_()
+        window_start_seconds = state.train_seconds
+        return sums, seconds
     model.train()
     while state.global_step < total_steps and not state.stopped_early:
         # The order of an epoch depends only on seed + epoch; on resume, skip what the checkpoint already trained on.
@@ -186,16 +197,13 @@ def train(accelerator: Accelerator, data_args, eval_args, args, model_overrides)
             finished = state.global_step >= total_steps
 
             if state.global_step % args.logging_steps == 0 or finished:
-                loss_sum, batches, targets = accelerator.reduce(running, reduction="sum").tolist()
-                state.train_targets += int(targets)
-                items_per_second = targets / max(state.train_seconds - window_start_seconds, 1e-9)
+                (loss_sum, batches, targets), seconds = close_window()
+                items_per_second = targets / max(seconds, 1e-9)
                 logs = {"train/loss": round(loss_sum / batches, 6), "train/learning_rate": scheduler.get_last_lr()[0],
                         "train/items_per_second": round(items_per_second, 1)}
                 state.log_history.append({"step": state.global_step, **logs})
                 accelerator.log(logs, step=state.global_step)
                 progress.set_postfix(loss=f"{logs['train/loss']:.4f}", items_per_s=f"{items_per_second:,.0f}")
-                running.zero_()
-                window_start_seconds = state.train_seconds
 
             evaluate_now = (state.global_step % args.eval_steps == 0) if args.eval_steps else end_of_epoch
             if evaluate_now or finished:
@@ -204,6 +212,7 @@ def train(accelerator: Accelerator, data_args, eval_args, args, model_overrides)
             stop = stop_signals.requested(accelerator, state.global_step)
             if last_evaluated == state.global_step or stop or (
                     args.save_steps and state.global_step % args.save_steps == 0):
+                close_window()
                 save_checkpoint(accelerator, output_dir, state, args.save_total_limit)
             if stop:
                 progress.close()
