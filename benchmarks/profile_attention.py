@@ -13,6 +13,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from benchmark_attention import module_step  # noqa: E402
 
 
+def cuda_profile(step, warmup: int = 3, repeat: int = 5):
+    """torch.profiler key averages of `repeat` calls of `step` after `warmup` untimed ones (CUDA activity only)."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        for _ in range(repeat):
+            step()
+        torch.cuda.synchronize()
+    return profiler.key_averages()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 16384])
@@ -21,15 +33,9 @@ def main():
     args = parser.parse_args()
     for length in args.lengths:
         step, keep = module_step(args.implementation, length)
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
-            for _ in range(5):
-                step()
-            torch.cuda.synchronize()
+        averages = cuda_profile(step)
         print(f"\n== {args.implementation} L={length}: CUDA ms per step, by kernel")
-        events = sorted(profiler.key_averages(), key=lambda e: -e.device_time_total)
+        events = sorted(averages, key=lambda e: -e.device_time_total)
         total = sum(e.device_time_total for e in events) / 5 / 1e3
         for event in events[:args.rows]:
             print(f"{event.device_time_total / 5 / 1e3:8.3f} {event.count // 5:4d}x  {event.key[:110]}")

@@ -12,6 +12,7 @@ import torch
 
 from blossomrec_hf.model import blossom_attention_triton as backend
 from blossomrec_hf.model.sparse_patterns import SparseGeometry
+from profile_attention import cuda_profile
 
 GEOMETRY = SparseGeometry(32, 16, 16, 4, 8)
 KERNELS = ["compressed_forward", "sparse_forward", "sparse_backward_dq", "sparse_backward_dkdv",
@@ -47,15 +48,8 @@ def profile(length: int) -> dict[str, float]:
         outputs = backend.blossom_attention_triton(q, k, v, ck, cv, GEOMETRY)
         torch.autograd.backward(outputs, weights)
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
     times = {name: 0.0 for name in KERNELS + ["other"]}
-    for event in profiler.key_averages():
+    for event in cuda_profile(step):
         key = event.key if event.key in KERNELS else "other"
         times[key] += event.device_time_total / 5 / 1e3
     return times
