@@ -7,16 +7,23 @@ a near-tie can legitimately flip between float32 and float64); how often the ker
 selection is reported separately. Model-level cases run `BlossomRecForSequentialRecommendation` with
 `blossom_triton` against `blossom_torch` on the same weights, left and right padding.
 
-    python scripts/check_triton_attention.py [--output benchmarks/results/triton_correctness.json]
+    python scripts/check_triton_attention.py [--workers 8] [--output benchmarks/results/triton_correctness.json]
+
+Every kernel case also runs twice: outputs and gradients must be bitwise equal (the backward has no atomics).
+Cases run in `--workers` processes on the one GPU: most of the time goes to compiling the kernels for each shape,
+which is CPU work.
 """
 
 import argparse
 import json
+import multiprocessing
 import random
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+import triton
 
 from blossomrec_hf import BlossomRecConfig, BlossomRecForSequentialRecommendation
 from blossomrec_hf.model.blossom_attention_torch import (
@@ -65,14 +72,14 @@ def same_sets(a, b):
     return (a == b).all(-1).float().mean().item()
 
 
-def kernel_case(batch, length, group, dim, compressed, dtype, seed):
-    generator = torch.Generator(device="cuda").manual_seed(seed)
+def kernel_case(batch, length, group, dim, compressed, dtype, seed, device):
+    generator = torch.Generator(device=device).manual_seed(seed)
     kv_heads = 2
     heads = kv_heads * group
     width = GEOMETRY.num_compressed_blocks(length)
 
     def rand(*shape):
-        return torch.randn(*shape, device="cuda", generator=generator).to(dtype)
+        return torch.randn(*shape, device=device, generator=generator).to(dtype)
 
     inputs = [rand(batch, heads, length, dim), rand(batch, kv_heads, length, dim), rand(batch, kv_heads, length, dim),
               rand(batch, kv_heads, width, dim)] + ([rand(batch, kv_heads, width, dim)] if compressed else [])
@@ -81,9 +88,14 @@ def kernel_case(batch, length, group, dim, compressed, dtype, seed):
     cv = kernel_inputs[4] if compressed else None
     outputs = [o for o in blossom_attention_triton(q, k, v, ck, cv, GEOMETRY) if o is not None]
     block_indices = select_blocks_triton(q.detach(), ck.detach(), GEOMETRY)
-    weights = [torch.randn(o.shape, device="cuda", generator=generator, dtype=torch.float64) for o in outputs]
+    weights = [torch.randn(o.shape, device=device, generator=generator, dtype=torch.float64) for o in outputs]
     grads = torch.autograd.grad(sum((w * o.double()).sum() for w, o in zip(weights, outputs)), kernel_inputs,
                                 allow_unused=True)
+    repeat_outputs = [o for o in blossom_attention_triton(q, k, v, ck, cv, GEOMETRY) if o is not None]
+    repeat_grads = torch.autograd.grad(sum((w * o.double()).sum() for w, o in zip(weights, repeat_outputs)),
+                                       kernel_inputs, allow_unused=True)
+    bitwise = all(torch.equal(a, b) for a, b in zip(outputs + list(grads), repeat_outputs + list(repeat_grads))
+                  if a is not None)
 
     ref_inputs = [x.double().requires_grad_() for x in inputs]
     q64, k64, v64, ck64 = ref_inputs[:4]
@@ -96,10 +108,10 @@ def kernel_case(batch, length, group, dim, compressed, dtype, seed):
     for name, g, r in zip(["dq", "dk", "dv", "dck", "dcv"], grads, ref_grads):
         if r is not None and r.norm() > 0:
             errors[name] = relative_error(g, r)
-    return errors, same_sets(block_indices, ref_selection)
+    return errors, same_sets(block_indices, ref_selection), bitwise
 
 
-def model_case(length, side, dtype, seed):
+def model_case(length, side, dtype, seed, device):
     """Loss and every parameter's gradient: blossom_triton vs blossom_torch, same weights, padding on `side`."""
     torch.manual_seed(seed)
     config = BlossomRecConfig(n_items=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -112,12 +124,12 @@ def model_case(length, side, dtype, seed):
             ids[row, :length - keep] = 0
         else:
             ids[row, keep:] = 0
-    ids = ids.cuda()
+    ids = ids.to(device)
     for implementation in ("blossom_torch", "blossom_triton"):
         torch.manual_seed(seed)
-        model = BlossomRecForSequentialRecommendation(config).cuda().train()
+        model = BlossomRecForSequentialRecommendation(config).to(device).train()
         model.set_attn_implementation(implementation)
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             loss = model(ids, labels=ids).loss
         loss.backward()
         results[implementation] = (loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()})
@@ -129,11 +141,11 @@ def model_case(length, side, dtype, seed):
 
 def cases(seed: int):
     """Every length in fp32 and bf16; group sizes and head dims cycle through a few pairs per dtype (each pair
-    compiles the kernels once; lengths and batch sizes do not recompile). float32 keeps to small head dims because
-    its exact (non-tf32) dot products take minutes to compile at head dim 128; bf16 covers 16..128."""
+    compiles the kernels once; lengths and batch sizes do not recompile). Exact (non-tf32) float32 dot products take
+    one to two minutes to compile at head dims 48..128, which the worker processes absorb."""
     rng = random.Random(seed)
-    lengths = [1, 2, 7, 15, 16, 17, 33, 50, 129, 200, 511, 777, 1024, 2047, 2048]
-    shapes = {torch.float32: [(4, 16), (1, 32), (8, 16), (2, 32)],
+    lengths = [1, 2, 3, 7, 15, 16, 17, 31, 33, 50, 63, 100, 129, 200, 257, 511, 777, 1000, 1024, 1500, 2047, 2048]
+    shapes = {torch.float32: [(4, 16), (1, 32), (8, 16), (2, 64), (1, 128), (2, 48)],
               torch.bfloat16: [(4, 16), (2, 48), (1, 64), (4, 128), (8, 32)]}
     for index, length in enumerate(lengths):
         for dtype in (torch.float32, torch.bfloat16):
@@ -142,48 +154,69 @@ def cases(seed: int):
             yield batch, length, group, dim, index % 4 != 3, dtype
 
 
+def run_case(case):
+    """One case in a worker process: its result row."""
+    if case["kind"] == "kernel":
+        start = time.time()
+        dtype = getattr(torch, case["dtype"])
+        errors, agreement, bitwise = kernel_case(case["batch"], case["length"], case["group"], case["head_dim"],
+                                        case["compressed"], dtype, case["seed"], case["device"])
+        return dict(case, errors=errors, selection_agreement=agreement, bitwise_repeatable=bitwise,
+                    passed=max(errors.values()) <= TOLERANCE[dtype] and bitwise, seconds=round(time.time() - start, 2))
+    dtype = getattr(torch, case["dtype"])
+    errors = model_case(case["length"], case["padding"], dtype, case["seed"], case["device"])
+    return dict(case, errors=errors, passed=max(errors.values()) <= TOLERANCE[dtype])
+
+
+def all_cases(seed: int, device: str, limit: int | None) -> list[dict]:
+    rows = [dict(kind="kernel", batch=batch, length=length, group=group, head_dim=dim, compressed=compressed,
+                 dtype=str(dtype).removeprefix("torch."), seed=seed + index, device=device)
+            for index, (batch, length, group, dim, compressed, dtype) in enumerate(cases(seed))]
+    rows += [dict(kind="model", length=length, padding=side, dtype=str(dtype).removeprefix("torch."), seed=length,
+                  device=device)
+             for length in (13, 200, 1000) for side in ("left", "right") for dtype in (torch.float32, torch.bfloat16)]
+    return rows if limit is None else [r for r in rows if r.get("length", 0) <= limit]
+
+
+def print_row(row: dict) -> None:
+    if row["kind"] == "kernel":
+        worst = max(row["errors"], key=row["errors"].get)
+        print(f"{row['batch']:>2} {row['length']:>5} {row['group']:>2} {row['head_dim']:>4} "
+              f"{str(row['compressed'])[0]:>4} {row['dtype']:>9} {row['errors'][worst]:>10.2e} {worst:>10} "
+              f"{row['selection_agreement']:>8.4f} {str(row['bitwise_repeatable']):>7} {str(row['passed']):>5}",
+              flush=True)
+    else:
+        print(f"{'model':>6} {row['length']:>5} {row['padding']:>5} {row['dtype']:>9} {row['errors']['loss']:>9.2e} "
+              f"{row['errors']['grads']:>9.2e} {str(row['passed']):>5}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", default="benchmarks/results/triton_correctness.json")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=8, help="processes sharing the GPU (compiles run in parallel)")
+    parser.add_argument("--device", default="cuda", help="cpu runs the kernels under TRITON_INTERPRET=1 (slow)")
+    parser.add_argument("--max_length", type=int, default=None, help="only the cases up to this length")
     args = parser.parse_args()
-    rows = []
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
 
     def save():
-        output.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cases=rows),
+        name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+        output.write_text(json.dumps(dict(device=name, triton=triton.__version__, torch=torch.__version__, cases=rows),
                                      indent=1))
 
-    header = f"{'B':>2} {'L':>5} {'G':>2} {'D':>4} {'cmp':>4} {'dtype':>9} {'worst err':>10} {'worst of':>10} " \
-             f"{'sel=f64':>8} {'pass':>5}"
-    print(header)
-    for case_index, (batch, length, group, dim, compressed, dtype) in enumerate(cases(args.seed)):
-        start = time.time()
-        errors, agreement = kernel_case(batch, length, group, dim, compressed, dtype, seed=args.seed + case_index)
-        worst = max(errors, key=errors.get)
-        passed = errors[worst] <= TOLERANCE[dtype]
-        rows.append(dict(kind="kernel", batch=batch, length=length, group=group, head_dim=dim, compressed=compressed,
-                         dtype=str(dtype).removeprefix("torch."), errors=errors, selection_agreement=agreement,
-                         passed=passed, seconds=round(time.time() - start, 2)))
-        print(f"{batch:>2} {length:>5} {group:>2} {dim:>4} {str(compressed)[0]:>4} {rows[-1]['dtype']:>9} "
-              f"{errors[worst]:>10.2e} {worst:>10} {agreement:>8.4f} {str(passed):>5}", flush=True)
-        save()
-    print(f"\n{'model':>6} {'L':>5} {'pad':>5} {'dtype':>9} {'loss err':>9} {'grad err':>9} {'pass':>5}")
-    for length in (13, 200, 1000):
-        for side in ("left", "right"):
-            for dtype in (torch.float32, torch.bfloat16):
-                errors = model_case(length, side, dtype, seed=length)
-                passed = max(errors.values()) <= TOLERANCE[dtype]
-                rows.append(dict(kind="model", length=length, padding=side, dtype=str(dtype).removeprefix("torch."),
-                                 errors=errors, passed=passed))
-                print(f"{'':>6} {length:>5} {side:>5} {rows[-1]['dtype']:>9} {errors['loss']:>9.2e} "
-                      f"{errors['grads']:>9.2e} {str(passed):>5}", flush=True)
-                save()
-    total = len(rows)
+    print(f"{'B':>2} {'L':>5} {'G':>2} {'D':>4} {'cmp':>4} {'dtype':>9} {'worst err':>10} {'worst of':>10} "
+          f"{'sel=f64':>8} {'bitwise':>7} {'pass':>5}")
+    print("model rows: L, padding side, dtype, loss error, worst parameter-gradient error, pass")
+    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for row in pool.map(run_case, all_cases(args.seed, args.device, args.max_length)):
+            rows.append(row)
+            print_row(row)
+            save()
     passed = sum(r["passed"] for r in rows)
-    print(f"\n{passed}/{total} cases pass (fp32 within 1e-3, bf16 within 1e-2 relative)")
-    save()
+    print(f"\n{passed}/{len(rows)} cases pass (fp32 within 1e-3, bf16 within 1e-2 relative)")
 
 
 if __name__ == "__main__":
