@@ -135,7 +135,14 @@ def model_case(length, side, dtype, seed, device):
         results[implementation] = (loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()})
     (loss_ref, grads_ref), (loss_tri, grads_tri) = results["blossom_torch"], results["blossom_triton"]
     errors = {"loss": relative_error(loss_tri, loss_ref)}
-    errors["grads"] = max(relative_error(grads_tri[n], grads_ref[n]) for n in grads_ref if grads_ref[n].norm() > 0)
+    # A gradient that is zero in exact arithmetic is rounding noise in both runs, so its relative error means
+    # nothing: the compressed keys' output bias shifts all compressed scores of a query equally (softmax ignores
+    # it, and selection is discrete). Such gradients are compared against the scale of the largest one instead.
+    scale = max(g.norm().item() for g in grads_ref.values())
+    per_parameter = {n: ((grads_tri[n].double() - g.double()).norm() / max(g.norm().item(), 1e-6 * scale)).item()
+                     for n, g in grads_ref.items() if scale > 0}
+    worst = max(per_parameter, key=per_parameter.get)
+    errors["grads"], errors["worst_parameter"] = per_parameter[worst], worst
     return errors
 
 
@@ -165,7 +172,7 @@ def run_case(case):
                     passed=max(errors.values()) <= TOLERANCE[dtype] and bitwise, seconds=round(time.time() - start, 2))
     dtype = getattr(torch, case["dtype"])
     errors = model_case(case["length"], case["padding"], dtype, case["seed"], case["device"])
-    return dict(case, errors=errors, passed=max(errors.values()) <= TOLERANCE[dtype])
+    return dict(case, errors=errors, passed=max(errors["loss"], errors["grads"]) <= TOLERANCE[dtype])
 
 
 def all_cases(seed: int, device: str, limit: int | None) -> list[dict]:
@@ -187,7 +194,7 @@ def print_row(row: dict) -> None:
               flush=True)
     else:
         print(f"{'model':>6} {row['length']:>5} {row['padding']:>5} {row['dtype']:>9} {row['errors']['loss']:>9.2e} "
-              f"{row['errors']['grads']:>9.2e} {str(row['passed']):>5}", flush=True)
+              f"{row['errors']['grads']:>9.2e} {str(row['passed']):>5}  {row['errors']['worst_parameter']}", flush=True)
 
 
 def main():
@@ -209,7 +216,7 @@ def main():
 
     print(f"{'B':>2} {'L':>5} {'G':>2} {'D':>4} {'cmp':>4} {'dtype':>9} {'worst err':>10} {'worst of':>10} "
           f"{'sel=f64':>8} {'bitwise':>7} {'pass':>5}")
-    print("model rows: L, padding side, dtype, loss error, worst parameter-gradient error, pass")
+    print("model rows: L, padding side, dtype, loss error, worst parameter-gradient error, pass, worst parameter")
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for row in pool.map(run_case, all_cases(args.seed, args.device, args.max_length)):
             rows.append(row)
