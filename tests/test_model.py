@@ -56,6 +56,28 @@ def test_every_parameter_receives_a_gradient(overrides):
     assert not dead, f"parameters without gradient: {dead}"
 
 
+@pytest.mark.parametrize("length", [1, 4, 5, 23])
+def test_block_compressor_is_the_published_mlp_over_each_block(length):
+    """Each compressed key (value) = MLP(flatten(block's keys + position embeddings)), blocks of 8 with stride 4
+    whose positions before 0 hold zero keys; the module computes it with the position term folded into the bias."""
+    config = tiny_config()
+    compressor = modeling_blossomrec.BlockCompressor(config)
+    torch.manual_seed(length)
+    for parameter in compressor.parameters():
+        torch.nn.init.normal_(parameter)
+    k, v = torch.randn(2, 2, 2, length, config.head_dim, dtype=torch.float64)
+    compressor.double()
+    compressed = compressor(k, v)
+    for index, x in enumerate((k, v)):
+        padded = torch.cat([x.new_zeros(2, 2, 4, config.head_dim), x], dim=2)
+        for w in range((length - 1) // 4):
+            block = padded[:, :, 4 * w:4 * w + 8] + compressor.positions[index]
+            hidden = torch.relu(block.flatten(-2) @ compressor.hidden_weight[index] + compressor.hidden_bias[index])
+            expected = hidden @ compressor.output_weight[index] + compressor.output_bias[index]
+            torch.testing.assert_close(compressed[index][:, :, w], expected)
+        assert compressed[index].shape[2] == max(length - 1, 0) // 4
+
+
 @pytest.mark.parametrize("attention_type", ["blossom", "dense"])
 def test_scores_do_not_depend_on_padding_side_amount_or_neighbours(attention_type):
     model = tiny_model(attention_type=attention_type)

@@ -296,49 +296,53 @@ GATED_ROWS = 128
 
 
 class _GatedSum(torch.autograd.Function):
-    """out[b, h, l] = sum_i gates[b, l, h, i] * branch_i[b, h, l] in one pass (and one pass back)."""
+    """out[b, h, l] = sum_i sigmoid(logits[b, l, h, i]) * branch_i[b, h, l] in one pass (and one pass back)."""
 
     @staticmethod
-    def forward(ctx, gates, *branches):
+    def forward(ctx, logits, *branches):
         batch, heads, length, dim = branches[0].shape
-        dtype = torch.result_type(gates, branches[0])
-        out = torch.empty(batch, length, heads, dim, dtype=dtype, device=gates.device).transpose(1, 2)
+        dtype = torch.result_type(logits, branches[0])
+        out = torch.empty(batch, length, heads, dim, dtype=dtype, device=logits.device).transpose(1, 2)
         padded = list(branches) + [branches[0]] * (3 - len(branches))
         n_rows = batch * length * heads
         gated_sum_forward[(triton.cdiv(n_rows, GATED_ROWS),)](
-            gates, *padded, out, *(s for b in padded for s in _strides(b)), *_strides(out),
-            n_rows, length, H=heads, NB=len(branches), D=dim, BLOCK_D=_pow2(dim), ROWS=GATED_ROWS,
+            logits, *padded, out, logits.stride(0), logits.stride(1), *(s for b in padded for s in _strides(b)),
+            *_strides(out), n_rows, length, H=heads, NB=len(branches), D=dim, BLOCK_D=_pow2(dim), ROWS=GATED_ROWS,
         )
-        ctx.save_for_backward(gates, *branches)
+        ctx.save_for_backward(logits, *branches)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        gates, *branches = ctx.saved_tensors
+        logits, *branches = ctx.saved_tensors
         batch, heads, length, dim = branches[0].shape
         dout = _row_major(dout)
-        dgates = torch.empty_like(gates)
+        dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         grads = [torch.empty_strided(b.shape, b.stride(), dtype=b.dtype, device=b.device) for b in branches]
         padded = list(branches) + [branches[0]] * (3 - len(branches))
         padded_grads = grads + [grads[0]] * (3 - len(grads))
         n_rows = batch * length * heads
         gated_sum_backward[(triton.cdiv(n_rows, GATED_ROWS),)](
-            gates, dgates, dout, *padded, *padded_grads, *_strides(dout),
+            logits, dlogits, dout, *padded, *padded_grads, logits.stride(0), logits.stride(1), *_strides(dout),
             *(s for b in padded for s in _strides(b)), n_rows, length, H=heads, NB=len(branches), D=dim,
             BLOCK_D=_pow2(dim), ROWS=GATED_ROWS,
         )
-        return (dgates, *grads)
+        return (dlogits, *grads)
 
 
-def gated_sum(gates: torch.Tensor, branches, fused: bool = True) -> torch.Tensor:
-    """sum_i gates[..., i] * branch_i: gates [B, L, H, n_branches], branches [B, H, L, D] -> [B, H, L, D].
+def gated_sum(gate_logits: torch.Tensor, branches, fused: bool = True) -> torch.Tensor:
+    """sum_i sigmoid(gate_logits[..., i]) * branch_i: logits [B, L, H, n_branches], branches [B, H, L, D].
 
     With `fused`, one Triton pass each way where the kernels run (same device rules); plain PyTorch otherwise.
+    The logits may be a strided view (e.g. columns of the attention's input projection) whose last two dims are
+    contiguous.
     """
     branches = [b for b in branches if b is not None]
-    usable = fused and triton is not None and (gates.is_cuda or _interpreting()) and len(branches) in (2, 3) \
-        and all(b.stride(-1) == 1 and b.dtype == branches[0].dtype for b in branches) and gates.is_contiguous()
+    heads, num_branches = gate_logits.shape[2:]
+    usable = fused and triton is not None and (gate_logits.is_cuda or _interpreting()) and len(branches) in (2, 3) \
+        and all(b.stride(-1) == 1 and b.dtype == branches[0].dtype for b in branches) \
+        and gate_logits.stride(3) == 1 and gate_logits.stride(2) == num_branches
     if not usable:
-        weights = gates.permute(0, 2, 1, 3).unsqueeze(-1)
+        weights = torch.sigmoid(gate_logits).permute(0, 2, 1, 3).unsqueeze(-1)
         return sum(weights[..., i, :] * branch for i, branch in enumerate(branches))
-    return _GatedSum.apply(gates, *branches)
+    return _GatedSum.apply(gate_logits, *branches)

@@ -91,17 +91,19 @@ def rotary_tables(length: int, dim: int, theta: float, device, dtype) -> tuple[t
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    """Rotate x [..., L, heads, D] by the tables [L, D], in x's dtype (bf16 stays bf16 under autocast)."""
+    cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
 
 
 class BlockCompressor(nn.Module):
     """Turns each compressed block of keys (and values) into one key (value) for LTIS scoring.
 
-    Learned (`use_compressed_branch`): an MLP over the block's keys plus intra-block position embeddings, as
-    published; the compressed branch's output is what trains it. Otherwise: the mean of the block's keys, with no
-    parameters, so that no parameter is left without a gradient.
+    Learned (`use_compressed_branch`): as published, an MLP over the block's keys plus intra-block position
+    embeddings, and another over the values; the compressed branch's output is what trains them. The two MLPs are
+    stored stacked (index 0 keys, 1 values) so that both run as one chain of batched matmuls. Otherwise: the mean of
+    the block's keys, with no parameters, so that no parameter is left without a gradient.
     """
 
     def __init__(self, config: BlossomRecConfig):
@@ -110,34 +112,46 @@ class BlockCompressor(nn.Module):
         self.learned = config.use_compressed_branch
         if self.learned:
             block, dim = config.compress_block_size, config.head_dim
-            self.key_positions = nn.Parameter(torch.zeros(block, dim))
-            self.value_positions = nn.Parameter(torch.zeros(block, dim))
-            self.key_mlp = nn.Sequential(nn.Linear(block * dim, block * dim), nn.ReLU(), nn.Linear(block * dim, dim))
-            self.value_mlp = nn.Sequential(nn.Linear(block * dim, block * dim), nn.ReLU(), nn.Linear(block * dim, dim))
+            width = block * dim
+            self.positions = nn.Parameter(torch.zeros(2, block, dim))
+            self.hidden_weight = nn.Parameter(torch.zeros(2, width, width))  # [in, out]
+            self.hidden_bias = nn.Parameter(torch.zeros(2, width))
+            self.output_weight = nn.Parameter(torch.zeros(2, width, dim))  # [in, out]
+            self.output_bias = nn.Parameter(torch.zeros(2, dim))
 
     def blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, Hkv, L, D] -> [B, Hkv, W, block, D]: the overlapping blocks, zero keys before position 0."""
+        """[..., L, D] -> [..., W, block, D]: the overlapping blocks, zero keys before position 0."""
         geometry = self.geometry
-        num_blocks = geometry.num_compressed_blocks(x.shape[2])
+        num_blocks = geometry.num_compressed_blocks(x.shape[-2])
         if num_blocks == 0:
-            return x.new_zeros(*x.shape[:2], 0, geometry.compress_block_size, x.shape[-1])
+            return x.new_zeros(*x.shape[:-2], 0, geometry.compress_block_size, x.shape[-1])
         padded = F.pad(x, (0, 0, geometry.compress_left_padding, 0))
-        windows = padded.unfold(2, geometry.compress_block_size, geometry.compress_stride)
-        return windows[:, :, :num_blocks].transpose(-1, -2)
+        windows = padded.unfold(-2, geometry.compress_block_size, geometry.compress_stride)
+        return windows[..., :num_blocks, :, :].transpose(-1, -2)
 
     def forward(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        key_blocks = self.blocks(k)
+        """k, v [B, Hkv, L, D] -> compressed keys and values [B, Hkv, W, D] (values None when not learned)."""
         if not self.learned:
+            key_blocks = self.blocks(k)
             ends = self.geometry.compressed_block_ends(key_blocks.shape[2], device=k.device)
             real_positions = (ends + 1).clamp(max=self.geometry.compress_block_size).to(k.dtype)
             return key_blocks.sum(dim=-2) / real_positions[:, None], None
-        compressed_keys = self.key_mlp((key_blocks + self.key_positions).flatten(-2))
-        compressed_values = self.value_mlp((self.blocks(v) + self.value_positions).flatten(-2))
-        return compressed_keys, compressed_values
+        blocks = self.blocks(torch.stack([k, v]))
+        flat = blocks.reshape(2, -1, blocks.shape[-2] * blocks.shape[-1])
+        # (block + positions) @ W + b = block @ W + (positions @ W + b): the position term is one row per MLP
+        first_bias = torch.baddbmm(self.hidden_bias[:, None], self.positions.flatten(1)[:, None], self.hidden_weight)
+        hidden = torch.relu(torch.baddbmm(first_bias, flat, self.hidden_weight))
+        compressed = torch.baddbmm(self.output_bias[:, None], hidden, self.output_weight)
+        compressed = compressed.view(2, *blocks.shape[1:4], k.shape[-1])
+        return compressed[0], compressed[1]
 
 
 class BlossomRecAttention(nn.Module):
-    """Grouped-query self-attention: BlossomRec's gated sparse branches, or dense causal attention."""
+    """Grouped-query self-attention: BlossomRec's gated sparse branches, or dense causal attention.
+
+    One input projection gives the queries, keys, values and (BlossomRec) the branch gate logits, so the step costs
+    one matmul each way instead of four.
+    """
 
     def __init__(self, config: BlossomRecConfig):
         super().__init__()
@@ -145,33 +159,32 @@ class BlossomRecAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden)
         self.is_blossom = config.attention_type == "blossom"
+        self.num_branches = (3 if config.use_compressed_branch else 2) if self.is_blossom else 0
+        self.split_sizes = [(self.num_heads + self.num_kv_heads) * self.head_dim, self.num_kv_heads * self.head_dim,
+                            self.num_heads * self.num_branches]
+        self.input_proj = nn.Linear(config.hidden_size, sum(self.split_sizes))
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size)
         if self.is_blossom:
             self.geometry = SparseGeometry.from_config(config)
             self.compressor = BlockCompressor(config)
-            self.num_branches = 3 if config.use_compressed_branch else 2
-            self.gate = nn.Linear(hidden, self.num_heads * self.num_branches)
 
     def forward(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         batch, length, _ = hidden.shape
-        q = self.q_proj(hidden).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        query_key, v, gate_logits = self.input_proj(hidden).split(self.split_sizes, dim=-1)
+        query_key = query_key.view(batch, length, self.num_heads + self.num_kv_heads, self.head_dim)
         if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            query_key = apply_rotary(query_key, *rotary)
+        q, k = (x.transpose(1, 2) for x in query_key.split([self.num_heads, self.num_kv_heads], dim=2))
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         implementation = self.config._attn_implementation
         if not self.is_blossom:
             out = DENSE_BACKENDS[implementation](q, k, v)
         else:
             compressed_keys, compressed_values = self.compressor(k, v)
             branches = BLOSSOM_BACKENDS[implementation](q, k, v, compressed_keys, compressed_values, self.geometry)
-            gates = torch.sigmoid(self.gate(hidden)).view(batch, length, self.num_heads, self.num_branches)
-            out = gated_sum(gates, branches, fused=implementation == "blossom_triton")
+            gate_logits = gate_logits.view(batch, length, self.num_heads, self.num_branches)
+            out = gated_sum(gate_logits, branches, fused=implementation == "blossom_triton")
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
 
 
@@ -216,8 +229,10 @@ class BlossomRecPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, BlockCompressor) and module.learned:
-            init.normal_(module.key_positions, mean=0.0, std=std)
-            init.normal_(module.value_positions, mean=0.0, std=std)
+            for parameter in (module.positions, module.hidden_weight, module.output_weight):
+                init.normal_(parameter, mean=0.0, std=std)
+            init.zeros_(module.hidden_bias)
+            init.zeros_(module.output_bias)
         elif isinstance(module, BlossomRecForSequentialRecommendation) and module.output_item_embeddings is not None:
             init.normal_(module.output_item_embeddings, mean=0.0, std=std)
 

@@ -534,7 +534,7 @@ def compressed_backward_dkdv(
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Gated sum of the branches: out = sum_i g_i * o_i (one pass each way instead of a dozen elementwise kernels)
+# Gated sum of the branches: out = sum_i sigmoid(z_i) * o_i (one pass each way instead of a dozen elementwise kernels)
 # ------------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _gated_rows(row, L, H: tl.constexpr):
@@ -542,54 +542,67 @@ def _gated_rows(row, L, H: tl.constexpr):
     return row // (L * H), row % H, (row // H) % L
 
 
-@triton.jit(do_not_specialize=["n_rows", "L"])
-def gated_sum_forward(
-    GATES, O0, O1, O2, OUT, so0b, so0h, so0l, so1b, so1h, so1l, so2b, so2h, so2l, soutb, south, soutl,
-    n_rows, L, H: tl.constexpr, NB: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
-):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    b, h, pos = _gated_rows(rows.to(tl.int64), L, H)
-    dofs = tl.arange(0, BLOCK_D)
-    mask = (rows < n_rows)[:, None] & (dofs < D)[None, :]
-    gate_row = rows.to(tl.int64) * NB
-    acc = tl.load(GATES + gate_row, mask=rows < n_rows, other=0.0).to(tl.float32)[:, None] * tl.load(
-        O0 + (b * so0b + h * so0h + pos * so0l)[:, None] + dofs[None, :], mask=mask, other=0.0).to(tl.float32)
-    acc += tl.load(GATES + gate_row + 1, mask=rows < n_rows, other=0.0).to(tl.float32)[:, None] * tl.load(
-        O1 + (b * so1b + h * so1h + pos * so1l)[:, None] + dofs[None, :], mask=mask, other=0.0).to(tl.float32)
-    if NB == 3:
-        acc += tl.load(GATES + gate_row + 2, mask=rows < n_rows, other=0.0).to(tl.float32)[:, None] * tl.load(
-            O2 + (b * so2b + h * so2h + pos * so2l)[:, None] + dofs[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + (b * soutb + h * south + pos * soutl)[:, None] + dofs[None, :], acc.to(OUT.dtype.element_ty),
-             mask=mask)
+@triton.jit
+def _gate(LOGITS, offsets, row_ok):
+    """The gate of each row: sigmoid of its logit."""
+    return tl.sigmoid(tl.load(LOGITS + offsets, mask=row_ok, other=0.0).to(tl.float32))
 
 
 @triton.jit
-def _gated_branch_backward(GATES, DGATES, O, DO, gate_row, do_out, branch_ofs, row_ok, mask, dofs):
-    g = tl.load(GATES + gate_row, mask=row_ok, other=0.0).to(tl.float32)
-    o = tl.load(O + branch_ofs[:, None] + dofs[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(DGATES + gate_row, tl.sum(do_out * o, 1).to(DGATES.dtype.element_ty), mask=row_ok)
-    tl.store(DO + branch_ofs[:, None] + dofs[None, :], (g[:, None] * do_out).to(DO.dtype.element_ty), mask=mask)
+def _branch(O, ofs, mask, dofs):
+    return tl.load(O + ofs[:, None] + dofs[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["n_rows", "L"])
-def gated_sum_backward(
-    GATES, DGATES, DOUT, O0, O1, O2, DO0, DO1, DO2, sdb, sdh, sdl, so0b, so0h, so0l, so1b, so1h, so1l,
-    so2b, so2h, so2l, n_rows, L, H: tl.constexpr, NB: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    ROWS: tl.constexpr,
+def gated_sum_forward(
+    LOGITS, O0, O1, O2, OUT, slb, sll, so0b, so0h, so0l, so1b, so1h, so1l, so2b, so2h, so2l, soutb, south, soutl,
+    n_rows, L, H: tl.constexpr, NB: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
 ):
-    """Gradients of the gates (dO . o_i) and of each branch (g_i dO); branch gradients share the branches' strides."""
+    """LOGITS [B, L, H, NB] with any batch and position strides; branches and OUT [B, H, L, D] by their strides."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     b, h, pos = _gated_rows(rows.to(tl.int64), L, H)
     dofs = tl.arange(0, BLOCK_D)
     row_ok = rows < n_rows
     mask = row_ok[:, None] & (dofs < D)[None, :]
-    gate_row = rows.to(tl.int64) * NB
+    logit_row = b * slb + pos * sll + h * NB
+    acc = _gate(LOGITS, logit_row, row_ok)[:, None] * _branch(O0, b * so0b + h * so0h + pos * so0l, mask, dofs)
+    acc += _gate(LOGITS, logit_row + 1, row_ok)[:, None] * _branch(O1, b * so1b + h * so1h + pos * so1l, mask, dofs)
+    if NB == 3:
+        acc += _gate(LOGITS, logit_row + 2, row_ok)[:, None] * _branch(O2, b * so2b + h * so2h + pos * so2l, mask,
+                                                                       dofs)
+    tl.store(OUT + (b * soutb + h * south + pos * soutl)[:, None] + dofs[None, :], acc.to(OUT.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _gated_branch_backward(LOGITS, DLOGITS, O, DO, logit_row, dlogit_row, do_out, branch_ofs, row_ok, mask, dofs):
+    """Gradient of one branch (g dO) and of its gate logit (dO . o g (1 - g))."""
+    g = _gate(LOGITS, logit_row, row_ok)
+    o = _branch(O, branch_ofs, mask, dofs)
+    tl.store(DLOGITS + dlogit_row, (tl.sum(do_out * o, 1) * g * (1.0 - g)).to(DLOGITS.dtype.element_ty), mask=row_ok)
+    tl.store(DO + branch_ofs[:, None] + dofs[None, :], (g[:, None] * do_out).to(DO.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["n_rows", "L"])
+def gated_sum_backward(
+    LOGITS, DLOGITS, DOUT, O0, O1, O2, DO0, DO1, DO2, slb, sll, sdb, sdh, sdl, so0b, so0h, so0l, so1b, so1h, so1l,
+    so2b, so2h, so2l, n_rows, L, H: tl.constexpr, NB: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    """Gradients of the gate logits (contiguous [B, L, H, NB]) and of each branch (sharing the branches' strides)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    b, h, pos = _gated_rows(rows.to(tl.int64), L, H)
+    dofs = tl.arange(0, BLOCK_D)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (dofs < D)[None, :]
+    logit_row = b * slb + pos * sll + h * NB
+    dlogit_row = rows.to(tl.int64) * NB
     do_out = tl.load(DOUT + (b * sdb + h * sdh + pos * sdl)[:, None] + dofs[None, :], mask=mask,
                      other=0.0).to(tl.float32)
-    _gated_branch_backward(GATES, DGATES, O0, DO0, gate_row, do_out, b * so0b + h * so0h + pos * so0l, row_ok,
-                           mask, dofs)
-    _gated_branch_backward(GATES, DGATES, O1, DO1, gate_row + 1, do_out, b * so1b + h * so1h + pos * so1l, row_ok,
-                           mask, dofs)
+    _gated_branch_backward(LOGITS, DLOGITS, O0, DO0, logit_row, dlogit_row, do_out, b * so0b + h * so0h + pos * so0l,
+                           row_ok, mask, dofs)
+    _gated_branch_backward(LOGITS, DLOGITS, O1, DO1, logit_row + 1, dlogit_row + 1, do_out,
+                           b * so1b + h * so1h + pos * so1l, row_ok, mask, dofs)
     if NB == 3:
-        _gated_branch_backward(GATES, DGATES, O2, DO2, gate_row + 2, do_out, b * so2b + h * so2h + pos * so2l,
-                               row_ok, mask, dofs)
+        _gated_branch_backward(LOGITS, DLOGITS, O2, DO2, logit_row + 2, dlogit_row + 2, do_out,
+                               b * so2b + h * so2h + pos * so2l, row_ok, mask, dofs)
