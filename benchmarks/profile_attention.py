@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
+import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from benchmark_attention import module_step  # noqa: E402
@@ -39,7 +40,9 @@ def main():
         total = sum(e.device_time_total for e in events) / 5 / 1e3
         for event in events[:args.rows]:
             print(f"{event.device_time_total / 5 / 1e3:8.3f} {event.count // 5:4d}x  {event.key[:110]}")
-        print(f"{total:8.3f}        total")
+        print(f"{total:8.3f}        total CUDA time")
+        wall = triton.testing.do_bench(step, warmup=20, rep=200, return_mode="median")
+        print(f"{wall:8.3f}        wall time per step (do_bench); above the CUDA total = the GPU waits for launches")
         del step, keep
 
 

@@ -95,18 +95,19 @@ def model_step(implementation: str, length: int):
     return step, (model, optimizer, ids)
 
 
-def run_module_table(lengths):
+def run_module_table(lengths, with_reference: bool = True):
     rows = []
     print(f"{'L':>6} {'B':>5} | {'sdpa ms':>8} {'MiB':>7} | {'triton ms':>9} {'MiB':>7} {'t/dense':>7} {'m/dense':>7} "
           f"{'target':>6} | {'torch ms':>9} {'MiB':>7} {'t/dense':>7}")
     for length in lengths:
         row = {"length": length, "batch": TOKENS // length}
-        for implementation in ("sdpa", "blossom_triton", "blossom_torch"):
+        for implementation in ("sdpa", "blossom_triton") + (("blossom_torch",) if with_reference else ()):
             step, keep = module_step(implementation, length)
             ms, mib, note = measure(step, quick_first=implementation == "blossom_torch")
             row[implementation] = {"ms": ms, "peak_mib": mib, "note": note}
             del step, keep
         dense = row["sdpa"]
+        row.setdefault("blossom_torch", {"ms": None, "peak_mib": None, "note": "not run"})
         for implementation in ("blossom_triton", "blossom_torch"):
             entry = row[implementation]
             if entry["ms"] is not None and dense["ms"]:
@@ -175,10 +176,11 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
     parser.add_argument("--model-lengths", type=int, nargs="*", default=[200, 4096])
     parser.add_argument("--output-dir", default="benchmarks/results")
+    parser.add_argument("--skip-reference", action="store_true", help="leave out blossom_torch (slow)")
     args = parser.parse_args()
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    module_rows = run_module_table(args.lengths)
+    module_rows = run_module_table(args.lengths, with_reference=not args.skip_reference)
     model_rows = run_model_table(args.model_lengths)
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   tokens_per_batch=TOKENS, module=module_rows, model=model_rows)
