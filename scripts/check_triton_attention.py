@@ -112,10 +112,17 @@ def kernel_case(batch, length, group, dim, compressed, dtype, seed, device):
 
 
 def model_case(length, side, dtype, seed, device):
-    """Loss and every parameter's gradient: blossom_triton vs blossom_torch, same weights, padding on `side`."""
+    """Loss and every parameter's gradient: blossom_triton vs blossom_torch, same weights, padding on `side`.
+
+    Weights are drawn 10x wider than the default initialisation (std 0.2, not 0.02): at the default, every query's
+    compressed scores are nearly equal, so which blocks win the top-n is decided by rounding, and two exact
+    implementations legitimately select different blocks for some queries (seen at L = 1000: gradients then differ
+    by ~4e-3 in float32 on the GPU and under the CPU interpreter alike, and by ~5e-5 with std 0.2).
+    """
     torch.manual_seed(seed)
     config = BlossomRecConfig(n_items=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, intermediate_size=128, hidden_dropout_prob=0.0)
+                              num_key_value_heads=2, intermediate_size=128, hidden_dropout_prob=0.0,
+                              initializer_range=0.2)
     results = {}
     ids = torch.randint(1, 501, (3, length))
     lengths = [length, max(1, length // 2), max(1, length - 5)]

@@ -101,6 +101,14 @@ def _row_major(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _compact(x: torch.Tensor) -> torch.Tensor:
+    """x [B, H, L, D] in memory of its own: [B, L, H, D] or [B, H, L, D] order, kept; anything else (a view into
+    the input projection's wider rows, say) copied to [B, L, H, D] order, so gathered rows stay close in cache."""
+    if x.is_contiguous() or x.transpose(1, 2).is_contiguous():
+        return x
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _new_output(batch: int, heads: int, length: int, dim: int, like: torch.Tensor) -> torch.Tensor:
     """[B, H, L, D] view of [B, L, H, D] memory: the model's transpose + reshape after attention is then free."""
     return torch.empty(batch, length, heads, dim, dtype=like.dtype, device=like.device).transpose(1, 2)
@@ -278,7 +286,7 @@ def blossom_attention_triton(q, k, v, ck, cv, geometry: SparseGeometry):
         return blossom_attention_torch(q, k, v, ck, cv, geometry)
     operands = [q, k, v, ck] + ([cv] if cv is not None else [])
     dtype = _compute_dtype(*operands)
-    operands = [_row_major(t.to(dtype)) for t in operands]
+    operands = [_compact(t.to(dtype)) for t in operands]
     if cv is None:
         operands.append(None)
     outputs = _BlossomAttention.apply(*operands, geometry)

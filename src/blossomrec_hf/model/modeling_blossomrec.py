@@ -142,8 +142,8 @@ class BlockCompressor(nn.Module):
         first_bias = torch.baddbmm(self.hidden_bias[:, None], self.positions.flatten(1)[:, None], self.hidden_weight)
         hidden = torch.relu(torch.baddbmm(first_bias, flat, self.hidden_weight))
         compressed = torch.baddbmm(self.output_bias[:, None], hidden, self.output_weight)
-        compressed = compressed.view(2, *blocks.shape[1:4], k.shape[-1])
-        return compressed[0], compressed[1]
+        keys, values = compressed.view(2, *blocks.shape[1:4], k.shape[-1]).unbind(0)
+        return keys, values
 
 
 class BlossomRecAttention(nn.Module):
