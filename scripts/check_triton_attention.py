@@ -111,46 +111,66 @@ def kernel_case(batch, length, group, dim, compressed, dtype, seed, device):
     return errors, same_sets(block_indices, ref_selection), bitwise
 
 
+def model_loss_and_gradients(config, ids, implementation, dtype, seed):
+    torch.manual_seed(seed)
+    model = BlossomRecForSequentialRecommendation(config).to(ids.device).train()
+    model.set_attn_implementation(implementation)
+    with torch.autocast(ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def gradient_error(grads, reference) -> tuple[float, str]:
+    """Worst relative error over the parameters, and which parameter.
+
+    A gradient that is zero in exact arithmetic is rounding noise in both runs, so its relative error means nothing
+    (the compressed keys' output bias shifts all compressed scores of a query equally: softmax ignores it, and
+    selection is discrete); such gradients are measured against the scale of the largest one instead.
+    """
+    scale = max(g.norm().item() for g in reference.values())
+    errors = {n: ((grads[n].double() - g.double()).norm() / max(g.norm().item(), 1e-6 * scale, 1e-300)).item()
+              for n, g in reference.items()}
+    worst = max(errors, key=errors.get)
+    return errors[worst], worst
+
+
 def model_case(length, side, dtype, seed, device):
-    """Loss and every parameter's gradient: blossom_triton vs blossom_torch, same weights, padding on `side`.
+    """Loss and every parameter's gradient of the whole model with blossom_triton, padding on `side`.
+
+    float32: against blossom_torch in float32. bfloat16 (autocast): a bf16 model's gradients are themselves far from
+    the float32 ones (blossom_torch in bf16 is 0.2-1.3 relative off its own float32 gradients at L >= 200, on the
+    CPU too), so the two backends in bf16 are each compared with blossom_torch in float32, and the kernel passes when
+    its error is within 1.5x the reference's (or 1e-2); the losses must agree within 1e-2.
 
     Weights are drawn 10x wider than the default initialisation (std 0.2, not 0.02): at the default, every query's
     compressed scores are nearly equal, so which blocks win the top-n is decided by rounding, and two exact
-    implementations legitimately select different blocks for some queries (seen at L = 1000: gradients then differ
-    by ~4e-3 in float32 on the GPU and under the CPU interpreter alike, and by ~5e-5 with std 0.2).
+    implementations legitimately select different blocks for some queries (seen at L = 1000: float32 gradients then
+    differ by ~4e-3 on the GPU and under the CPU interpreter alike, and by ~5e-5 with std 0.2).
     """
-    torch.manual_seed(seed)
     config = BlossomRecConfig(n_items=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=2, intermediate_size=128, hidden_dropout_prob=0.0,
                               initializer_range=0.2)
-    results = {}
-    ids = torch.randint(1, 501, (3, length))
-    lengths = [length, max(1, length // 2), max(1, length - 5)]
-    for row, keep in enumerate(lengths):
+    ids = torch.randint(1, 501, (3, length), generator=torch.Generator().manual_seed(seed))
+    for row, keep in enumerate([length, max(1, length // 2), max(1, length - 5)]):
         if side == "left":
             ids[row, :length - keep] = 0
         else:
             ids[row, keep:] = 0
     ids = ids.to(device)
-    for implementation in ("blossom_torch", "blossom_triton"):
-        torch.manual_seed(seed)
-        model = BlossomRecForSequentialRecommendation(config).to(device).train()
-        model.set_attn_implementation(implementation)
-        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(ids, labels=ids).loss
-        loss.backward()
-        results[implementation] = (loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()})
-    (loss_ref, grads_ref), (loss_tri, grads_tri) = results["blossom_torch"], results["blossom_triton"]
-    errors = {"loss": relative_error(loss_tri, loss_ref)}
-    # A gradient that is zero in exact arithmetic is rounding noise in both runs, so its relative error means
-    # nothing: the compressed keys' output bias shifts all compressed scores of a query equally (softmax ignores
-    # it, and selection is discrete). Such gradients are compared against the scale of the largest one instead.
-    scale = max(g.norm().item() for g in grads_ref.values())
-    per_parameter = {n: ((grads_tri[n].double() - g.double()).norm() / max(g.norm().item(), 1e-6 * scale)).item()
-                     for n, g in grads_ref.items() if scale > 0}
-    worst = max(per_parameter, key=per_parameter.get)
-    errors["grads"], errors["worst_parameter"] = per_parameter[worst], worst
-    return errors
+    loss_ref, grads_ref = model_loss_and_gradients(config, ids, "blossom_torch", torch.float32, seed)
+    loss, grads = model_loss_and_gradients(config, ids, "blossom_triton", dtype, seed)
+    errors = {}
+    errors["grads"], errors["worst_parameter"] = gradient_error(grads, grads_ref)
+    if dtype == torch.float32:
+        errors["loss"] = relative_error(loss, loss_ref)
+        return errors, max(errors["loss"], errors["grads"]) <= TOLERANCE[dtype]
+    loss_low, grads_low = model_loss_and_gradients(config, ids, "blossom_torch", dtype, seed)
+    errors["loss"] = relative_error(loss, loss_low)
+    errors["reference_grads"] = gradient_error(grads_low, grads_ref)[0]
+    passed = errors["loss"] <= TOLERANCE[dtype] and errors["grads"] <= max(TOLERANCE[dtype],
+                                                                           1.5 * errors["reference_grads"])
+    return errors, passed
 
 
 def cases(seed: int):
@@ -178,8 +198,8 @@ def run_case(case):
         return dict(case, errors=errors, selection_agreement=agreement, bitwise_repeatable=bitwise,
                     passed=max(errors.values()) <= TOLERANCE[dtype] and bitwise, seconds=round(time.time() - start, 2))
     dtype = getattr(torch, case["dtype"])
-    errors = model_case(case["length"], case["padding"], dtype, case["seed"], case["device"])
-    return dict(case, errors=errors, passed=max(errors["loss"], errors["grads"]) <= TOLERANCE[dtype])
+    errors, passed = model_case(case["length"], case["padding"], dtype, case["seed"], case["device"])
+    return dict(case, errors=errors, passed=passed)
 
 
 def all_cases(seed: int, device: str, limit: int | None) -> list[dict]:
@@ -200,8 +220,10 @@ def print_row(row: dict) -> None:
               f"{row['selection_agreement']:>8.4f} {str(row['bitwise_repeatable']):>7} {str(row['passed']):>5}",
               flush=True)
     else:
+        reference = row["errors"].get("reference_grads")
         print(f"{'model':>6} {row['length']:>5} {row['padding']:>5} {row['dtype']:>9} {row['errors']['loss']:>9.2e} "
-              f"{row['errors']['grads']:>9.2e} {str(row['passed']):>5}  {row['errors']['worst_parameter']}", flush=True)
+              f"{row['errors']['grads']:>9.2e} {'-' if reference is None else format(reference, '.2e'):>9} "
+              f"{str(row['passed']):>5}  {row['errors']['worst_parameter']}", flush=True)
 
 
 def main():
@@ -223,7 +245,8 @@ def main():
 
     print(f"{'B':>2} {'L':>5} {'G':>2} {'D':>4} {'cmp':>4} {'dtype':>9} {'worst err':>10} {'worst of':>10} "
           f"{'sel=f64':>8} {'bitwise':>7} {'pass':>5}")
-    print("model rows: L, padding side, dtype, loss error, worst parameter-gradient error, pass, worst parameter")
+    print("model rows: L, padding side, dtype, loss error (vs blossom_torch in the same dtype), worst parameter-gradient "
+          "error vs blossom_torch in float32, the same for blossom_torch in bf16, pass, worst parameter")
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for row in pool.map(run_case, all_cases(args.seed, args.device, args.max_length)):
             rows.append(row)
