@@ -18,7 +18,7 @@ import torch
 import triton.testing
 
 from blossomrec_hf import BlossomRecConfig, BlossomRecForSequentialRecommendation
-from blossomrec_hf.model.modeling_blossomrec import BlossomRecAttention, rotary_tables
+from blossomrec_hf.model.modeling_blossomrec import rotary_tables
 
 TOKENS = 131072
 LENGTHS = [50, 200, 1024, 4096, 16384, 65536]
@@ -64,7 +64,10 @@ def module_step(implementation: str, length: int):
     torch.manual_seed(0)
     batch = TOKENS // length
     config = make_config(implementation)
-    module = BlossomRecAttention(config).cuda()
+    # the first attention module of a freshly initialised model (the model's initializer_range, not PyTorch defaults)
+    model = BlossomRecForSequentialRecommendation(config)
+    model.set_attn_implementation(implementation)
+    module = model.model.layers[0].attention.cuda()
     hidden = torch.randn(batch, length, 128, device="cuda", requires_grad=True)
     grad = torch.randn(batch, length, 128, device="cuda")
     rotary = rotary_tables(length, config.head_dim, config.rope_theta, "cuda", torch.float32)

@@ -118,6 +118,18 @@ class BlockCompressor(nn.Module):
             self.hidden_bias = nn.Parameter(torch.zeros(2, width))
             self.output_weight = nn.Parameter(torch.zeros(2, width, dim))  # [in, out]
             self.output_bias = nn.Parameter(torch.zeros(2, dim))
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default initialisation, so that a bare module is usable (the model re-initialises it with
+        `initializer_range`). All-zero weights would make every compressed key equal and every selection a tie."""
+        if not self.learned:
+            return
+        for weight, bias in ((self.hidden_weight, self.hidden_bias), (self.output_weight, self.output_bias)):
+            bound = 1.0 / math.sqrt(weight.shape[1])
+            nn.init.uniform_(weight, -bound, bound)
+            nn.init.uniform_(bias, -bound, bound)
+        nn.init.normal_(self.positions, std=0.02)
 
     def blocks(self, x: torch.Tensor) -> torch.Tensor:
         """[..., L, D] -> [..., W, block, D]: the overlapping blocks, zero keys before position 0."""
