@@ -15,15 +15,14 @@ from blossomrec_hf.model.sparse_patterns import SparseGeometry
 from profile_attention import cuda_profile
 
 GEOMETRY = SparseGeometry(32, 16, 16, 4, 8)
-KERNELS = ["compressed_forward", "sparse_forward", "sparse_backward_dq", "sparse_backward_dkdv",
-           "compressed_backward_dq", "compressed_backward_dkdv"]
+KERNELS = ["compressed_forward", "sparse_forward", "backward_dq", "sparse_backward_dkdv", "compressed_backward_dkdv"]
 VARIANTS = {
     "base": {},
     "warps8": {k: 8 for k in backend.TUNING if k.endswith("_warps")},
     "warps2": {k: 2 for k in backend.TUNING if k.endswith("_warps")},
     "chunk16k": {"sparse_chunk_elements": 16384},
     "chunk4k": {"sparse_chunk_elements": 4096},
-    "rows128": {"forward_rows": 128, "dq_rows": 128, "dkdv_rows": 256},
+    "rows128": {"forward_rows": 128, "dkdv_rows": 256},
     "keys2x": {"forward_keys": 128, "forward_keys_long": 256, "dq_keys": 64, "dkdv_keys": 128},
     "keys.5x": {"forward_keys": 32, "forward_keys_long": 64, "dq_keys": 16, "dkdv_keys": 32},
 }
@@ -61,7 +60,7 @@ def main():
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     args = parser.parse_args()
     defaults = dict(backend.TUNING)
-    short = ["cfwd", "sfwd", "sdq", "sdkdv", "cdq", "cdkdv", "other"]
+    short = ["cfwd", "sfwd", "dq", "sdkdv", "cdkdv", "other"]
     for length in args.lengths:
         print(f"\nL={length}: ms per forward+backward step\n{'variant':>9} " + " ".join(f"{s:>7}" for s in short)
               + f" {'total':>7}")

@@ -102,6 +102,22 @@ def test_selection_ties_go_to_the_earlier_block():
     assert chosen[0, 0, 100].sort().values.tolist() == want[0, 0, 100].sort().values.tolist()
 
 
+@pytest.mark.parametrize("tile", [16, 32])
+def test_selection_merges_candidates_across_key_tiles(monkeypatch, tile):
+    """Small key tiles make the running top-n merge many tiles, with exact ties spanning tiles and distinct scores."""
+    monkeypatch.setitem(triton_backend.TUNING, "forward_keys", tile)
+    length = 300
+    generator = torch.Generator().manual_seed(tile)
+    q = torch.randn(2, 4, length, 16, generator=generator)
+    width = DEFAULT.num_compressed_blocks(length)
+    ck = torch.randn(2, 2, width, 16, generator=generator)
+    ck[0] = 0.0  # batch 0: every visible block ties
+    ck[0, :, ::5] = 0.5  # ... except every fifth, which ties among themselves at a higher score
+    chosen = select_blocks_triton(q, ck, DEFAULT)
+    want = select_blocks(q, ck, DEFAULT)
+    assert torch.equal(as_sets(chosen, 4), as_sets(want, 4))
+
+
 def test_gradients_are_bitwise_reproducible():
     """No atomics anywhere: the backward also runs under torch's deterministic mode, bit for bit twice."""
     inputs = random_inputs(1, 4, 2, 45, 16, True, DEFAULT, seed=3)

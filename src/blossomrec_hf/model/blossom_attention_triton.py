@@ -173,7 +173,7 @@ def _compressed_forward(plan: _Plan, q, ck, cv, select: bool):
         *_strides(q), *_strides(ck), *_strides(cv_arg), *out_strides,
         length, plan.num_compressed, plan.qk_scale,
         **plan.common, BM=plan.forward_tile[0], BW=plan.forward_tile[1], SEL_B=plan.block, SPAN=plan.span,
-        N_SEL=plan.num_selected, HAS_CV=cv is not None, SELECT=select, DOT_PREC=plan.dot_prec,
+        N_SEL=plan.num_selected, NS=max(2, _pow2(plan.num_selected)), HAS_CV=cv is not None, SELECT=select, DOT_PREC=plan.dot_prec,
         num_warps=plan.forward_warps,
     )
     return out, lse, block_indices

@@ -46,7 +46,7 @@ def compressed_forward(
     sqb, sqh, sql, sckb, sckh, sckw, scvb, scvh, scvw, sob, soh, sol,
     L, W, qk_scale,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr,
-    BW: tl.constexpr, SEL_B: tl.constexpr, SPAN: tl.constexpr, N_SEL: tl.constexpr,
+    BW: tl.constexpr, SEL_B: tl.constexpr, SPAN: tl.constexpr, N_SEL: tl.constexpr, NS: tl.constexpr,
     HAS_CV: tl.constexpr, SELECT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -98,16 +98,17 @@ def compressed_forward(
                  out.to(OC.dtype.element_ty), mask=row_ok[:, None] & dmask[None, :])
 
     if SELECT:
-        # Top-N_SEL per position. Each candidate is packed into one int64 key, (score bits << 32) | (2^32-1 - j):
-        # scores are >= 0, so a larger key is a larger score and, on ties, the earlier block, exactly the order of
-        # the reference's stable descending sort. The running best keys live in the first N_SEL columns of a tile-
-        # shaped tensor and are merged with each tile by N_SEL max-extractions (no score tensor over all blocks).
+        # Top-N_SEL per position, merged tile by tile into a running best list ([BM, NS]: scores and block ids, best
+        # first) by N_SEL extractions of the largest score, the earlier block on ties: exactly the reference's
+        # stable descending sort. Scores are sums of probabilities (>= 0); -1 marks no block, -2 a taken one.
+        # Tiles come in increasing block order, so on a tie the running list's block is always the earlier one.
         tl.debug_barrier()
         positions = m0 + tl.arange(0, BM)
         pmask = positions < L
         own_p = positions // SEL_B
-        low32 = tl.full([BW], 0xFFFFFFFF, tl.int64)
-        best = tl.full([BM, BW], -2, tl.int64)
+        slots = tl.arange(0, NS)
+        best_s = tl.full([BM, NS], -1.0, tl.float32)
+        best_j = tl.full([BM, NS], -1, tl.int32)
         n_selectable = last // SEL_B
         for j0 in range(0, n_selectable, BW):
             j = j0 + wofs
@@ -126,18 +127,25 @@ def compressed_forward(
                     s = tl.dot(q_g, tl.trans(ck), input_precision=DOT_PREC) * qk_scale
                     group_prob += tl.where(visible, tl.exp2(s - lse_g[:, None]), 0.0)
                 score += group_prob
-            bits = score.to(tl.int32, bitcast=True).to(tl.int64)
-            keys = tl.where(j[None, :] < own_p[:, None], (bits << 32) | (low32 - j)[None, :], -1)
-            merged = tl.full([BM, BW], -2, tl.int64)
+            candidates = tl.where(j[None, :] < own_p[:, None], score, -1.0)
+            merged_s = tl.full([BM, NS], -1.0, tl.float32)
+            merged_j = tl.full([BM, NS], -1, tl.int32)
             for i in tl.static_range(N_SEL):
-                top = tl.maximum(tl.max(keys, 1), tl.max(best, 1))
-                merged = tl.where(wofs[None, :] == i, top[:, None], merged)
-                keys = tl.where(keys == top[:, None], -3, keys)
-                best = tl.where(best == top[:, None], -3, best)
-            best = merged
-        chosen = tl.where(best >= 0, low32[None, :] - (best & low32[None, :]), -1).to(tl.int32)
-        bidx_ptr = BIDX + ((b * HKV + h) * L + positions)[:, None] * N_SEL + wofs[None, :]
-        tl.store(bidx_ptr, chosen, mask=pmask[:, None] & (wofs[None, :] < N_SEL))
+                top_best = tl.max(best_s, 1)
+                top_new = tl.max(candidates, 1)
+                from_best = top_best >= top_new
+                j_best = tl.min(tl.where(best_s == top_best[:, None], best_j, 2147483647), 1)
+                j_new = tl.min(tl.where(candidates == top_new[:, None], j[None, :], 2147483647), 1)
+                top = tl.where(from_best, top_best, top_new)
+                chosen = tl.where(top >= 0, tl.where(from_best, j_best, j_new), -1)
+                merged_s = tl.where(slots[None, :] == i, tl.where(top >= 0, top, -1.0)[:, None], merged_s)
+                merged_j = tl.where(slots[None, :] == i, chosen[:, None], merged_j)
+                best_s = tl.where(from_best[:, None] & (best_j == j_best[:, None]), -2.0, best_s)
+                candidates = tl.where((~from_best)[:, None] & (j[None, :] == j_new[:, None]), -2.0, candidates)
+            best_s = merged_s
+            best_j = merged_j
+        bidx_ptr = BIDX + ((b * HKV + h) * L + positions)[:, None] * N_SEL + slots[None, :]
+        tl.store(bidx_ptr, best_j, mask=pmask[:, None] & (slots[None, :] < N_SEL))
 
 
 # ------------------------------------------------------------------------------------------------------------------
