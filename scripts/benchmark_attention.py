@@ -18,7 +18,7 @@ import torch
 import triton.testing
 
 from blossomrec_hf import BlossomRecConfig, BlossomRecForSequentialRecommendation
-from blossomrec_hf.model.modeling_blossomrec import rotary_tables
+from blossomrec_hf.model.rotary_embedding import rotary_tables
 
 TOKENS = 131072
 LENGTHS = [50, 200, 1024, 4096, 16384, 65536]

@@ -24,6 +24,7 @@ from .blossom_attention_triton import blossom_attention_triton, gated_sum, trito
 from .chunked_cross_entropy import linear_cross_entropy
 from .configuration_blossomrec import BlossomRecConfig
 from .history_layout import HistoryLayout, check_ids_tensor, check_item_ids
+from .rotary_embedding import rotary_tables, rotate_queries_and_keys
 from .sparse_patterns import SparseGeometry
 
 IGNORE_INDEX = -100
@@ -80,21 +81,6 @@ def dense_attention_eager(q, k, v):
 
 DENSE_BACKENDS = {"sdpa": dense_attention_sdpa, "eager": dense_attention_eager}
 BLOSSOM_BACKENDS = {"blossom_torch": blossom_attention_torch, "blossom_triton": blossom_attention_triton}
-
-
-def rotary_tables(length: int, dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables [L, D] of rotary position embeddings for positions 0..L-1."""
-    inverse_frequency = 1.0 / theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
-    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inverse_frequency)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [..., L, heads, D] by the tables [L, D], in x's dtype (bf16 stays bf16 under autocast)."""
-    cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-second, first], dim=-1) * sin
 
 
 class BlockCompressor(nn.Module):
@@ -186,8 +172,10 @@ class BlossomRecAttention(nn.Module):
         query_key, v, gate_logits = self.input_proj(hidden).split(self.split_sizes, dim=-1)
         query_key = query_key.view(batch, length, self.num_heads + self.num_kv_heads, self.head_dim)
         if rotary is not None:
-            query_key = apply_rotary(query_key, *rotary)
-        q, k = (x.transpose(1, 2) for x in query_key.split([self.num_heads, self.num_kv_heads], dim=2))
+            q, k = rotate_queries_and_keys(query_key, *rotary, self.num_heads)
+        else:
+            q, k = query_key.split([self.num_heads, self.num_kv_heads], dim=2)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         implementation = self.config._attn_implementation
         if not self.is_blossom:
