@@ -158,46 +158,44 @@ class _Plan:
         return (self.num_blocks, self.batch * self.kv_heads)
 
 
-def _compressed_forward(plan: _Plan, q, ck, cv, select: bool):
-    """Compressed-branch output (or None), its base-2 lse [B, H, L], and the block indices [B, Hkv, L, n]."""
+def _compressed_forward(plan: _Plan, q, ck, cv, sort_keys: bool):
+    """Compressed-branch output (or None), its base-2 lse [B, H, L], the block indices [B, Hkv, L, n], and (with
+    `sort_keys`) the selection's sort keys [B, Hkv, L, n] for `_selection_csr`."""
     length = plan.length
     out = _new_output(plan.batch, plan.heads, length, plan.dim, q) if cv is not None else None
     lse = torch.empty(plan.batch, plan.heads, length, dtype=torch.float32, device=q.device)
     block_indices = torch.empty(plan.batch, plan.kv_heads, length, plan.num_selected, dtype=torch.int32,
                                 device=q.device)
+    keys = torch.empty(block_indices.shape, dtype=torch.int64, device=q.device) if sort_keys else block_indices
     cv_arg = cv if cv is not None else ck
     out_arg = out if out is not None else lse
     out_strides = _strides(out) if out is not None else (0, 0, 0)
     compressed_forward[plan.query_grid(plan.forward_tile)](
-        q, ck, cv_arg, out_arg, lse, block_indices,
+        q, ck, cv_arg, out_arg, lse, block_indices, keys,
         *_strides(q), *_strides(ck), *_strides(cv_arg), *out_strides,
-        length, plan.num_compressed, plan.qk_scale,
+        length, plan.num_compressed, plan.num_blocks, plan.qk_scale,
         **plan.common, BM=plan.forward_tile[0], BW=plan.forward_tile[1], SEL_B=plan.block, SPAN=plan.span,
-        N_SEL=plan.num_selected, NS=max(2, _pow2(plan.num_selected)), HAS_CV=cv is not None, SELECT=select, DOT_PREC=plan.dot_prec,
-        num_warps=plan.forward_warps,
+        N_SEL=plan.num_selected, NS=max(2, _pow2(plan.num_selected)), HAS_CV=cv is not None,
+        SORT_KEYS=sort_keys, DOT_PREC=plan.dot_prec, num_warps=plan.forward_warps,
     )
-    return out, lse, block_indices
+    return out, lse, block_indices, (keys if sort_keys else None)
 
 
-def _selection_csr(block_indices: torch.Tensor, num_blocks: int):
+def _selection_csr(sort_keys: torch.Tensor, plan: _Plan):
     """Reverse index of the selection: for each (batch, kv head, key block), the ascending query positions that
-    selected it. Built with a sort and a binary search (deterministic, no host sync)."""
-    batch, kv_heads, length, _ = block_indices.shape
-    groups = batch * kv_heads * num_blocks
-    owner = torch.arange(batch * kv_heads, device=block_indices.device).view(batch, kv_heads, 1, 1) * num_blocks
-    positions = torch.arange(length, device=block_indices.device).view(1, 1, length, 1)
-    key = torch.where(block_indices >= 0, owner + block_indices.long(), groups)
-    combined = torch.sort((key * length + positions).flatten()).values
-    boundaries = torch.arange(groups + 1, device=block_indices.device) * length
-    offsets = torch.searchsorted(combined, boundaries)
-    return offsets, (combined % length).to(torch.int32)
+    selected it, as offsets into the sorted keys (the kernel takes position = key % L). One sort and one binary
+    search: deterministic, no host sync."""
+    combined = torch.sort(sort_keys.flatten()).values
+    groups = plan.batch * plan.kv_heads * plan.num_blocks
+    boundaries = torch.arange(0, (groups + 1) * plan.length, plan.length, device=sort_keys.device)
+    return torch.searchsorted(combined, boundaries), combined
 
 
 class _BlossomAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, ck, cv, geometry):
         plan = _Plan(q, k, ck, geometry)
-        oc, lse_c, block_indices = _compressed_forward(plan, q, ck, cv, select=True)
+        oc, lse_c, block_indices, sort_keys = _compressed_forward(plan, q, ck, cv, sort_keys=True)
         o_sel = _new_output(plan.batch, plan.heads, plan.length, plan.dim, q)
         o_stis = _new_output(plan.batch, plan.heads, plan.length, plan.dim, q)
         lse_sel = torch.empty_like(lse_c)
@@ -211,7 +209,7 @@ class _BlossomAttention(torch.autograd.Function):
         )
         ctx.plan = plan
         ctx.has_compressed = cv is not None
-        saved = [q, k, v, ck, block_indices, o_sel, o_stis, lse_sel, lse_stis]
+        saved = [q, k, v, ck, block_indices, sort_keys, o_sel, o_stis, lse_sel, lse_stis]
         if cv is not None:
             saved += [cv, oc, lse_c]
         ctx.save_for_backward(*saved)
@@ -220,12 +218,12 @@ class _BlossomAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do_sel, do_stis, do_c=None):
         plan: _Plan = ctx.plan
-        q, k, v, ck, block_indices, o_sel, o_stis, lse_sel, lse_stis = ctx.saved_tensors[:9]
+        q, k, v, ck, block_indices, sort_keys, o_sel, o_stis, lse_sel, lse_stis = ctx.saved_tensors[:10]
         do_sel, do_stis = _row_major(do_sel), _row_major(do_stis)
         delta_sel = torch.empty_like(lse_sel)
         delta_stis = torch.empty_like(lse_sel)
         if ctx.has_compressed:
-            cv, oc, lse_c = ctx.saved_tensors[9:]
+            cv, oc, lse_c = ctx.saved_tensors[10:]
             do_c = _row_major(do_c)
             delta_c = torch.empty_like(lse_c)
         else:
@@ -241,7 +239,7 @@ class _BlossomAttention(torch.autograd.Function):
             P_FAR=plan.p_far, C=plan.chunk, HAS_CV=ctx.has_compressed, BW=plan.dq_keys, DOT_PREC=plan.dot_prec,
             num_warps=TUNING["dq_warps"],
         )
-        offsets, queries = _selection_csr(block_indices, plan.num_blocks)
+        offsets, queries = _selection_csr(sort_keys, plan)
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         sparse_backward_dkdv[plan.sparse_grid()](
@@ -297,7 +295,7 @@ def select_blocks_triton(q, ck, geometry: SparseGeometry) -> torch.Tensor:
     """The kernel's block selection alone, [B, Hkv, L, n] (-1 = empty slot), for tests and checks."""
     q, ck = _row_major(q), _row_major(ck.to(q.dtype))
     plan = _Plan(q, ck, ck, geometry)
-    return _compressed_forward(plan, q, ck, None, select=True)[2]
+    return _compressed_forward(plan, q, ck, None, sort_keys=False)[2]
 
 
 GATED_ROWS = 128

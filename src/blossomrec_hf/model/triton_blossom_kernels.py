@@ -40,15 +40,18 @@ def _is_stis_offset(delta, WINDOW: tl.constexpr):
 # ------------------------------------------------------------------------------------------------------------------
 # Compressed branch + block selection (forward)
 # ------------------------------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["L", "W"])
+@triton.jit(do_not_specialize=["L", "W", "n_blocks"])
 def compressed_forward(
-    Q, CK, CV, OC, LSEC, BIDX,
+    Q, CK, CV, OC, LSEC, BIDX, SKEYS,
     sqb, sqh, sql, sckb, sckh, sckw, scvb, scvh, scvw, sob, soh, sol,
-    L, W, qk_scale,
+    L, W, n_blocks, qk_scale,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr,
     BW: tl.constexpr, SEL_B: tl.constexpr, SPAN: tl.constexpr, N_SEL: tl.constexpr, NS: tl.constexpr,
-    HAS_CV: tl.constexpr, SELECT: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_CV: tl.constexpr, SORT_KEYS: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    """Compressed branch and its lse, then the top-N_SEL block indices BIDX [B, HKV, L, N_SEL] (-1 = none), and
+    with SORT_KEYS their keys for the backward's reverse index: (selection group) * L + position, where the
+    group of block j of (b, kv head) is (b * HKV + h) * n_blocks + j and empty slots go past every group."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
@@ -97,55 +100,58 @@ def compressed_forward(
         tl.store(OC + b * sob + (h * G + g)[:, None] * soh + pos[:, None] * sol + dofs[None, :],
                  out.to(OC.dtype.element_ty), mask=row_ok[:, None] & dmask[None, :])
 
-    if SELECT:
-        # Top-N_SEL per position, merged tile by tile into a running best list ([BM, NS]: scores and block ids, best
-        # first) by N_SEL extractions of the largest score, the earlier block on ties: exactly the reference's
-        # stable descending sort. Scores are sums of probabilities (>= 0); -1 marks no block, -2 a taken one.
-        # Tiles come in increasing block order, so on a tie the running list's block is always the earlier one.
-        tl.debug_barrier()
-        positions = m0 + tl.arange(0, BM)
-        pmask = positions < L
-        own_p = positions // SEL_B
-        slots = tl.arange(0, NS)
-        best_s = tl.full([BM, NS], -1.0, tl.float32)
-        best_j = tl.full([BM, NS], -1, tl.int32)
-        n_selectable = last // SEL_B
-        for j0 in range(0, n_selectable, BW):
-            j = j0 + wofs
-            score = tl.zeros([BM, BW], tl.float32)
-            for o in tl.static_range(SPAN):
-                w = j + o
-                ck = tl.load(ck_base + w[:, None] * sckw + dofs[None, :], mask=(w < W)[:, None] & dmask[None, :],
-                             other=0.0)
-                visible = (w[None, :] < own_p[:, None]) & (w[None, :] < W)
-                group_prob = tl.zeros([BM, BW], tl.float32)
-                for gg in tl.static_range(G):
-                    row = b * L * HKV * G + (h * G + gg) * L + positions
-                    q_g = tl.load(Q + b * sqb + (h * G + gg) * sqh + positions[:, None] * sql + dofs[None, :],
-                                  mask=pmask[:, None] & dmask[None, :], other=0.0)
-                    lse_g = tl.load(LSEC + row, mask=pmask, other=0.0)
-                    s = tl.dot(q_g, tl.trans(ck), input_precision=DOT_PREC) * qk_scale
-                    group_prob += tl.where(visible, tl.exp2(s - lse_g[:, None]), 0.0)
-                score += group_prob
-            candidates = tl.where(j[None, :] < own_p[:, None], score, -1.0)
-            merged_s = tl.full([BM, NS], -1.0, tl.float32)
-            merged_j = tl.full([BM, NS], -1, tl.int32)
-            for i in tl.static_range(N_SEL):
-                top_best = tl.max(best_s, 1)
-                top_new = tl.max(candidates, 1)
-                from_best = top_best >= top_new
-                j_best = tl.min(tl.where(best_s == top_best[:, None], best_j, 2147483647), 1)
-                j_new = tl.min(tl.where(candidates == top_new[:, None], j[None, :], 2147483647), 1)
-                top = tl.where(from_best, top_best, top_new)
-                chosen = tl.where(top >= 0, tl.where(from_best, j_best, j_new), -1)
-                merged_s = tl.where(slots[None, :] == i, tl.where(top >= 0, top, -1.0)[:, None], merged_s)
-                merged_j = tl.where(slots[None, :] == i, chosen[:, None], merged_j)
-                best_s = tl.where(from_best[:, None] & (best_j == j_best[:, None]), -2.0, best_s)
-                candidates = tl.where((~from_best)[:, None] & (j[None, :] == j_new[:, None]), -2.0, candidates)
-            best_s = merged_s
-            best_j = merged_j
-        bidx_ptr = BIDX + ((b * HKV + h) * L + positions)[:, None] * N_SEL + slots[None, :]
-        tl.store(bidx_ptr, best_j, mask=pmask[:, None] & (slots[None, :] < N_SEL))
+    # Top-N_SEL per position, merged tile by tile into a running best list ([BM, NS]: scores and block ids, best
+    # first) by N_SEL extractions of the largest score, the earlier block on ties: exactly the reference's
+    # stable descending sort. Scores are sums of probabilities (>= 0); -1 marks no block, -2 a taken one.
+    # Tiles come in increasing block order, so on a tie the running list's block is always the earlier one.
+    tl.debug_barrier()
+    positions = m0 + tl.arange(0, BM)
+    pmask = positions < L
+    own_p = positions // SEL_B
+    slots = tl.arange(0, NS)
+    best_s = tl.full([BM, NS], -1.0, tl.float32)
+    best_j = tl.full([BM, NS], -1, tl.int32)
+    n_selectable = last // SEL_B
+    for j0 in range(0, n_selectable, BW):
+        j = j0 + wofs
+        score = tl.zeros([BM, BW], tl.float32)
+        for o in tl.static_range(SPAN):
+            w = j + o
+            ck = tl.load(ck_base + w[:, None] * sckw + dofs[None, :], mask=(w < W)[:, None] & dmask[None, :],
+                         other=0.0)
+            visible = (w[None, :] < own_p[:, None]) & (w[None, :] < W)
+            group_prob = tl.zeros([BM, BW], tl.float32)
+            for gg in tl.static_range(G):
+                row = b * L * HKV * G + (h * G + gg) * L + positions
+                q_g = tl.load(Q + b * sqb + (h * G + gg) * sqh + positions[:, None] * sql + dofs[None, :],
+                              mask=pmask[:, None] & dmask[None, :], other=0.0)
+                lse_g = tl.load(LSEC + row, mask=pmask, other=0.0)
+                s = tl.dot(q_g, tl.trans(ck), input_precision=DOT_PREC) * qk_scale
+                group_prob += tl.where(visible, tl.exp2(s - lse_g[:, None]), 0.0)
+            score += group_prob
+        candidates = tl.where(j[None, :] < own_p[:, None], score, -1.0)
+        merged_s = tl.full([BM, NS], -1.0, tl.float32)
+        merged_j = tl.full([BM, NS], -1, tl.int32)
+        for i in tl.static_range(N_SEL):
+            top_best = tl.max(best_s, 1)
+            top_new = tl.max(candidates, 1)
+            from_best = top_best >= top_new
+            j_best = tl.min(tl.where(best_s == top_best[:, None], best_j, 2147483647), 1)
+            j_new = tl.min(tl.where(candidates == top_new[:, None], j[None, :], 2147483647), 1)
+            top = tl.where(from_best, top_best, top_new)
+            chosen = tl.where(top >= 0, tl.where(from_best, j_best, j_new), -1)
+            merged_s = tl.where(slots[None, :] == i, tl.where(top >= 0, top, -1.0)[:, None], merged_s)
+            merged_j = tl.where(slots[None, :] == i, chosen[:, None], merged_j)
+            best_s = tl.where(from_best[:, None] & (best_j == j_best[:, None]), -2.0, best_s)
+            candidates = tl.where((~from_best)[:, None] & (j[None, :] == j_new[:, None]), -2.0, candidates)
+        best_s = merged_s
+        best_j = merged_j
+    slot_ofs = ((b * HKV + h) * L + positions)[:, None] * N_SEL + slots[None, :]
+    slot_mask = pmask[:, None] & (slots[None, :] < N_SEL)
+    tl.store(BIDX + slot_ofs, best_j, mask=slot_mask)
+    if SORT_KEYS:
+        group = tl.where(best_j >= 0, (b * HKV + h) * n_blocks + best_j, tl.num_programs(1).to(tl.int64) * n_blocks)
+        tl.store(SKEYS + slot_ofs, group * L + positions[:, None], mask=slot_mask)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -478,7 +484,7 @@ def sparse_backward_dkdv(
     end = tl.load(CSR_OFFSETS + csr + 1)
     for i0 in range(start, end, QC):
         in_list = i0 + qi < end
-        tq = tl.load(CSR_QUERIES + i0 + qi, mask=in_list, other=0)
+        tq = (tl.load(CSR_QUERIES + i0 + qi, mask=in_list, other=0) % L).to(tl.int32)
         qm = in_list[:, None] & dmask[None, :]
         q_sel = tl.load(q_base + qhead[:, None] * sqh + tq[:, None] * sql + dofs[None, :], mask=qm, other=0.0)
         do_sel = tl.load(DOS + b * sdsb + qhead[:, None] * sdsh + tq[:, None] * sdsl + dofs[None, :], mask=qm,
