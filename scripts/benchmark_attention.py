@@ -3,7 +3,9 @@
 Module: forward + backward of `BlossomRecAttention` (projections, compression MLP and gates included), hidden 128,
 8 heads, 2 kv heads, bf16 autocast, 131,072 tokens per batch (B = 131072 // L): `blossom_triton` vs dense `sdpa` vs
 `blossom_torch`. Median time by `triton.testing.do_bench`; peak memory is the allocator's peak during one step
-minus what was allocated before it. Whole model: one training step (forward, loss, backward, Adam) of
+minus what was allocated before it. Short steps are bound by the host (Python, autograd and kernel launches), not
+the GPU, so the step is also captured in a CUDA graph and its replay timed: the device-bound time that a training
+loop under CUDA graphs would see. Whole model: one training step (forward, loss, backward, Adam) of
 `BlossomRecForSequentialRecommendation` against the dense model, items per second.
 
     python scripts/benchmark_attention.py [--lengths 50 200 ...] [--output-dir benchmarks/results]
@@ -60,6 +62,26 @@ def measure(step, quick_first: bool):
         return None, None, "out of memory"
 
 
+def graph_ms(step) -> tuple[float | None, str]:
+    """Median ms of replaying `step` captured in a CUDA graph (no host work per step), or None and why not."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        ms = triton.testing.do_bench(graph.replay, warmup=50, rep=300, return_mode="median")
+        del graph
+        return ms, ""
+    except Exception as error:  # a capture failure is reported, not fatal: the eager timing still stands
+        torch.cuda.synchronize()
+        return None, f"graph capture failed: {type(error).__name__}: {str(error)[:80]}"
+
+
 def module_step(implementation: str, length: int):
     torch.manual_seed(0)
     batch = TOKENS // length
@@ -73,7 +95,7 @@ def module_step(implementation: str, length: int):
     rotary = rotary_tables(length, config.head_dim, config.rope_theta, "cuda", torch.float32)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):  # no cast cache: graph-capturable
             out = module(hidden, rotary)
         out.backward(grad)
 
@@ -101,13 +123,16 @@ def model_step(implementation: str, length: int):
 def run_module_table(lengths, with_reference: bool = True):
     rows = []
     print(f"{'L':>6} {'B':>5} | {'sdpa ms':>8} {'MiB':>7} | {'triton ms':>9} {'MiB':>7} {'t/dense':>7} {'m/dense':>7} "
-          f"{'target':>6} | {'torch ms':>9} {'MiB':>7} {'t/dense':>7}")
+          f"{'target':>6} | {'graph sdpa':>10} {'graph triton':>12} {'t/dense':>7} | {'torch ms':>9} {'MiB':>7} "
+          f"{'t/dense':>7}")
     for length in lengths:
         row = {"length": length, "batch": TOKENS // length}
         for implementation in ("sdpa", "blossom_triton") + (("blossom_torch",) if with_reference else ()):
             step, keep = module_step(implementation, length)
             ms, mib, note = measure(step, quick_first=implementation == "blossom_torch")
             row[implementation] = {"ms": ms, "peak_mib": mib, "note": note}
+            if implementation != "blossom_torch" and ms is not None:
+                row[implementation]["graph_ms"], row[implementation]["graph_note"] = graph_ms(step)
             del step, keep
         dense = row["sdpa"]
         row.setdefault("blossom_torch", {"ms": None, "peak_mib": None, "note": "not run"})
@@ -116,6 +141,8 @@ def run_module_table(lengths, with_reference: bool = True):
             if entry["ms"] is not None and dense["ms"]:
                 entry["time_ratio"] = entry["ms"] / dense["ms"]
                 entry["memory_ratio"] = entry["peak_mib"] / dense["peak_mib"]
+            if entry.get("graph_ms") and dense.get("graph_ms"):
+                entry["graph_time_ratio"] = entry["graph_ms"] / dense["graph_ms"]
         row["target_time_ratio"] = TARGETS.get(length)
         rows.append(row)
         tri, ref = row["blossom_triton"], row["blossom_torch"]
@@ -126,8 +153,10 @@ def run_module_table(lengths, with_reference: bool = True):
         print(f"{length:>6} {row['batch']:>5} | {fmt(dense['ms'], '8.3f')} {fmt(dense['peak_mib'], '7.0f')} | "
               f"{fmt(tri['ms'], '9.3f')} {fmt(tri['peak_mib'], '7.0f')} {fmt(tri.get('time_ratio'), '7.2f')} "
               f"{fmt(tri.get('memory_ratio'), '7.2f')} {fmt(row['target_time_ratio'], '6.2f')} | "
+              f"{fmt(dense.get('graph_ms'), '10.3f')} {fmt(tri.get('graph_ms'), '12.3f')} "
+              f"{fmt(tri.get('graph_time_ratio'), '7.2f')} | "
               f"{fmt(ref['ms'], '9.3f')} {fmt(ref['peak_mib'], '7.0f')} {fmt(ref.get('time_ratio'), '7.2f')} "
-              f"{ref['note']}", flush=True)
+              f"{ref['note']} {dense.get('graph_note', '')} {tri.get('graph_note', '')}", flush=True)
     return rows
 
 
