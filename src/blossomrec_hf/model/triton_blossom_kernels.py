@@ -119,11 +119,16 @@ def compressed_forward(
             w = j + o
             ck = tl.load(ck_base + w[:, None] * sckw + dofs[None, :], mask=(w < W)[:, None] & dmask[None, :],
                          other=0.0)
-            # all G heads in one dot (rows are head-major), then each position's probabilities summed over heads
-            s = tl.dot(q, tl.trans(ck), input_precision=DOT_PREC) * qk_scale
-            visible = (w[None, :] < own[:, None]) & (w[None, :] < W)
-            probs = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
-            score += tl.sum(tl.reshape(probs, [G, BM, BW]), 0)
+            visible = (w[None, :] < own_p[:, None]) & (w[None, :] < W)
+            group_prob = tl.zeros([BM, BW], tl.float32)
+            for gg in tl.static_range(G):
+                row = b * L * HKV * G + (h * G + gg) * L + positions
+                q_g = tl.load(Q + b * sqb + (h * G + gg) * sqh + positions[:, None] * sql + dofs[None, :],
+                              mask=pmask[:, None] & dmask[None, :], other=0.0)
+                lse_g = tl.load(LSEC + row, mask=pmask, other=0.0)
+                s = tl.dot(q_g, tl.trans(ck), input_precision=DOT_PREC) * qk_scale
+                group_prob += tl.where(visible, tl.exp2(s - lse_g[:, None]), 0.0)
+            score += group_prob
         candidates = tl.where(j[None, :] < own_p[:, None], score, -1.0)
         merged_s = tl.full([BM, NS], -1.0, tl.float32)
         merged_j = tl.full([BM, NS], -1, tl.int32)
