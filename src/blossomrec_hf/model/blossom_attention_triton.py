@@ -102,8 +102,9 @@ def _row_major(x: torch.Tensor) -> torch.Tensor:
 
 
 def _compact(x: torch.Tensor) -> torch.Tensor:
-    """x [B, H, L, D] in memory of its own: [B, L, H, D] or [B, H, L, D] order, kept; anything else (a view into
-    the input projection's wider rows, say) copied to [B, L, H, D] order, so gathered rows stay close in cache."""
+    """x [B, H, L, D] in memory of its own: [B, L, H, D] or [B, H, L, D] order, kept; anything else (v, a view into
+    the input projection's 216-wide rows) copied to [B, L, H, D] order. Measured on an H200: reading v in place
+    costs 0.33 ms more per module step at L = 200 and 0.6 ms at 4,096-16,384 than this 8 MiB copy."""
     if x.is_contiguous() or x.transpose(1, 2).is_contiguous():
         return x
     return x.transpose(1, 2).contiguous().transpose(1, 2)
