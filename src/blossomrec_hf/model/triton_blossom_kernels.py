@@ -201,6 +201,37 @@ def _stis_scores(q, k, kpos, pos, L, qk_scale, WINDOW: tl.constexpr, DOT_PREC: t
     return s, valid
 
 
+@triton.jit
+def _query_block(Q, sqb, sqh, sql, L, HKV: tl.constexpr, G: tl.constexpr, SEL_B: tl.constexpr, D: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """This program's selection block of queries and kv head: rows are (position, head) over the G heads of the kv
+    head; returns the block, batch, kv head, each row's position, head and validity, the head-dim offsets and mask,
+    and the q tile."""
+    blk = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)
+    h = pid_bh % HKV
+    rows = tl.arange(0, SEL_B * G)
+    pos = blk * SEL_B + rows // G
+    head = h * G + rows % G
+    row_ok = pos < L
+    dofs = tl.arange(0, BLOCK_D)
+    dmask = dofs < D
+    q = tl.load(Q + b * sqb + head[:, None] * sqh + pos[:, None] * sql + dofs[None, :],
+                mask=row_ok[:, None] & dmask[None, :], other=0.0)
+    return blk, b, h, pos, head, row_ok, dofs, dmask, q
+
+
+@triton.jit
+def _key_block_scores(q, k_base, v_base, skl, svl, kb, pos, L, qk_scale, SEL_B: tl.constexpr, WINDOW: tl.constexpr,
+                      dofs, dmask, DOT_PREC: tl.constexpr):
+    """Key and value block `kb`, the rows' base-2 scores against it and its STIS offset mask."""
+    k, kpos = _load_block(k_base, skl, kb, L, SEL_B, dofs, dmask)
+    v, _ = _load_block(v_base, svl, kb, L, SEL_B, dofs, dmask)
+    s, stis_valid = _stis_scores(q, k, kpos, pos, L, qk_scale, WINDOW, DOT_PREC)
+    return k, v, kpos, s, stis_valid
+
+
 @triton.jit(do_not_specialize=["L", "n_far"])
 def sparse_forward(
     Q, K, V, BIDX, OS, OT, LSES, LSET,
@@ -211,19 +242,8 @@ def sparse_forward(
     DOT_PREC: tl.constexpr,
 ):
     """One program = one selection block of queries (all G heads of one kv head); rows are (position, head)."""
-    blk = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // HKV).to(tl.int64)
-    h = pid_bh % HKV
     R: tl.constexpr = SEL_B * G
-    rows = tl.arange(0, R)
-    pos = blk * SEL_B + rows // G
-    head = h * G + rows % G
-    row_ok = pos < L
-    dofs = tl.arange(0, BLOCK_D)
-    dmask = dofs < D
-    q = tl.load(Q + b * sqb + head[:, None] * sqh + pos[:, None] * sql + dofs[None, :],
-                mask=row_ok[:, None] & dmask[None, :], other=0.0)
+    blk, b, h, pos, head, row_ok, dofs, dmask, q = _query_block(Q, sqb, sqh, sql, L, HKV, G, SEL_B, D, BLOCK_D)
     qf = q.to(tl.float32) * qk_scale
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
@@ -246,24 +266,21 @@ def sparse_forward(
             m_s, l_s, acc_s = _online_update(m_s, l_s, acc_s, s, vv)
 
     # the own block: LTIS (causal) and STIS share one score tile
-    k, kpos = _load_block(k_base, skl, blk, L, SEL_B, dofs, dmask)
-    v, _ = _load_block(v_base, svl, blk, L, SEL_B, dofs, dmask)
-    s, stis_valid = _stis_scores(q, k, kpos, pos, L, qk_scale, WINDOW, DOT_PREC)
+    k, v, kpos, s, stis_valid = _key_block_scores(q, k_base, v_base, skl, svl, blk, pos, L, qk_scale, SEL_B, WINDOW,
+                                                  dofs, dmask, DOT_PREC)
     m_s, l_s, acc_s = _online_dot(m_s, l_s, acc_s, tl.where(pos[:, None] >= kpos[None, :], s, NEG_INF), v, DOT_PREC)
     m_t, l_t, acc_t = _online_dot(m_t, l_t, acc_t, tl.where(stis_valid, s, NEG_INF), v, DOT_PREC)
 
     # STIS: the near blocks, then the far power-of-two blocks
     for mm in range(1, tl.minimum(M_NEAR, blk) + 1):
-        k, kpos = _load_block(k_base, skl, blk - mm, L, SEL_B, dofs, dmask)
-        v, _ = _load_block(v_base, svl, blk - mm, L, SEL_B, dofs, dmask)
-        s, valid = _stis_scores(q, k, kpos, pos, L, qk_scale, WINDOW, DOT_PREC)
+        k, v, kpos, s, valid = _key_block_scores(q, k_base, v_base, skl, svl, blk - mm, pos, L, qk_scale, SEL_B,
+                                                 WINDOW, dofs, dmask, DOT_PREC)
         m_t, l_t, acc_t = _online_dot(m_t, l_t, acc_t, tl.where(valid, s, NEG_INF), v, DOT_PREC)
     for i in range(0, n_far):
         mm = P_FAR << i
         if mm <= blk:
-            k, kpos = _load_block(k_base, skl, blk - mm, L, SEL_B, dofs, dmask)
-            v, _ = _load_block(v_base, svl, blk - mm, L, SEL_B, dofs, dmask)
-            s, valid = _stis_scores(q, k, kpos, pos, L, qk_scale, WINDOW, DOT_PREC)
+            k, v, kpos, s, valid = _key_block_scores(q, k_base, v_base, skl, svl, blk - mm, pos, L, qk_scale, SEL_B,
+                                                     WINDOW, dofs, dmask, DOT_PREC)
             m_t, l_t, acc_t = _online_dot(m_t, l_t, acc_t, tl.where(valid, s, NEG_INF), v, DOT_PREC)
 
     out_ptr = b * sob + head[:, None] * soh + pos[:, None] * sol + dofs[None, :]
@@ -311,19 +328,9 @@ def backward_dq(
 ):
     """dq of every branch for one query block (mirror of `sparse_forward`, plus the compressed branch, whose keys
     all queries of a selection block see alike: w < block), and the rows' delta = dO . O of each branch."""
-    blk = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // HKV).to(tl.int64)
-    h = pid_bh % HKV
     R: tl.constexpr = SEL_B * G
-    rows = tl.arange(0, R)
-    pos = blk * SEL_B + rows // G
-    head = h * G + rows % G
-    row_ok = pos < L
-    dofs = tl.arange(0, BLOCK_D)
-    dmask = dofs < D
+    blk, b, h, pos, head, row_ok, dofs, dmask, q = _query_block(Q, sqb, sqh, sql, L, HKV, G, SEL_B, D, BLOCK_D)
     rmask = row_ok[:, None] & dmask[None, :]
-    q = tl.load(Q + b * sqb + head[:, None] * sqh + pos[:, None] * sql + dofs[None, :], mask=rmask, other=0.0)
     qf = q.to(tl.float32) * qk_scale
     out_ofs = b * sob + head[:, None] * soh + pos[:, None] * sol + dofs[None, :]
     do_s = tl.load(DOS + b * sdsb + head[:, None] * sdsh + pos[:, None] * sdsl + dofs[None, :], mask=rmask,
@@ -350,22 +357,19 @@ def backward_dq(
             kk, vv, valid = _load_selected_chunk(k_base, v_base, skl, svl, sel, c0, cofs, dofs, dmask3, SEL_B)
             dq = _dq_step(dq, qf, do_sf, lse_s, delta_s, valid, kk, vv)
 
-    k, kpos = _load_block(k_base, skl, blk, L, SEL_B, dofs, dmask)
-    v, _ = _load_block(v_base, svl, blk, L, SEL_B, dofs, dmask)
-    s, stis_valid = _stis_scores(q, k, kpos, pos, L, qk_scale, WINDOW, DOT_PREC)
+    k, v, kpos, s, stis_valid = _key_block_scores(q, k_base, v_base, skl, svl, blk, pos, L, qk_scale, SEL_B, WINDOW,
+                                                  dofs, dmask, DOT_PREC)
     dq = _dq_dot(dq, s, pos[:, None] >= kpos[None, :], do_s, lse_s, delta_s, k, v, DOT_PREC)
     dq = _dq_dot(dq, s, stis_valid, do_t, lse_t, delta_t, k, v, DOT_PREC)
     for mm in range(1, tl.minimum(M_NEAR, blk) + 1):
-        k, kpos = _load_block(k_base, skl, blk - mm, L, SEL_B, dofs, dmask)
-        v, _ = _load_block(v_base, svl, blk - mm, L, SEL_B, dofs, dmask)
-        s, valid = _stis_scores(q, k, kpos, pos, L, qk_scale, WINDOW, DOT_PREC)
+        k, v, kpos, s, valid = _key_block_scores(q, k_base, v_base, skl, svl, blk - mm, pos, L, qk_scale, SEL_B,
+                                                 WINDOW, dofs, dmask, DOT_PREC)
         dq = _dq_dot(dq, s, valid, do_t, lse_t, delta_t, k, v, DOT_PREC)
     for i in range(0, n_far):
         mm = P_FAR << i
         if mm <= blk:
-            k, kpos = _load_block(k_base, skl, blk - mm, L, SEL_B, dofs, dmask)
-            v, _ = _load_block(v_base, svl, blk - mm, L, SEL_B, dofs, dmask)
-            s, valid = _stis_scores(q, k, kpos, pos, L, qk_scale, WINDOW, DOT_PREC)
+            k, v, kpos, s, valid = _key_block_scores(q, k_base, v_base, skl, svl, blk - mm, pos, L, qk_scale, SEL_B,
+                                                     WINDOW, dofs, dmask, DOT_PREC)
             dq = _dq_dot(dq, s, valid, do_t, lse_t, delta_t, k, v, DOT_PREC)
     if HAS_CV:
         do_c = tl.load(DOC + b * sdcb + head[:, None] * sdch + pos[:, None] * sdcl + dofs[None, :], mask=rmask,
