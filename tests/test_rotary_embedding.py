@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from blossomrec_hf.model import rotary_embedding
 from blossomrec_hf.model.rotary_embedding import apply_rotary, rotary_tables, rotate_queries_and_keys
+from triton_support import requires_triton
 
-pytestmark = pytest.mark.skipif(rotary_embedding.triton is None, reason="triton is not installed")
+pytestmark = requires_triton
 
 
 @pytest.mark.parametrize("batch, length, heads, kv_heads, dim", [
