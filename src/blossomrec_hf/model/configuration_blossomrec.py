@@ -119,3 +119,7 @@ class BlossomRecConfig(PretrainedConfig):
         require(self.layer_norm_eps > 0, f"`layer_norm_eps` must be positive, got {self.layer_norm_eps!r}")
         require(self.initializer_range > 0, f"`initializer_range` must be positive, got {self.initializer_range!r}")
         require(self.pad_token_id == 0, f"`pad_token_id` must be 0 (item id 0 is padding), got {self.pad_token_id!r}")
+        weights_file = getattr(self, "transformers_weights", None)  # a config.json may name the weights file
+        require(weights_file is None or str(weights_file).endswith((".safetensors", ".safetensors.index.json")),
+                f"`transformers_weights` must name a .safetensors file, got {weights_file!r}: BlossomRec loads "
+                f"weights from safetensors only and never unpickles a checkpoint")
