@@ -1,9 +1,11 @@
 """BlossomRecForSequentialRecommendation: gradients, padding invariance, lengths, bad input, dtypes, loss, backends."""
 
+import re
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -192,6 +194,33 @@ def test_wrong_dtype_shape_and_mask_are_clear_errors():
         model(torch.tensor([[0, 3]]), attention_mask=torch.ones(1, 2))
     with pytest.raises(ValueError, match="logits_to_keep"):
         model(ids[None], logits_to_keep=-1)
+
+
+@pytest.mark.parametrize("attention_type", ["blossom", "dense"])
+def test_empty_inputs_narrow_ids_and_bool_counts_are_clear_errors(attention_type):
+    model = tiny_model(attention_type=attention_type)
+    ids = random_history(8, 0)[None]
+    for empty in (torch.zeros(0, 8, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long)):
+        shape = tuple(empty.shape)
+        for call in (lambda: model(empty), lambda: model(empty, labels=empty), lambda: model.recommend(empty)):
+            with pytest.raises(ValueError, match=rf"input_ids is empty \(shape {re.escape(str(shape))}\)"):
+                call()
+    for dtype in (torch.uint8, torch.int8, torch.int16):
+        with pytest.raises(TypeError, match=rf"input_ids must hold integer item ids .* got dtype {dtype}"):
+            model(ids.to(dtype))
+        with pytest.raises(TypeError, match=rf"input_ids .* got dtype {dtype}"):
+            model.recommend(ids.to(dtype))
+        with pytest.raises(TypeError, match=rf"labels .* got dtype {dtype}"):
+            model(ids, labels=ids.to(dtype))
+    with pytest.raises(TypeError, match="top_k must be an int, got bool True"):
+        model.recommend(ids, top_k=True)
+    with pytest.raises(TypeError, match="top_k must be an int, got float 2.0"):
+        model.recommend(ids, top_k=2.0)
+    with pytest.raises(TypeError, match="logits_to_keep must be an int, got bool True"):
+        model(ids, logits_to_keep=True)
+    int32 = model(ids.int(), logits_to_keep=1).logits  # torch.int32 ids stay accepted
+    torch.testing.assert_close(int32, model(ids, logits_to_keep=1).logits)
+    assert model.recommend(ids, top_k=np.int64(3)).item_ids.shape == (1, 3)
 
 
 def test_attention_mask_marks_padding_even_for_nonzero_ids():

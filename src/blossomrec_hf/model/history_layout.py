@@ -23,13 +23,27 @@ def check_item_ids(ids: torch.Tensor, n_items: int, name: str, allowed_extra: tu
         )
 
 
+ID_DTYPES = (torch.long, torch.int32)
+
+
 def check_ids_tensor(ids, name: str) -> None:
+    """A [batch, sequence_length] tensor of torch.long or torch.int32 ids with at least one row and one position.
+
+    8- and 16-bit integers are refused rather than converted: they cannot hold most catalogues' ids, so a conversion
+    upstream may already have wrapped them silently.
+    """
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of item ids, got {type(ids).__name__}")
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer item ids (torch.long or torch.int), got dtype {ids.dtype}")
+    if ids.dtype not in ID_DTYPES:
+        too_narrow = "" if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool else \
+            " (narrower or unsigned integers cannot hold most item ids and wrap silently)"
+        raise TypeError(f"{name} must hold integer item ids (torch.long or torch.int32), got dtype "
+                        f"{ids.dtype}{too_narrow}")
     if ids.dim() != 2:
         raise ValueError(f"{name} must have shape [batch, sequence_length], got shape {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(ids.shape)}): pass at least one history of at least one "
+                         f"position")
 
 
 @dataclass

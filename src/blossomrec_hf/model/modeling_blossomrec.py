@@ -9,6 +9,7 @@ returns hidden states in the caller's layout.
 """
 
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass
@@ -474,6 +475,17 @@ class BlossomRecModel(BlossomRecPreTrainedModel):
         return output if return_dict is not False else output.to_tuple()
 
 
+def _count_argument(value, name: str, minimum: int, maximum: int | None = None) -> int:
+    """An int argument such as `top_k`: a TypeError for bools, floats and other types, a ValueError out of range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"in [{minimum}, n_items={maximum}]" if maximum is not None else f">= {minimum}"
+        raise ValueError(f"{name} must be an int {bound}, got {value}")
+    return value
+
+
 class BlossomRecForSequentialRecommendation(BlossomRecPreTrainedModel):
     """BlossomRec with next-item scores `h_t . E[i]` over the whole item vocabulary, a loss, and `recommend`."""
 
@@ -521,8 +533,7 @@ class BlossomRecForSequentialRecommendation(BlossomRecPreTrainedModel):
             item of the same history; 0 and -100 are ignored.
         logits_to_keep: 0 = scores at every position; k > 0 = scores after each history's last k items.
         """
-        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
-            raise ValueError(f"logits_to_keep must be a non-negative int, got {logits_to_keep!r}")
+        logits_to_keep = _count_argument(logits_to_keep, "logits_to_keep", minimum=0)
         layout, states = self.model.encode(input_ids, attention_mask)
         last = states[-1]
 
@@ -565,8 +576,7 @@ class BlossomRecForSequentialRecommendation(BlossomRecPreTrainedModel):
     @torch.no_grad()
     def recommend(self, input_ids, attention_mask=None, top_k: int = 10, exclude_history: bool = False):
         """The `top_k` best next items for each history (in eval mode), optionally leaving out items already seen."""
-        if not isinstance(top_k, int) or not 1 <= top_k <= self.config.n_items:
-            raise ValueError(f"top_k must be an int in [1, n_items={self.config.n_items}], got {top_k!r}")
+        top_k = _count_argument(top_k, "top_k", minimum=1, maximum=self.config.n_items)
         was_training = self.training
         self.eval()
         try:
