@@ -4,10 +4,13 @@ For each case (batch, length, group size, head dim, compressed branch on/off, dt
 gradients of q, k, v, ck, cv are compared with the exact sparse attention computed in float64 on the same input
 values. The selected branch of the reference uses the kernel's own block indices (block selection is a top-n, so
 a near-tie can legitimately flip between float32 and float64); how often the kernel's selection equals the float64
-selection is reported separately. Model-level cases run `BlossomRecForSequentialRecommendation` with
+selection is reported separately. Tie cases give the compressed keys exactly tied scores (queries on a grid of eighths,
+so every product is exact whatever the summation order; every block tied, or every fifth block tied above the
+rest) at several key-tile sizes: the kernel's selection must equal the reference's, which breaks ties towards the
+earlier block, for every query. Model-level cases run `BlossomRecForSequentialRecommendation` with
 `blossom_triton` against `blossom_torch` on the same weights, left and right padding.
 
-    python scripts/check_triton_attention.py [--workers 8] [--output benchmarks/results/triton_correctness.json]
+    python scripts/check_triton_attention.py [--workers 8] [--kind ties] [--output benchmarks/results/triton_correctness.json]
 
 Every kernel case also runs twice: outputs and gradients must be bitwise equal (the backward has no atomics).
 Cases run in `--workers` processes on the one GPU: most of the time goes to compiling the kernels for each shape,
@@ -28,6 +31,7 @@ import triton
 from blossomrec_hf import BlossomRecConfig, BlossomRecForSequentialRecommendation
 from blossomrec_hf.model.blossom_attention_torch import (
     attend_gathered,
+    select_blocks,
     compressed_probabilities,
     gather_positions,
     selected_keys,
@@ -35,6 +39,7 @@ from blossomrec_hf.model.blossom_attention_torch import (
     stis_keys,
     top_blocks,
 )
+from blossomrec_hf.model import blossom_attention_triton as triton_backend
 from blossomrec_hf.model.blossom_attention_triton import blossom_attention_triton, select_blocks_triton
 from blossomrec_hf.model.sparse_patterns import SparseGeometry
 
@@ -109,6 +114,30 @@ def kernel_case(batch, length, group, dim, compressed, dtype, seed, device):
         if r is not None and r.norm() > 0:
             errors[name] = relative_error(g, r)
     return errors, same_sets(block_indices, ref_selection), bitwise
+
+
+def tie_case(batch, length, group, dim, dtype, key_tile, seed, device):
+    """Fraction of queries whose kernel selection equals the reference's on exactly tied compressed scores.
+
+    Compressed keys take a few exact values, so scores fall into classes of exact ties: row 0 all zero (every visible
+    block ties), row 1 every fifth key 0.5 and the rest zero, row 2 also every third key -0.25. With `key_tile` keys
+    per tile the running top-n merges many tiles, so ties span tiles. The reference is `select_blocks` in float64:
+    a stable sort, the earlier block first on ties.
+    """
+    generator = torch.Generator(device=device).manual_seed(seed)
+    kv_heads = 2
+    width = GEOMETRY.num_compressed_blocks(length)
+    q = torch.randint(-16, 17, (batch, kv_heads * group, length, dim), device=device, generator=generator) / 8
+    ck = torch.zeros(batch, kv_heads, width, dim, device=device)
+    ck[1:, :, ::5] = 0.5
+    ck[2:, :, ::3] = -0.25
+    previous = triton_backend.TUNING["forward_keys"], triton_backend.TUNING["forward_keys_long"]
+    triton_backend.TUNING["forward_keys"] = triton_backend.TUNING["forward_keys_long"] = key_tile
+    try:
+        chosen = select_blocks_triton(q.to(dtype), ck.to(dtype), GEOMETRY)
+    finally:
+        triton_backend.TUNING["forward_keys"], triton_backend.TUNING["forward_keys_long"] = previous
+    return same_sets(chosen, select_blocks(q.double(), ck.double(), GEOMETRY))
 
 
 def model_loss_and_gradients(config, ids, implementation, dtype, seed):
@@ -198,6 +227,10 @@ def run_case(case):
         return dict(case, errors=errors, selection_agreement=agreement, bitwise_repeatable=bitwise,
                     passed=max(errors.values()) <= TOLERANCE[dtype] and bitwise, seconds=round(time.time() - start, 2))
     dtype = getattr(torch, case["dtype"])
+    if case["kind"] == "ties":
+        agreement = tie_case(case["batch"], case["length"], case["group"], case["head_dim"], dtype, case["key_tile"],
+                             case["seed"], case["device"])
+        return dict(case, selection_agreement=agreement, passed=agreement == 1.0)
     errors, passed = model_case(case["length"], case["padding"], dtype, case["seed"], case["device"])
     return dict(case, errors=errors, passed=passed)
 
@@ -209,6 +242,10 @@ def all_cases(seed: int, device: str, limit: int | None) -> list[dict]:
     rows += [dict(kind="model", length=length, padding=side, dtype=str(dtype).removeprefix("torch."), seed=length,
                   device=device)
              for length in (13, 200, 1000) for side in ("left", "right") for dtype in (torch.float32, torch.bfloat16)]
+    rows += [dict(kind="ties", batch=3, length=length, group=group, head_dim=dim, dtype=dtype, key_tile=tile,
+                  seed=seed + length, device=device)
+             for length, group, dim in ((300, 2, 16), (1000, 4, 16), (2048, 1, 64), (4100, 8, 32))
+             for dtype in ("float32", "bfloat16") for tile in (16, 64)]
     return rows if limit is None else [r for r in rows if r.get("length", 0) <= limit]
 
 
@@ -219,6 +256,10 @@ def print_row(row: dict) -> None:
               f"{str(row['compressed'])[0]:>4} {row['dtype']:>9} {row['errors'][worst]:>10.2e} {worst:>10} "
               f"{row['selection_agreement']:>8.4f} {str(row['bitwise_repeatable']):>7} {str(row['passed']):>5}",
               flush=True)
+    elif row["kind"] == "ties":
+        print(f"{'ties':>6} {row['batch']:>2} {row['length']:>5} {row['group']:>2} {row['head_dim']:>4} "
+              f"{row['dtype']:>9} tile {row['key_tile']:>3} {'':>19} {row['selection_agreement']:>8.4f} {'':>7} "
+              f"{str(row['passed']):>5}", flush=True)
     else:
         reference = row["errors"].get("reference_grads")
         print(f"{'model':>6} {row['length']:>5} {row['padding']:>5} {row['dtype']:>9} {row['errors']['loss']:>9.2e} "
@@ -233,6 +274,8 @@ def main():
     parser.add_argument("--workers", type=int, default=8, help="processes sharing the GPU (compiles run in parallel)")
     parser.add_argument("--device", default="cuda", help="cpu runs the kernels under TRITON_INTERPRET=1 (slow)")
     parser.add_argument("--max_length", type=int, default=None, help="only the cases up to this length")
+    parser.add_argument("--kind", choices=["kernel", "ties", "model"], action="append",
+                        help="only cases of this kind (repeatable); all kinds by default")
     args = parser.parse_args()
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -247,13 +290,17 @@ def main():
           f"{'sel=f64':>8} {'bitwise':>7} {'pass':>5}")
     print("model rows: L, padding side, dtype, loss error (vs blossom_torch in the same dtype), worst parameter-gradient "
           "error vs blossom_torch in float32, the same for blossom_torch in bf16, pass, worst parameter")
+    print("ties rows: B, L, G, D, dtype, key tile, share of queries selecting exactly the reference's tied blocks")
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for row in pool.map(run_case, all_cases(args.seed, args.device, args.max_length)):
+        kinds = args.kind or ["kernel", "ties", "model"]
+        chosen = [c for c in all_cases(args.seed, args.device, args.max_length) if c["kind"] in kinds]
+        for row in pool.map(run_case, chosen):
             rows.append(row)
             print_row(row)
             save()
     passed = sum(r["passed"] for r in rows)
-    print(f"\n{passed}/{len(rows)} cases pass (fp32 within 1e-3, bf16 within 1e-2 relative)")
+    print(f"\n{passed}/{len(rows)} cases pass (fp32 within 1e-3, bf16 within 1e-2 relative; ties: every query's "
+          f"selection equal to the reference's)")
 
 
 if __name__ == "__main__":
