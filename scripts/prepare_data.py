@@ -6,6 +6,12 @@
     python scripts/prepare_data.py --dataset synthetic --num_users 5000 --output_dir data/synthetic
 
 ``train.py --dataset DIR`` then loads DIR as it is. The sizes are printed and kept in DIR/prepared_data.json.
+
+The data must pass the checks training makes (``check_trainable``: users to evaluate, training windows), else
+nothing is written. DIR is written atomically (a temporary folder beside it, renamed when complete), replacing an
+earlier prepared DIR; any other non-empty DIR is refused. Bad input is one ``error: ...`` line on stderr and exit
+status 2 (as for bad flags); suspicious data that is kept (exactly repeated events) is one ``warning: ...`` line;
+Ctrl-C exits with 130, leaving nothing half-written.
 """
 
 from __future__ import annotations
@@ -14,7 +20,16 @@ import argparse
 import json
 import sys
 
-from blossomrec_hf.data import FORMATS, prepare_data
+from blossomrec_hf.data import (
+    FORMATS,
+    check_output_directory,
+    check_trainable,
+    one_line_data_warnings,
+    prepare_data,
+    user_input_errors,
+)
+from blossomrec_hf.data.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED
+from blossomrec_hf.data.tables import datasets
 
 SYNTHETIC_OPTIONS = ("num_users", "num_items", "max_history_length", "seed")
 
@@ -44,25 +59,36 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """The exit status: 0, 2 after one ``error:`` line for bad input (argparse's own errors raise ``SystemExit(2)``),
+    130 on Ctrl-C."""
     args = parse_args(argv)
+    one_line_data_warnings()
+    if datasets is not None:
+        datasets.disable_progress_bars()  # the output is the summary below, or one error line
     if args.dataset == "synthetic":
         options = {k: getattr(args, k) for k in SYNTHETIC_OPTIONS if getattr(args, k) is not None}
     else:
         given = [f"--{k}" for k in SYNTHETIC_OPTIONS if getattr(args, k) is not None]
         if given:
             print(f"error: {', '.join(given)} apply only to --dataset synthetic", file=sys.stderr)
-            return 2
+            return EXIT_BAD_INPUT
         options = {"format": args.format, "user_column": args.user_column, "item_column": args.item_column,
                    "timestamp_column": args.timestamp_column, "rating_column": args.rating_column,
                    "split": args.split, "streaming": args.streaming}
     try:
-        data = prepare_data(args.dataset, max_seq_length=args.max_seq_length, k_core=args.k_core,
-                            min_history_length=args.min_history_length, **options)
-    except (ValueError, KeyError, FileNotFoundError, ImportError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"error: dataset {args.dataset!r}: {message}", file=sys.stderr)
-        return 1
-    data.save(args.output_dir)
+        with user_input_errors("--output_dir"):
+            check_output_directory(args.output_dir)  # before the work, not after it
+        with user_input_errors(f"dataset {args.dataset!r}"):
+            data = prepare_data(args.dataset, max_seq_length=args.max_seq_length, k_core=args.k_core,
+                                min_history_length=args.min_history_length, **options)
+            check_trainable(data, args.max_seq_length)  # what training checks first: refuse before writing
+        with user_input_errors("--output_dir"):
+            data.save(args.output_dir)
+    except SystemExit as stop:  # user_input_errors printed the error line
+        return stop.code
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.output_dir} was not written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(json.dumps(data.info, indent=2))
     print(f"wrote {args.output_dir}: train/validation/test Parquet and item_vocabulary.json")
     return 0

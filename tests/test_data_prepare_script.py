@@ -42,7 +42,7 @@ def test_synthetic_options(script, tmp_path, capsys):
 def test_bad_input_is_one_clear_line(script, tmp_path, capsys):
     log = tmp_path / "log.csv"
     log.write_text("a,b\n1,2\n")
-    assert script.main(["--dataset", str(log), "--output_dir", str(tmp_path / "out")]) == 1
+    assert script.main(["--dataset", str(log), "--output_dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: dataset {str(log)!r}: ") and "no user column" in err and "Traceback" not in err
     assert script.main(["--dataset", str(log), "--output_dir", str(tmp_path / "o"), "--num_users", "3"]) == 2

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import uuid
 from dataclasses import dataclass, field
 
 from .histories import build_histories, leave_one_out
@@ -29,15 +31,28 @@ class PreparedData:
     info: dict = field(default_factory=dict)  # source, filters, sizes
 
     def save(self, directory: str | os.PathLike) -> None:
+        """Write the prepared folder atomically: into a temporary folder beside ``directory``, renamed into place
+        once complete, so an error or Ctrl-C never leaves a half-written folder. An existing prepared folder (or an
+        empty folder) is replaced; any other existing path is refused before anything is written."""
         import pyarrow.parquet as pq
 
-        os.makedirs(directory, exist_ok=True)
-        for name in SPLITS:
-            table = to_arrow(read_columns(self.splits[name], SPLIT_COLUMNS[name], what=f"split {name!r}"))
-            pq.write_table(table, os.path.join(directory, f"{name}.parquet"))
-        self.vocab.save_pretrained(directory)
-        with open(os.path.join(directory, INFO_FILE), "w") as f:
-            json.dump(self.info, f, indent=2)
+        check_output_directory(directory)
+        directory = os.path.abspath(os.fspath(directory))
+        parent, name = os.path.split(directory)
+        os.makedirs(parent, exist_ok=True)
+        staging = os.path.join(parent, f".{name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.mkdir(staging)  # with the umask's permissions, unlike tempfile.mkdtemp's 0o700
+        try:
+            for split in SPLITS:
+                table = to_arrow(read_columns(self.splits[split], SPLIT_COLUMNS[split], what=f"split {split!r}"))
+                pq.write_table(table, os.path.join(staging, f"{split}.parquet"))
+            self.vocab.save_pretrained(staging)
+            with open(os.path.join(staging, INFO_FILE), "w") as f:
+                json.dump(self.info, f, indent=2)
+            _replace_directory(staging, directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "PreparedData":
@@ -59,6 +74,39 @@ class PreparedData:
 
 def is_prepared_directory(source) -> bool:
     return isinstance(source, (str, os.PathLike)) and os.path.isfile(os.path.join(source, INFO_FILE))
+
+
+def check_output_directory(directory: str | os.PathLike) -> None:
+    """``FileExistsError`` unless ``directory`` can take a prepared dataset: it does not exist, is empty, or holds
+    a prepared dataset (which is then replaced). Cheap: call it before preparing, not only when saving."""
+    directory = os.fspath(directory)
+    if not os.path.lexists(directory) or is_prepared_directory(directory):
+        return
+    if not os.path.isdir(directory) or os.path.islink(directory):
+        raise FileExistsError(f"{directory} exists and is not a folder (or is a link to one that is not a prepared "
+                              f"dataset); choose another output folder")
+    if os.listdir(directory):
+        raise FileExistsError(f"{directory} exists and is not empty nor a prepared dataset (no {INFO_FILE}); "
+                              f"choose a new or empty output folder")
+
+
+def _replace_directory(staging: str, directory: str) -> None:
+    """Rename the complete ``staging`` folder to ``directory``; an old ``directory`` is moved aside first and then
+    deleted, so at every moment ``directory`` is either the old folder, absent (for two renames), or the new one."""
+    old = None
+    if os.path.lexists(directory):
+        old = f"{staging}.old"
+        os.rename(directory, old)
+    try:
+        os.rename(staging, directory)
+    except BaseException:
+        if old is not None:
+            os.rename(old, directory)
+        raise
+    if old is not None and os.path.islink(old):
+        os.unlink(old)
+    elif old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def prepare_data(source="synthetic", *, max_seq_length: int = 50, k_core: int = 0, min_history_length: int = 3,
