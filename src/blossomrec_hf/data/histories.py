@@ -7,8 +7,11 @@ appearance in the event log, which keeps ids that a file already numbers 1..n (B
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
+from .errors import DataWarning
 from .tables import Ragged, make_table, make_table_dict, read_columns
 from .vocabulary import ItemVocabulary
 
@@ -37,6 +40,21 @@ def _k_core(user: np.ndarray, item: np.ndarray, k: int) -> np.ndarray:
         keep = new
 
 
+def _warn_repeated_events(user, item, timestamp, user_names, item_names) -> None:
+    """A ``DataWarning`` counting events that repeat an earlier one exactly: same user, item and timestamp (they are
+    kept). Logs without time have distinct timestamps (file positions); their readers count repeated lines."""
+    if len(user) < 2:
+        return
+    order = np.lexsort((timestamp, item, user))
+    same = (np.diff(user[order]) == 0) & (np.diff(item[order]) == 0) & (np.diff(timestamp[order]) == 0)
+    if same.any():
+        first = order[1:][same].min()  # the first repeat in event order
+        warnings.warn(f"{int(same.sum())} event(s) repeat an earlier event exactly (same user, item and timestamp; "
+                      f"the first at row {int(first)}: user {str(user_names[user[first]])!r}, item "
+                      f"{str(item_names[item[first]])!r}, time {timestamp[first]:g}); kept as repeated interactions",
+                      DataWarning, stacklevel=3)
+
+
 def build_histories(events, *, k_core: int = 0, min_history_length: int = 3):
     """One row per user: ``user`` (string) and ``items`` (internal ids, oldest first); and the item vocabulary.
 
@@ -51,7 +69,10 @@ def build_histories(events, *, k_core: int = 0, min_history_length: int = 3):
     item, item_names = _first_appearance_codes(columns["item"])
     timestamp = np.asarray(columns["timestamp"], dtype=np.float64)
     if np.isnan(timestamp).any():
-        raise ValueError(f"{int(np.isnan(timestamp).sum())} events have no timestamp (NaN)")
+        missing = np.flatnonzero(np.isnan(timestamp))
+        raise ValueError(f"{len(missing)} events have no timestamp (NaN), the first at row {int(missing[0])} "
+                         f"(counted from 0)")
+    _warn_repeated_events(user, item, timestamp, user_names, item_names)
     order = np.argsort(timestamp, kind="stable")
     order = order[np.argsort(user[order], kind="stable")]
     user, item = user[order], item[order]
