@@ -17,7 +17,7 @@ from transformers import AutoModel, HfArgumentParser
 from transformers.utils import logging as transformers_logging
 
 from blossomrec_hf.data import ItemVocabulary, prepare_data
-from blossomrec_hf.evaluation import RankingEvaluator
+from blossomrec_hf.evaluation import MAX_TOKENS_PER_FORWARD, RankingEvaluator
 from blossomrec_hf.metrics import format_metrics_table
 from blossomrec_hf.training_args import DataArguments, EvaluationArguments, user_input_errors
 
@@ -32,6 +32,8 @@ class EvaluateArguments:
     max_seq_length: int | None = field(default=None, metadata={
         "help": "most recent items the model sees (default: the length it was trained with)"})
     attn_implementation: str | None = field(default=None, metadata={"help": "attention backend override"})
+    max_tokens_per_forward: int = field(default=MAX_TOKENS_PER_FORWARD, metadata={
+        "help": "history positions per model forward (an evaluation batch runs in slices of at most this many)"})
 
 
 def main():
@@ -55,7 +57,8 @@ def main():
         evaluator = RankingEvaluator(data.splits[args.split], data.splits["train"], n_items=vocab.n_items,
                                      max_seq_length=max_seq_length, accelerator=accelerator,
                                      batch_size=eval_args.per_device_eval_batch_size, mode=eval_args.eval_mode,
-                                     exclude_history=eval_args.exclude_history, seed=eval_args.eval_seed)
+                                     exclude_history=eval_args.exclude_history, seed=eval_args.eval_seed,
+                                     max_tokens_per_forward=args.max_tokens_per_forward)
 
     metrics = {"model": evaluator.evaluate_model(model.to(accelerator.device)),
                "popularity": evaluator.evaluate_popularity()}

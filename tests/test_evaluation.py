@@ -122,3 +122,24 @@ def test_uni100_is_deterministic_and_never_harder_than_full_ranking():
     assert all(sampled[name] >= full[name] for name in full if name != "num_users")
     with pytest.raises(ValueError, match="unknown evaluation mode"):
         _evaluator(mode="uni50")
+
+
+class RecordingScorer(NextIdScorer):
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def forward(self, input_ids, logits_to_keep=0):
+        self.shapes.append(tuple(input_ids.shape))
+        return super().forward(input_ids, logits_to_keep)
+
+
+def test_a_token_budget_slices_each_batch_without_changing_a_score():
+    whole, sliced = RecordingScorer(), RecordingScorer()
+    reference = _evaluator().evaluate_model(whole)
+    assert _evaluator(max_tokens_per_forward=6).evaluate_model(sliced) == reference
+    assert max(rows * length for rows, length in sliced.shapes) <= 6  # batches of 4 users, 3 items: 2 users a slice
+    assert sum(rows for rows, _ in sliced.shapes) == sum(rows for rows, _ in whole.shapes) == 6
+    assert _evaluator(max_tokens_per_forward=1).evaluate_model(RecordingScorer()) == reference  # one user at least
+    with pytest.raises(ValueError, match="max_tokens_per_forward"):
+        _evaluator(max_tokens_per_forward=0)

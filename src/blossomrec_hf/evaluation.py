@@ -25,6 +25,10 @@ EVALUATION_MODES = ("full", "uni100")
 
 ScoreFunction = Callable[[dict], torch.Tensor]
 
+# Positions per model forward in evaluation: 2**19 is every user of a 256-user batch up to length 2,048, and 32 users
+# at 16,384 (the float32 dense model then needs about 3 GiB per forward).
+MAX_TOKENS_PER_FORWARD = 2**19
+
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor, *, history_items: torch.Tensor | None = None,
                  candidates: torch.Tensor | None = None) -> torch.Tensor:
@@ -60,10 +64,17 @@ def collect_ranks(score_fn: ScoreFunction, dataloader, accelerator) -> torch.Ten
     return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
 
 
-def model_score_function(model) -> ScoreFunction:
-    """Next-item scores ``[B, n_items + 1]`` from ``model(input_ids, logits_to_keep=1)``."""
+def model_score_function(model, max_tokens_per_forward: int = MAX_TOKENS_PER_FORWARD) -> ScoreFunction:
+    """Next-item scores ``[B, n_items + 1]`` from ``model(input_ids, logits_to_keep=1)``.
+
+    A batch runs in slices of at most ``max_tokens_per_forward`` positions (at least one history each), so memory
+    does not grow with the evaluation batch size at long histories; a history's scores do not depend on its batch
+    neighbours, so the slicing changes no score. Only the last position is scored.
+    """
     def score(batch: dict) -> torch.Tensor:
-        return model(input_ids=batch["input_ids"], logits_to_keep=1).logits[:, -1]
+        input_ids = batch["input_ids"]
+        rows = max(1, max_tokens_per_forward // max(1, input_ids.shape[1]))
+        return torch.cat([model(input_ids=part, logits_to_keep=1).logits[:, -1] for part in input_ids.split(rows)])
     return score
 
 
@@ -95,13 +106,17 @@ class RankingEvaluator:
     """
 
     def __init__(self, split, train_split, *, n_items: int, max_seq_length: int, accelerator, batch_size: int = 256,
-                 mode: str = "full", exclude_history: bool = False, seed: int = 0, ks: Iterable[int] = DEFAULT_KS):
+                 mode: str = "full", exclude_history: bool = False, seed: int = 0, ks: Iterable[int] = DEFAULT_KS,
+                 max_tokens_per_forward: int = MAX_TOKENS_PER_FORWARD):
         if mode not in EVALUATION_MODES:
             raise ValueError(f"unknown evaluation mode {mode!r}; choose one of {', '.join(EVALUATION_MODES)}")
         if len(split) == 0:
             raise ValueError("the evaluation split has no users")
+        if not isinstance(max_tokens_per_forward, int) or max_tokens_per_forward < 1:
+            raise ValueError(f"max_tokens_per_forward must be a positive int, got {max_tokens_per_forward!r}")
         self.accelerator = accelerator
         self.ks = tuple(ks)
+        self.max_tokens_per_forward = max_tokens_per_forward
         negative_sampler = NegativeSampler(n_items, 100, seed) if mode == "uni100" else None
         collator = EvaluationCollator(max_seq_length, exclude_history=exclude_history and mode == "full",
                                       negative_sampler=negative_sampler)
@@ -117,7 +132,7 @@ class RankingEvaluator:
         was_training = model.training
         model.eval()
         try:
-            return self.evaluate(model_score_function(model))
+            return self.evaluate(model_score_function(model, self.max_tokens_per_forward))
         finally:
             model.train(was_training)
 

@@ -69,17 +69,50 @@ class RecommendationOutput(ModelOutput):
 # ----------------------------------------------------------------------------------------------------------------
 # Attention backends: each maps (q, k, v, ...) of one layer to its per-head output.
 # ----------------------------------------------------------------------------------------------------------------
+# Dense attention never builds an [L, L] tensor: histories are left-aligned, so causality is sdpa's `is_causal` (no
+# mask), and the eager reference scores a block of queries at a time.
+EAGER_MAX_SCORES = 2**25  # scores per eager query block: 128 MiB in float32
+
+
+def sdpa_groups_heads_natively(device_type: str, dtype: torch.dtype, head_dim: int, capability=None) -> bool:
+    """Whether `scaled_dot_product_attention(..., enable_gqa=True)` runs a fused kernel, without [B, H, L, L] scores.
+
+    The CPU kernel does for every dtype. On CUDA only FlashAttention does (fp16/bf16, head dim a multiple of 8 up to
+    256, compute capability 8.0+); otherwise, notably in the float32 copy that evaluation runs, enable_gqa leaves
+    only the math kernel, which materialises the scores (2 TiB at batch 256, L = 16,384).
+    """
+    if device_type == "cpu":
+        return True
+    if device_type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return head_dim % 8 == 0 and head_dim <= 256 and (capability is None or capability[0] >= 8)
+
+
 def dense_attention_sdpa(q, k, v):
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        capability = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None
+        if sdpa_groups_heads_natively(q.device.type, q.dtype, q.shape[-1], capability):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        # one key/value head per query head (linear memory) lets the memory-efficient kernel run
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 def dense_attention_eager(q, k, v):
+    """Plain softmax attention, a block of queries at a time against the keys up to the block's end."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    length = q.shape[2]
-    future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
-    return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v
+    batch, heads, length, head_dim = q.shape
+    block = max(1, EAGER_MAX_SCORES // max(1, batch * heads * length))
+    outputs = []
+    for start in range(0, length, block):
+        stop = min(length, start + block)
+        scores = (q[:, :, start:stop] @ k[:, :, :stop].transpose(-1, -2)) / math.sqrt(head_dim)
+        future = (torch.arange(start, stop, device=q.device)[:, None]
+                  < torch.arange(stop, device=q.device)[None, :])
+        outputs.append(torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v[:, :, :stop])
+    return torch.cat(outputs, dim=2)
 
 
 DENSE_BACKENDS = {"sdpa": dense_attention_sdpa, "eager": dense_attention_eager}
