@@ -26,7 +26,8 @@ def _losses(output_dir):
 
 
 def _checkpoint_steps(output_dir):
-    return sorted(int(p.parent.name[5:]) for p in (output_dir / "checkpoints").glob("step-*/trainer_state.json"))
+    names = [p.parent.name[5:] for p in (output_dir / "checkpoints").glob("step-*/trainer_state.json")]
+    return sorted(int(name) for name in names if name.isdigit())  # not step-N.incomplete, a save in progress
 
 
 def test_sigterm_then_resume_reproduces_the_uninterrupted_run(tmp_path):

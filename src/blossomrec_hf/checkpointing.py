@@ -1,23 +1,83 @@
-"""Resumable training: the trainer's own state, checkpoints under ``output_dir/checkpoints``, and stop signals.
+"""Resumable training on disk: the trainer's state, checkpoints under ``output_dir/checkpoints``, and files that a
+kill, a power cut or a full disk never leaves half-written.
 
-A checkpoint is ``accelerator.save_state`` (model, optimizer, scheduler, gradient-accumulation step, every RNG)
-plus ``trainer_state.json`` (position in the data, best validation result, patience, timings, logged losses). The
-JSON is written last, so a directory without it is an incomplete checkpoint and is never resumed from.
+A checkpoint is ``accelerator.save_state`` (model, optimizer, scheduler, every process's RNG state) plus
+``trainer_state.json`` (position in the data, best validation result, patience, timings, logged losses, and the
+settings the run must keep). It is written into ``step-N.incomplete``, flushed to disk, and only then renamed to
+``step-N``, so ``step-N`` is whole or absent. Old checkpoints are renamed to ``step-N.deleting`` before they are
+deleted. Resuming still checks each checkpoint (its state parses, its files are there), because a folder can be
+damaged by other means, and skips damaged ones with a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import shutil
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 STATE_FILE = "trainer_state.json"
 CHECKPOINTS_DIR = "checkpoints"
+INCOMPLETE, DELETING = ".incomplete", ".deleting"
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new file in ``directory`` survive a power cut."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, write) -> None:
+    """Write ``path`` through ``write(binary_file)`` so that it holds the old content or the new, never a torn mix.
+
+    The content goes to a temporary file in the same folder, is flushed to disk, and replaces ``path`` in one rename.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    write_atomic(path, lambda file: file.write(json.dumps(data, indent=2).encode()))
+
+
+def fsync_files(directory: Path) -> None:
+    """Flush every file of ``directory`` to disk (``accelerate.save_state`` and ``save_pretrained`` do not)."""
+    for path in directory.iterdir():
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_dir(directory)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a folder so that a kill half-way leaves no look-alike: it is renamed to ``*.deleting`` first."""
+    if not path.exists():
+        return
+    doomed = path.with_name(path.name + DELETING)
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.rename(path, doomed)
+    fsync_dir(path.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 @dataclass
@@ -27,6 +87,12 @@ class TrainerState:
     batches_in_epoch: int = 0  # batches of that epoch already trained on (per process)
     train_seconds: float = 0.0  # time spent in training steps, without evaluation and checkpointing
     train_targets: int = 0  # next-item predictions trained on, all processes together (for items/s)
+    # The open logging window, all processes together (kept here so a resumed run logs what an uninterrupted one
+    # would): summed batch losses, batches, next-item targets, and train_seconds when the window opened.
+    window_loss_sum: float = 0.0
+    window_batches: int = 0
+    window_targets: int = 0
+    window_start_seconds: float = 0.0
     best_metric: float | None = None
     best_step: int | None = None
     best_epoch: float | None = None
@@ -35,83 +101,112 @@ class TrainerState:
     evaluations_without_improvement: int = 0
     stopped_early: bool = False
     log_history: list[dict] = field(default_factory=list)
+    run_config: dict | None = None  # what a resuming run must share with this one (None in older checkpoints)
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=2))
+        write_json_atomic(path, dataclasses.asdict(self))
 
     @classmethod
     def load(cls, path: Path) -> "TrainerState":
-        return cls(**json.loads(path.read_text()))
+        return cls(**json.loads(Path(path).read_text()))
 
 
-def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """Complete checkpoints of ``output_dir``, oldest first."""
-    root = output_dir / CHECKPOINTS_DIR
-    found = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file() and p.name[5:].isdigit()]
+def checkpoint_files(accelerator) -> list[str]:
+    """The files ``accelerator.save_state`` (accelerate 1.16) writes for the trainer's model, optimizer, scheduler,
+    gradient scaler (fp16 only) and the RNG state of each process."""
+    return ["model.safetensors", "optimizer.bin", "scheduler.bin",
+            *(["scaler.pt"] if getattr(accelerator, "scaler", None) is not None else []),
+            *(f"random_states_{rank}.pkl" for rank in range(accelerator.num_processes))]
+
+
+def checkpoint_problem(path: Path, required: list[str]) -> str | None:
+    """Why ``path`` is not a whole checkpoint with the ``required`` files, or None if it is one."""
+    missing = [name for name in (*required, STATE_FILE) if not (path / name).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    empty = [name for name in required if (path / name).stat().st_size == 0]
+    if empty:
+        return f"empty {', '.join(empty)}"
+    try:
+        TrainerState.load(path / STATE_FILE)
+    except (ValueError, TypeError):
+        return f"{STATE_FILE} is empty or cut off"
+    return None
+
+
+def step_dirs(output_dir: Path) -> list[Path]:
+    """Every ``step-N`` folder of ``output_dir/checkpoints`` (whole or not), oldest first."""
+    found = [p for p in (Path(output_dir) / CHECKPOINTS_DIR).glob("step-*") if p.name[5:].isdigit() and p.is_dir()]
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def resolve_checkpoint(output_dir: Path, requested: str) -> Path:
-    """The directory meant by ``--resume_from_checkpoint`` (a path, or ``latest`` in ``output_dir``)."""
-    if requested == "latest":
-        found = checkpoint_dirs(output_dir)
-        if not found:
-            raise FileNotFoundError(f"--resume_from_checkpoint latest: no complete checkpoint in "
-                                    f"{output_dir / CHECKPOINTS_DIR}")
-        return found[-1]
-    path = Path(requested)
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"--resume_from_checkpoint {requested}: not a complete checkpoint (no {STATE_FILE})")
-    return path
+def resolve_checkpoint(output_dir: Path, requested: str, required: list[str]) -> tuple[Path, list[str]]:
+    """The checkpoint meant by ``--resume_from_checkpoint`` (a path, or ``latest`` in ``output_dir``), and a warning
+    for each damaged newer one that ``latest`` skipped."""
+    if requested != "latest":
+        problem = checkpoint_problem(Path(requested), required)
+        if problem:
+            raise FileNotFoundError(f"--resume_from_checkpoint {requested}: not a complete checkpoint ({problem})")
+        return Path(requested), []
+    skipped = []
+    for path in reversed(step_dirs(output_dir)):
+        problem = checkpoint_problem(path, required)
+        if problem is None:
+            return path, [f"warning: skipping damaged checkpoint {bad} ({why})" for bad, why in skipped]
+        skipped.append((path, problem))
+    damaged = "".join(f"; {bad.name} is damaged ({why})" for bad, why in skipped)
+    raise FileNotFoundError(f"--resume_from_checkpoint latest: no complete checkpoint in "
+                            f"{Path(output_dir) / CHECKPOINTS_DIR}{damaged}")
+
+
+def check_same_run(path: Path, saved: dict | None, current: dict) -> None:
+    """Refuse to resume ``path`` (whose run config is ``saved``) with settings that change the model or the data."""
+    if saved is None:
+        return
+    differing = [f"{key} {saved.get(key)!r} (now {current.get(key)!r})"
+                 for key in sorted(saved.keys() | current.keys()) if saved.get(key) != current.get(key)]
+    if differing:
+        raise ValueError(f"{path} was trained with other settings: {', '.join(differing)}; resume with the same "
+                         f"flags, or start over with --overwrite_output_dir")
 
 
 def save_checkpoint(accelerator, output_dir: Path, state: TrainerState, total_limit: int) -> Path:
-    """Write a checkpoint for ``state.global_step`` (all processes call this) and drop the oldest beyond the limit."""
-    path = output_dir / CHECKPOINTS_DIR / f"step-{state.global_step}"
-    accelerator.save_state(str(path))
+    """Write ``step-N`` for ``state.global_step``, whole or not at all (all processes call this), then drop the
+    oldest checkpoints beyond ``total_limit``."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    path = root / f"step-{state.global_step}"
+    staging = path.with_name(path.name + INCOMPLETE)
     if accelerator.is_main_process:
-        state.save(path / STATE_FILE)
-        for old in checkpoint_dirs(output_dir)[:-max(total_limit, 1)]:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()  # every process's RNG state is in
+    if accelerator.is_main_process:
+        fsync_files(staging)
+        state.save(staging / STATE_FILE)
+        remove_tree(path)  # a step-N of a continuation that a resume from an older checkpoint abandoned
+        os.rename(staging, path)
+        fsync_dir(root)
+        prune_checkpoints(output_dir, state.global_step, total_limit, checkpoint_files(accelerator))
     accelerator.wait_for_everyone()
     return path
 
 
+def prune_checkpoints(output_dir: Path, current_step: int, total_limit: int, required: list[str]) -> None:
+    """Keep the newest ``total_limit`` whole checkpoints up to ``current_step``; delete the others (damaged ones,
+    newer ones of an abandoned continuation) and what interrupted saves and deletions left."""
+    kept = [p for p in step_dirs(output_dir)
+            if int(p.name[5:]) <= current_step and checkpoint_problem(p, required) is None][-max(total_limit, 1):]
+    for path in (Path(output_dir) / CHECKPOINTS_DIR).glob("step-*"):
+        if path in kept or not path.is_dir():
+            continue
+        if path.name.endswith((INCOMPLETE, DELETING)):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            remove_tree(path)
+
+
 def load_checkpoint(accelerator, path: Path) -> TrainerState:
+    state = TrainerState.load(path / STATE_FILE)
     accelerator.load_state(str(path))
-    return TrainerState.load(path / STATE_FILE)
-
-
-class StopSignals:
-    """SIGINT/SIGTERM only set a flag; training checkpoints at the next step boundary and exits.
-
-    A second signal of the same kind gets the default behaviour (an immediate stop). With several processes the
-    flag is shared, so all of them stop at the same step even if only one was signalled; that takes a collective
-    (and a device sync), so it happens only every ``sync_every`` steps.
-    """
-
-    def __init__(self, sync_every: int = 10):
-        self.received: int | None = None
-        self.sync_every = sync_every
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-        signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
-
-    def requested(self, accelerator, step: int) -> bool:
-        """Whether to stop after ``step``; every process must call this at every step."""
-        if accelerator.num_processes == 1:
-            return self.received is not None
-        if step % self.sync_every:
-            return False
-        flag = torch.tensor([0 if self.received is None else self.received], device=accelerator.device)
-        flag = accelerator.reduce(flag, reduction="max")
-        if flag.item() and self.received is None:
-            self.received = int(flag.item())
-        return bool(flag.item())
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + int(self.received or signal.SIGTERM)
+    return state

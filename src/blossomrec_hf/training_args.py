@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from accelerate.utils import is_tensorboard_available
 from transformers import HfArgumentParser
 
 from .model import BlossomRecConfig
@@ -66,7 +67,7 @@ class TrainingArguments:
     output_dir: str | None = field(default=None, metadata={
         "help": "where the best model, metrics and checkpoints go (default: outputs/<model>-<dataset>)"})
     overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "start from scratch even if output_dir already holds checkpoints of an earlier run"})
+        "help": "write into a non-empty output_dir, and start from scratch if it holds checkpoints of an earlier run"})
     max_seq_length: int = field(default=50, metadata={"help": "most recent items the model sees"})
     attention_type: Literal["blossom", "dense"] = field(default="blossom", metadata={
         "help": "BlossomRec sparse attention, or dense causal attention (SASRec) for comparison"})
@@ -95,7 +96,7 @@ class TrainingArguments:
         "help": "a checkpoint directory, or 'latest' for the newest one in output_dir/checkpoints"})
     logging_steps: int = field(default=10, metadata={"help": "update the loss and items/s every N steps"})
     report_to: Literal["none", "tensorboard"] = field(default="none", metadata={
-        "help": "also log to TensorBoard (under output_dir/runs)"})
+        "help": "also log to TensorBoard, under output_dir/runs (needs pip install -e \".[tensorboard]\")"})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
     push_to_hub: bool = field(default=False, metadata={"help": "upload the best model to --hub_model_id at the end"})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository, e.g. org/blossomrec-beauty"})
@@ -151,6 +152,10 @@ def parse_training_arguments(argv: list[str] | None = None):
             raise ValueError(f"{', '.join(both)} given both as a flag and in --config_overrides")
         if training_args.push_to_hub and not training_args.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id org/name")
+        # Accelerate would only warn and log nothing.
+        if training_args.report_to == "tensorboard" and not is_tensorboard_available():
+            raise ValueError('--report_to tensorboard needs TensorBoard, which is not installed: '
+                             'pip install -e ".[tensorboard]"')
     return data_args, eval_args, training_args, {**overrides, **flags}
 
 

@@ -1,0 +1,313 @@
+"""The training loop behind ``scripts/train.py``: ``train()`` runs it from parsed arguments, ``Trainer`` is one run.
+
+A step is split so that each later change has one place: ``compute_loss`` (batch -> loss), ``training_step``
+(forward, backward, optimizer step) and ``_after_optimizer_step`` (log, evaluate, checkpoint as due).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from ..batching import training_dataloader
+from ..checkpointing import (STATE_FILE, TrainerState, check_same_run, load_checkpoint, save_checkpoint, step_dirs,
+                             write_json_atomic)
+from ..data import prepare_data, training_windows
+from ..evaluation import RankingEvaluator
+from ..metrics import format_metrics_table
+from ..model import BlossomRecForSequentialRecommendation
+from ..training_args import build_model_config, model_config_fields, user_input_errors
+from .logging_window import LoggingWindow, NonFiniteLoss
+from .plot import PLOT_FILE, plot_training_curves
+from .run_directory import prepare_output_dir, save_best_model
+from .signals import StopSignals
+
+EARLY_STOPPING_METRIC = "ndcg@10"
+
+
+def train(accelerator, data_args, eval_args, args, model_overrides: dict) -> int:
+    """The whole run; returns the exit status: 0, 1 after a non-finite loss, 128 + the signal after a stop signal."""
+    stop_signals = StopSignals()
+    output_dir, resume_dir = prepare_output_dir(accelerator, args, data_args.dataset)
+    set_seed(args.seed)
+    data, windows = load_training_data(accelerator, data_args, args.max_seq_length)
+    config = build_model_config(args, model_overrides, data.vocab.n_items)
+    run_config = describe_run(data_args, args, config, accelerator.num_processes)
+    if resume_dir is not None:
+        with user_input_errors("--resume_from_checkpoint"):
+            check_same_run(resume_dir, TrainerState.load(resume_dir / STATE_FILE).run_config, run_config)
+    trainer = Trainer(accelerator, args, eval_args, output_dir, data, windows, config, stop_signals)
+    if resume_dir is not None:
+        trainer.resume(resume_dir)
+    trainer.state.run_config = run_config
+    if accelerator.is_main_process:
+        write_json_atomic(output_dir / "training_args.json", {
+            **dataclasses.asdict(data_args), **dataclasses.asdict(eval_args), **dataclasses.asdict(args),
+            "output_dir": str(output_dir), "model_overrides": model_overrides,
+            "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision})
+    if args.report_to != "none":
+        accelerator.init_trackers("runs", config={k: v for k, v in dataclasses.asdict(args).items()
+                                                  if isinstance(v, (int, float, str, bool))})
+    trainer.print_summary(data_args.dataset)
+    try:
+        status = trainer.train()
+    except NonFiniteLoss as error:
+        last = step_dirs(output_dir)
+        accelerator.print(f"error: {error}: stopped without saving the weights it produced; "
+                          f"{f'the last good checkpoint, {last[-1]}, is intact' if last else 'no checkpoint was saved'}",
+                          file=sys.stderr)
+        return 1
+    if status == 0:
+        trainer.finish(data_args.dataset)
+    return status
+
+
+def load_training_data(accelerator, data_args, max_seq_length: int):
+    """The leave-one-out splits and the training windows; the main process goes first so caches are written once."""
+    with accelerator.main_process_first(), user_input_errors(f"dataset {data_args.dataset!r}"):
+        data = prepare_data(data_args.dataset, max_seq_length=max_seq_length, k_core=data_args.k_core,
+                            min_history_length=data_args.min_history_length, **data_args.reader_kwargs())
+        windows = training_windows(data.splits["train"], max_seq_length)
+        if len(windows) == 0:
+            raise ValueError("no training windows (every training history has fewer than 2 items)")
+    return data, windows
+
+
+def describe_run(data_args, args, config, num_processes: int) -> dict:
+    """What a checkpoint must share with the run that resumes it: the model's shape, the data and its order."""
+    model = {name: getattr(config, name)
+             for name in (*model_config_fields(), "n_items", "max_position_embeddings", "attention_type")}
+    return {**dataclasses.asdict(data_args), "max_seq_length": args.max_seq_length,
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed,
+            "num_processes": num_processes, **model}
+
+
+def optimizer_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and embeddings only, not on biases and norm scales."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+class Trainer:
+    """One run: the prepared model, optimizer and schedule, the evaluators, the state, and the loop over them."""
+
+    def __init__(self, accelerator, args, eval_args, output_dir: Path, data, windows, config, stop_signals):
+        self.accelerator, self.args, self.eval_args, self.output_dir = accelerator, args, eval_args, output_dir
+        self.data, self.config, self.stop_signals = data, config, stop_signals
+        self.num_windows = len(windows)
+        n_items = data.vocab.n_items
+        model = BlossomRecForSequentialRecommendation(config)
+        # Evaluation scores an unprepared float32 copy: bf16 scores would tie often, and ties favour the target.
+        self.eval_model = copy.deepcopy(model).to(accelerator.device)
+        dataloader = training_dataloader(windows, args.max_seq_length, args.per_device_train_batch_size, args.seed,
+                                         args.dataloader_num_workers)
+        self.sampler = dataloader.sampler
+        self.evaluators = {
+            split: RankingEvaluator(data.splits[split], data.splits["train"], n_items=n_items,
+                                    max_seq_length=args.max_seq_length, accelerator=accelerator,
+                                    batch_size=eval_args.per_device_eval_batch_size, mode=eval_args.eval_mode,
+                                    exclude_history=eval_args.exclude_history, seed=eval_args.eval_seed)
+            for split in ("validation", "test")
+        }
+        optimizer = torch.optim.AdamW(optimizer_groups(model, args.weight_decay), lr=args.learning_rate)
+        self.model, self.optimizer, self.dataloader = accelerator.prepare(model, optimizer, dataloader)
+        self.steps_per_epoch = math.ceil(len(self.dataloader) / args.gradient_accumulation_steps)
+        self.total_steps = args.max_steps if args.max_steps > 0 else args.num_train_epochs * self.steps_per_epoch
+        # A prepared scheduler steps once per process at every optimizer step.
+        self.scheduler = accelerator.prepare(get_scheduler(
+            args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps * accelerator.num_processes,
+            num_training_steps=self.total_steps * accelerator.num_processes))
+        self.state = TrainerState()
+        self.window = LoggingWindow(accelerator.device)
+        self.progress = None
+
+    def resume(self, path: Path) -> None:
+        self.state = load_checkpoint(self.accelerator, path)
+        self.accelerator.print(f"resumed from {path} at step {self.state.global_step} (epoch {self.state.epoch})")
+
+    def print_summary(self, dataset: str) -> None:
+        data, config, accelerator = self.data, self.config, self.accelerator
+        accelerator.print(
+            f"{dataset}: {data.vocab.n_items} items, {len(data.splits['test'])} users, "
+            f"{self.num_windows} training windows; {config.attention_type} attention "
+            f"({config._attn_implementation}), {sum(p.numel() for p in self.model.parameters()):,} parameters; "
+            f"{accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision}; "
+            f"{self.total_steps} steps of {self.steps_per_epoch} per epoch")
+
+    def compute_loss(self, batch: dict) -> torch.Tensor:
+        """The training loss of one batch."""
+        return self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+
+    def training_step(self, batch: dict) -> bool:
+        """Forward and backward on one batch, and the optimizer step where gradient accumulation allows one; returns
+        whether an optimizer step was taken."""
+        with self.accelerator.accumulate(self.model):
+            loss = self.compute_loss(batch)
+            self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients and self.args.max_grad_norm > 0:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad()
+        self.state.batches_in_epoch += 1
+        self.window.add(loss, batch["num_targets"])
+        return self.accelerator.sync_gradients
+
+    def train(self) -> int:
+        """Train to the last step or early stopping; 0, or 128 + the signal number when a stop signal cut it short.
+
+        Raises ``NonFiniteLoss`` before anything of the diverged weights is evaluated or saved.
+        """
+        self.progress = tqdm(total=self.total_steps, initial=self.state.global_step, dynamic_ncols=True,
+                             disable=not self.accelerator.is_local_main_process, desc="training")
+        self.model.train()
+        outcome = None
+        with self.progress:
+            while outcome is None and self.state.global_step < self.total_steps and not self.state.stopped_early:
+                outcome = self._train_epoch()
+            if outcome != "stop" and self.state.best_step is None:  # resumed past the end before any evaluation
+                self.evaluate()
+        if outcome == "stop":
+            self.accelerator.print(f"stopped by signal at step {self.state.global_step}; resume with "
+                                   f"--resume_from_checkpoint latest")
+            return self.stop_signals.exit_code
+        return 0
+
+    def _epoch_batches(self):
+        """The batches of the current epoch not yet trained on: the order depends only on seed + epoch."""
+        batches = self.dataloader
+        if self.state.batches_in_epoch:
+            batches = self.accelerator.skip_first_batches(self.dataloader, self.state.batches_in_epoch)
+        self.sampler.set_epoch(self.state.epoch)
+        batches.set_epoch(self.state.epoch)
+        return batches
+
+    def _train_epoch(self) -> str | None:
+        """The rest of the current epoch; "stop" (a stop signal), "done" (last step, early stopping) or None."""
+        step_start = time.perf_counter()
+        for batch in self._epoch_batches():
+            if not self.training_step(batch):
+                continue
+            self.state.global_step += 1
+            self.state.train_seconds += time.perf_counter() - step_start
+            end_of_epoch = self.state.batches_in_epoch == len(self.dataloader)
+            if end_of_epoch:
+                self.state.epoch, self.state.batches_in_epoch = self.state.epoch + 1, 0
+            self.progress.update(1)
+            outcome = self._after_optimizer_step(end_of_epoch)
+            if outcome is not None:
+                return outcome
+            step_start = time.perf_counter()
+        return None
+
+    def _after_optimizer_step(self, end_of_epoch: bool) -> str | None:
+        """Log, evaluate and checkpoint as due at this step; "stop", "done" or None as in ``_train_epoch``."""
+        state, args = self.state, self.args
+        finished = state.global_step >= self.total_steps
+        log_now = state.global_step % args.logging_steps == 0 or finished
+        evaluate_now = (state.global_step % args.eval_steps == 0 if args.eval_steps else end_of_epoch) or finished
+        stop = self.stop_signals.requested(self.accelerator, state.global_step)
+        save_now = evaluate_now or stop or bool(args.save_steps and state.global_step % args.save_steps == 0)
+        if log_now or save_now:
+            self.window.fold(self.accelerator, state)
+        if log_now:
+            self._log()
+        if evaluate_now:
+            self.evaluate()
+        if save_now:
+            save_checkpoint(self.accelerator, self.output_dir, state, args.save_total_limit)
+        if stop:
+            return "stop"
+        return "done" if finished or state.stopped_early else None
+
+    def _log(self) -> None:
+        logs = LoggingWindow.close(self.state, self.scheduler.get_last_lr()[0])
+        self.state.log_history.append({"step": self.state.global_step, **logs})
+        self.accelerator.log(logs, step=self.state.global_step)
+        self.progress.set_postfix(loss=f"{logs['train/loss']:.4f}",
+                                  items_per_s=f"{logs['train/items_per_second']:,.0f}")
+
+    def evaluate(self) -> None:
+        """Validation metrics of the current weights; keeps the best model in output_dir and counts patience."""
+        state, accelerator = self.state, self.accelerator
+        self.eval_model.load_state_dict(accelerator.unwrap_model(self.model).state_dict())
+        metrics = self.evaluators["validation"].evaluate_model(self.eval_model)
+        epoch = round(state.epoch + state.batches_in_epoch / len(self.dataloader), 4)
+        state.log_history.append({"step": state.global_step, "epoch": epoch,
+                                  **{f"validation/{k}": v for k, v in metrics.items()}})
+        accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=state.global_step)
+        improved = state.best_metric is None or metrics[EARLY_STOPPING_METRIC] > state.best_metric
+        if improved:
+            state.best_metric, state.best_step, state.best_epoch = metrics[EARLY_STOPPING_METRIC], \
+                state.global_step, epoch
+            state.best_train_seconds, state.best_validation = state.train_seconds, metrics
+            state.evaluations_without_improvement = 0
+            if accelerator.is_main_process:
+                save_best_model(self.eval_model, self.data.vocab, self.output_dir)
+        else:
+            state.evaluations_without_improvement += 1
+        patience = self.args.early_stopping_patience
+        state.stopped_early = patience > 0 and state.evaluations_without_improvement >= patience
+        if accelerator.is_main_process:
+            self.progress.write(f"step {state.global_step} (epoch {epoch:.2f}): validation {EARLY_STOPPING_METRIC} "
+                                f"{metrics[EARLY_STOPPING_METRIC]:.4f}, recall@10 {metrics['recall@10']:.4f}"
+                                f"{' (best)' if improved else ''}")
+            if state.stopped_early:
+                self.progress.write(f"early stopping: no better validation {EARLY_STOPPING_METRIC} in {patience} "
+                                    f"evaluations (best at step {state.best_step})")
+
+    def finish(self, dataset: str) -> None:
+        """Test the best model (as saved) next to the popularity baseline; write metrics.json, the final state and
+        the plot; push to the Hub if asked."""
+        self.accelerator.wait_for_everyone()
+        results = self._test_results(dataset)
+        if not self.accelerator.is_main_process:
+            return
+        write_json_atomic(self.output_dir / "metrics.json", results)
+        self.state.save(self.output_dir / STATE_FILE)
+        name = "BlossomRec" if self.config.attention_type == "blossom" else "dense (SASRec)"
+        print(f"\ntest ({self.eval_args.eval_mode} ranking, {results['test']['model']['num_users']} users), best "
+              f"validation at step {self.state.best_step}, {self.state.best_train_seconds:.1f} s of training:")
+        print(format_metrics_table({name: results["test"]["model"], "popularity": results["test"]["popularity"]}))
+        print(f"saved to {self.output_dir}")
+        plot = plot_training_curves(self.state.log_history, self.output_dir / PLOT_FILE)
+        print(f"training curves: {plot}" if plot else
+              'training curves not drawn: matplotlib is not installed (pip install -e ".[plot]")')
+        if self.args.push_to_hub:
+            from ..hub import push_to_hub
+
+            print(f"pushed to {push_to_hub(str(self.output_dir), self.args.hub_model_id)}")
+
+    def _test_results(self, dataset: str) -> dict:
+        state, evaluators = self.state, self.evaluators
+        best_model = BlossomRecForSequentialRecommendation.from_pretrained(
+            self.output_dir, attn_implementation=self.config._attn_implementation).to(self.accelerator.device)
+        return {
+            "dataset": dataset,
+            "attention_type": self.config.attention_type,
+            "eval_mode": self.eval_args.eval_mode,
+            "exclude_history": self.eval_args.exclude_history,
+            "n_items": self.data.vocab.n_items,
+            "best_step": state.best_step,
+            "best_epoch": state.best_epoch,
+            "train_seconds_to_best": round(state.best_train_seconds, 2),
+            "train_seconds": round(state.train_seconds, 2),
+            "train_items_per_second": round(state.train_targets / max(state.train_seconds, 1e-9), 1),
+            "global_step": state.global_step,
+            "stopped_early": state.stopped_early,
+            "num_processes": self.accelerator.num_processes,
+            "validation": {"model": state.best_validation, "popularity": evaluators["validation"].evaluate_popularity()},
+            "test": {"model": evaluators["test"].evaluate_model(best_model),
+                     "popularity": evaluators["test"].evaluate_popularity()},
+        }
