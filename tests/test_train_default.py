@@ -1,5 +1,6 @@
 """The no-argument training run (shrunk by flags), what it saves, loading that with AutoModel, and bad input."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -45,6 +46,17 @@ def test_default_run_saves_model_vocabulary_and_metrics(default_run):
     # Even a tiny model after one epoch is far ahead of popularity on the planted structure.
     assert metrics["test"]["model"]["ndcg@10"] > 3 * metrics["test"]["popularity"]["ndcg@10"]
     assert "popularity" in result.stdout and "ndcg@10" in result.stdout  # the printed test table
+    assert read_json(output_dir / "training_args.json")["output_dir"] == "outputs/blossomrec-synthetic"
+
+
+def test_default_run_plots_its_curves_where_matplotlib_is_installed(default_run):
+    result, output_dir = default_run
+    drawn = importlib.util.find_spec("matplotlib") is not None  # the script runs on this interpreter
+    assert (output_dir / "training_curves.png").is_file() == drawn
+    if drawn:
+        assert "training curves: outputs/blossomrec-synthetic/training_curves.png" in result.stdout
+    else:
+        assert 'training curves not drawn: matplotlib is not installed (pip install -e ".[plot]")' in result.stdout
 
 
 def test_saved_model_loads_with_automodel_remote_code(default_run, tmp_path):
