@@ -54,7 +54,7 @@ def test_latest_skips_a_torn_trainer_state_and_names_it(tmp_path, torn):
     (tmp_path / "checkpoints" / "step-3" / STATE_FILE).write_bytes(torn)
     path, warnings = resolve_checkpoint(tmp_path, "latest", REQUIRED)
     assert path.name == "step-2"
-    assert warnings == [f"warning: skipping damaged checkpoint {tmp_path / 'checkpoints' / 'step-3'} "
+    assert warnings == [f"warning: skipping incomplete checkpoint {tmp_path / 'checkpoints' / 'step-3'} "
                         f"({STATE_FILE} is empty or cut off)"]
 
 
@@ -91,7 +91,7 @@ def test_a_checkpoint_without_its_rng_state_is_refused_by_name(tmp_path, capsys)
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith("error: ") and "missing random_states_0.pkl" in error
-    with pytest.raises(FileNotFoundError, match="step-1 is damaged \\(missing random_states_0.pkl\\)"):
+    with pytest.raises(FileNotFoundError, match="step-1 is incomplete \\(missing random_states_0.pkl\\)"):
         resolve_checkpoint(tmp_path, "latest", REQUIRED)
 
 

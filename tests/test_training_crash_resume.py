@@ -106,7 +106,7 @@ def test_each_kill_leaves_only_whole_checkpoints_named_as_such(runs):
 def test_latest_skips_the_torn_state_with_a_warning_naming_it(runs):
     _, crashed, _, steps = runs
     warnings = [line for line in steps["torn"].stderr.splitlines() if line.startswith("warning:")]
-    assert warnings == [f"warning: skipping damaged checkpoint {crashed / 'checkpoints' / 'step-4'} "
+    assert warnings == [f"warning: skipping incomplete checkpoint {crashed / 'checkpoints' / 'step-4'} "
                         f"(trainer_state.json is empty or cut off)"]
     assert f"resumed from {crashed / 'checkpoints' / 'step-3'} at step 3" in steps["torn"].stdout
 

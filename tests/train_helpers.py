@@ -48,8 +48,8 @@ def script_env(**extra: str) -> dict:
 def run_script(command: list[str], timeout: float = 120, cwd: Path = REPO,
                extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """Run to completion; on timeout, kill the whole process group (a launcher and all its workers)."""
-    process = subprocess.Popen(command, env=script_env(**(extra_env or {})), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+    process = subprocess.Popen(command, env=script_env(**(extra_env or {})), cwd=cwd, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -142,8 +142,10 @@ def step_dirs(output_dir: Path) -> list[Path]:
 
 def resolve_checkpoint(output_dir: Path, requested: str, required: list[str]) -> tuple[Path, list[str]]:
     """The checkpoint meant by ``--resume_from_checkpoint`` (a path, or ``latest`` in ``output_dir``), and a warning
-    for each damaged newer one that ``latest`` skipped."""
+    for each incomplete newer one that ``latest`` skipped."""
     if requested != "latest":
+        if not Path(requested).is_dir():
+            raise FileNotFoundError(f"--resume_from_checkpoint {requested}: no such folder")
         problem = checkpoint_problem(Path(requested), required)
         if problem:
             raise FileNotFoundError(f"--resume_from_checkpoint {requested}: not a complete checkpoint ({problem})")
@@ -152,11 +154,11 @@ def resolve_checkpoint(output_dir: Path, requested: str, required: list[str]) ->
     for path in reversed(step_dirs(output_dir)):
         problem = checkpoint_problem(path, required)
         if problem is None:
-            return path, [f"warning: skipping damaged checkpoint {bad} ({why})" for bad, why in skipped]
+            return path, [f"warning: skipping incomplete checkpoint {bad} ({why})" for bad, why in skipped]
         skipped.append((path, problem))
-    damaged = "".join(f"; {bad.name} is damaged ({why})" for bad, why in skipped)
+    incomplete = "".join(f"; {bad.name} is incomplete ({why})" for bad, why in skipped)
     raise FileNotFoundError(f"--resume_from_checkpoint latest: no complete checkpoint in "
-                            f"{Path(output_dir) / CHECKPOINTS_DIR}{damaged}")
+                            f"{Path(output_dir) / CHECKPOINTS_DIR}{incomplete}")
 
 
 def check_same_run(path: Path, saved: dict | None, current: dict) -> None:

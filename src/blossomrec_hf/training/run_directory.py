@@ -5,6 +5,7 @@ Every check here runs before the data is prepared, so a wrong ``--output_dir`` c
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -12,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from ..checkpointing import (CHECKPOINTS_DIR, INCOMPLETE, checkpoint_files, fsync_dir, fsync_files, remove_tree,
-                             resolve_checkpoint, step_dirs)
+                             resolve_checkpoint, step_dirs, write_json_atomic)
 from ..data.prepared import INFO_FILE
 from ..training_args import user_input_errors
 
@@ -89,3 +90,11 @@ def save_best_model(model, vocab, output_dir: Path) -> None:
         os.replace(path, output_dir / path.name)
     fsync_dir(output_dir)
     staging.rmdir()
+
+
+def write_training_args(output_dir: Path, accelerator, arguments: tuple, model_overrides: dict) -> None:
+    """``training_args.json``: every argument dataclass, with the output folder as resolved (not ``null``)."""
+    merged = {key: value for group in arguments for key, value in dataclasses.asdict(group).items()}
+    write_json_atomic(output_dir / "training_args.json", {
+        **merged, "output_dir": str(output_dir), "model_overrides": model_overrides,
+        "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision})

@@ -28,7 +28,7 @@ from ..model import BlossomRecForSequentialRecommendation
 from ..training_args import build_model_config, model_config_fields, user_input_errors
 from .logging_window import LoggingWindow, NonFiniteLoss
 from .plot import PLOT_FILE, plot_training_curves
-from .run_directory import prepare_output_dir, save_best_model
+from .run_directory import prepare_output_dir, save_best_model, write_training_args
 from .signals import StopSignals
 
 EARLY_STOPPING_METRIC = "ndcg@10"
@@ -50,10 +50,7 @@ def train(accelerator, data_args, eval_args, args, model_overrides: dict) -> int
         trainer.resume(resume_dir)
     trainer.state.run_config = run_config
     if accelerator.is_main_process:
-        write_json_atomic(output_dir / "training_args.json", {
-            **dataclasses.asdict(data_args), **dataclasses.asdict(eval_args), **dataclasses.asdict(args),
-            "output_dir": str(output_dir), "model_overrides": model_overrides,
-            "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision})
+        write_training_args(output_dir, accelerator, (data_args, eval_args, args), model_overrides)
     if args.report_to != "none":
         accelerator.init_trackers("runs", config={k: v for k, v in dataclasses.asdict(args).items()
                                                   if isinstance(v, (int, float, str, bool))})
@@ -61,10 +58,9 @@ def train(accelerator, data_args, eval_args, args, model_overrides: dict) -> int
     try:
         status = trainer.train()
     except NonFiniteLoss as error:
-        last = step_dirs(output_dir)
-        accelerator.print(f"error: {error}: stopped without saving the weights it produced; "
-                          f"{f'the last good checkpoint, {last[-1]}, is intact' if last else 'no checkpoint was saved'}",
-                          file=sys.stderr)
+        saved = step_dirs(output_dir)
+        kept = f"the last good checkpoint, {saved[-1]}, is intact" if saved else "no checkpoint was saved"
+        accelerator.print(f"error: {error}: stopped without saving the weights it produced; {kept}", file=sys.stderr)
         return 1
     if status == 0:
         trainer.finish(data_args.dataset)
@@ -92,6 +88,13 @@ def describe_run(data_args, args, config, num_processes: int) -> dict:
             "num_processes": num_processes, **model}
 
 
+def ranking_evaluator(accelerator, data, split: str, max_seq_length: int, eval_args) -> RankingEvaluator:
+    return RankingEvaluator(data.splits[split], data.splits["train"], n_items=data.vocab.n_items,
+                            max_seq_length=max_seq_length, accelerator=accelerator,
+                            batch_size=eval_args.per_device_eval_batch_size, mode=eval_args.eval_mode,
+                            exclude_history=eval_args.exclude_history, seed=eval_args.eval_seed)
+
+
 def optimizer_groups(model, weight_decay: float) -> list[dict]:
     """Weight decay on matrices and embeddings only, not on biases and norm scales."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -106,20 +109,14 @@ class Trainer:
         self.accelerator, self.args, self.eval_args, self.output_dir = accelerator, args, eval_args, output_dir
         self.data, self.config, self.stop_signals = data, config, stop_signals
         self.num_windows = len(windows)
-        n_items = data.vocab.n_items
         model = BlossomRecForSequentialRecommendation(config)
         # Evaluation scores an unprepared float32 copy: bf16 scores would tie often, and ties favour the target.
         self.eval_model = copy.deepcopy(model).to(accelerator.device)
         dataloader = training_dataloader(windows, args.max_seq_length, args.per_device_train_batch_size, args.seed,
                                          args.dataloader_num_workers)
         self.sampler = dataloader.sampler
-        self.evaluators = {
-            split: RankingEvaluator(data.splits[split], data.splits["train"], n_items=n_items,
-                                    max_seq_length=args.max_seq_length, accelerator=accelerator,
-                                    batch_size=eval_args.per_device_eval_batch_size, mode=eval_args.eval_mode,
-                                    exclude_history=eval_args.exclude_history, seed=eval_args.eval_seed)
-            for split in ("validation", "test")
-        }
+        self.evaluators = {split: ranking_evaluator(accelerator, data, split, args.max_seq_length, eval_args)
+                           for split in ("validation", "test")}
         optimizer = torch.optim.AdamW(optimizer_groups(model, args.weight_decay), lr=args.learning_rate)
         self.model, self.optimizer, self.dataloader = accelerator.prepare(model, optimizer, dataloader)
         self.steps_per_epoch = math.ceil(len(self.dataloader) / args.gradient_accumulation_steps)
@@ -307,7 +304,8 @@ class Trainer:
             "global_step": state.global_step,
             "stopped_early": state.stopped_early,
             "num_processes": self.accelerator.num_processes,
-            "validation": {"model": state.best_validation, "popularity": evaluators["validation"].evaluate_popularity()},
+            "validation": {"model": state.best_validation,
+                           "popularity": evaluators["validation"].evaluate_popularity()},
             "test": {"model": evaluators["test"].evaluate_model(best_model),
                      "popularity": evaluators["test"].evaluate_popularity()},
         }
