@@ -169,7 +169,7 @@ def check_same_run(path: Path, saved: dict | None, current: dict) -> None:
                  for key in sorted(saved.keys() | current.keys()) if saved.get(key) != current.get(key)]
     if differing:
         raise ValueError(f"{path} was trained with other settings: {', '.join(differing)}; resume with the same "
-                         f"flags, or start over with --overwrite_output_dir")
+                         f"settings, or start over with --overwrite_output_dir")
 
 
 def save_checkpoint(accelerator, output_dir: Path, state: TrainerState, total_limit: int) -> Path:
