@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import json
 import logging
+import os
 import re
 import shlex
 import string
@@ -249,12 +250,60 @@ def _model_index(model_name: str, dataset: str, rows) -> str:
     return yaml.safe_dump({"model-index": [{"name": model_name, "results": entries}]}, sort_keys=False)
 
 
+# Flags of scripts/train.py whose values are paths on the training machine: the card shows only their last part.
+_PATH_FLAGS = ("dataset", "output_dir")
+_DATA_FILE_SUFFIXES = (".txt", ".csv", ".tsv", ".dat", ".inter", ".parquet", ".pq", ".json", ".jsonl", ".gz", ".zip",
+                       ".arrow", ".feather")
+
+
+def _is_local_path(value: str) -> bool:
+    """Whether a recorded --dataset names a local file or folder rather than "synthetic" or a Hub dataset id."""
+    if value == "synthetic" or value.startswith("hf://"):
+        return False
+    if value.startswith(("/", "./", "../", "~", "\\")) or re.match(r"^[A-Za-z]:[\\/]", value):
+        return True
+    if os.path.exists(value):
+        return True
+    return value.count("/") > 1 or value.lower().endswith(_DATA_FILE_SUFFIXES)  # Hub ids are "name" or "org/name"
+
+
+def _portable(flag: str, value) -> str:
+    """A flag's value as the card shows it: a local path by its last part (never the training machine's layout)."""
+    value = str(value)
+    if flag == "output_dir" or (flag == "dataset" and _is_local_path(value)):
+        return Path(value.rstrip("/\\")).name or value
+    return value
+
+
+def _portable_command(tokens: list[str]) -> list[str]:
+    """A recorded command line without the training machine's paths: interpreter, script and path flags."""
+    result = []
+    for index, token in enumerate(tokens):
+        flag = tokens[index - 1][2:] if index and tokens[index - 1].startswith("--") else None
+        if index == 0 and "/" in token and Path(token).name.startswith("python"):
+            token = "python"
+        elif token.endswith("train.py"):
+            token = "scripts/train.py"
+        elif token.startswith("--") and "=" in token and token[2:].split("=", 1)[0] in _PATH_FLAGS:
+            name, value = token[2:].split("=", 1)
+            token = f"--{name}={_portable(name, value)}"
+        elif flag in _PATH_FLAGS:
+            token = _portable(flag, token)
+        result.append(token)
+    return result
+
+
 def _training_command(args) -> str:
-    """The command that trains this model again: a recorded "command", else the non-default train.py arguments."""
+    """The command that trains this model again: a recorded "command", else the non-default train.py arguments.
+
+    Paths of the training machine (the dataset file, the output folder, the interpreter) show only their last part.
+    """
     if not isinstance(args, dict):
         return "# the training command was not recorded (no training_args.json)"
     if args.get("command"):
-        return args["command"] if isinstance(args["command"], str) else shlex.join(map(str, args["command"]))
+        command = args["command"]
+        tokens = shlex.split(command) if isinstance(command, str) else [str(token) for token in command]
+        return shlex.join(_portable_command(tokens))
     from .training_args import DataArguments, EvaluationArguments, TrainingArguments
 
     defaults = {field.name: field.default for arguments in (DataArguments, EvaluationArguments, TrainingArguments)
@@ -269,18 +318,41 @@ def _training_command(args) -> str:
         launcher = ["accelerate", "launch", f"--num_processes={args.get('num_processes', 1)}",
                     f"--mixed_precision={args.get('mixed_precision', 'no')}"]
     return shlex.join([*launcher, "scripts/train.py", *(str(part) for key, value in flags.items()
-                                                         for part in (f"--{key}", value))])
+                                                         for part in (f"--{key}", _portable(key, value)))])
+
+
+def _recorded_dataset(args) -> str | None:
+    return next((str(args[key]) for key in ("dataset", "dataset_name", "data")
+                 if isinstance(args, dict) and args.get(key)), None)
 
 
 def _dataset_name(args) -> str | None:
     """The dataset training_args.json names: a Hub id as it is, a local file by its stem ("Beauty.txt" -> "Beauty")."""
-    value = next((str(args[key]) for key in ("dataset", "dataset_name", "data")
-                  if isinstance(args, dict) and args.get(key)), None)
+    value = _recorded_dataset(args)
     if value is None:
         return None
     if value.startswith("hf://"):
         return value[len("hf://"):]
-    return Path(value).stem if Path(value).suffix or value.startswith((".", "/")) else value
+    return Path(value.rstrip("/\\")).stem if _is_local_path(value) else value
+
+
+def _dataset_note(args) -> str:
+    """For a local dataset file: say that the card's command shows only its name."""
+    value = _recorded_dataset(args)
+    if value is None or not _is_local_path(value):
+        return ""
+    name = _portable("dataset", value)
+    kind = "file" if Path(name).suffix else "folder"
+    return f"`{name}` was a local {kind} on the training machine: give `--dataset` the path of your copy. "
+
+
+def _training_length(config: dict, args) -> int | None:
+    """The history length the model was trained and evaluated at: --max_seq_length, which scripts/train.py also
+    stores as max_position_embeddings - 1 (a training window is max_seq_length inputs plus the next item)."""
+    if isinstance(args, dict) and isinstance(args.get("max_seq_length"), int):
+        return args["max_seq_length"]
+    table = config.get("max_position_embeddings")
+    return table - 1 if isinstance(table, int) and table > 1 else None
 
 
 def _vocabulary_code(vocabulary) -> tuple[str, list[str]]:
@@ -329,6 +401,10 @@ def render_model_card(model_dir: str | Path, *, repo_id: str | None = None, revi
 
     dataset = dataset or _dataset_name(args)
     dataset_name = dataset or "an unrecorded dataset"
+    length = _training_length(config, args)
+    position_encoding = config.get("position_embedding_type", "n/a")
+    if position_encoding == "absolute":
+        position_encoding += f" (a table of {config.get('max_position_embeddings')} positions)"
     model_name = repo_id.split("/")[-1] if repo_id else f"BlossomRec ({dataset_name})"
     rows = _metric_rows(metrics)
     code_files = ", ".join(f"`{name}`" for name in _remote_code_files(model_dir, config))
@@ -347,10 +423,18 @@ def render_model_card(model_dir: str | Path, *, repo_id: str | None = None, revi
         "vocabulary_code": vocabulary_code,
         "example_history": repr(examples),
         "training_command": _training_command(args),
+        "dataset_note": _dataset_note(args),
+        "training_histories": f"up to {length} items (training windows: {length} input items + the next item as "
+                              f"target)" if length else "not recorded",
+        "history_limitation": f"It was trained and evaluated on histories of up to {length} items (training windows "
+                              f"of {length} input items plus the next item as target); give it a user's most recent "
+                              f"{length} items: longer histories were never seen in training."
+        if length else "The history length it was trained at was not recorded.",
+        "position_encoding": position_encoding,
         "code_files": code_files,
         **{key: config.get(key, "n/a") for key in (
             "n_items", "attention_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "position_embedding_type", "max_position_embeddings")},
+            "num_key_value_heads")},
     }
     card = string.Template(template_path.read_text()).substitute(values)
     front_matter = card.split("---\n")[1]
