@@ -55,10 +55,12 @@ def poison(directory, name, value):
 def test_a_matching_checkpoint_still_loads_with_its_loading_info(saved):
     model, info = BlossomRecForSequentialRecommendation.from_pretrained(saved, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    assert isinstance(BlossomRecForSequentialRecommendation.from_pretrained(saved), BlossomRecForSequentialRecommendation)
+    model = BlossomRecForSequentialRecommendation.from_pretrained(saved)
+    assert isinstance(model, BlossomRecForSequentialRecommendation)
 
 
-@pytest.mark.parametrize("value, what", [(float("nan"), "1 NaN and 0 infinite"), (float("inf"), "0 NaN and 1 infinite")])
+@pytest.mark.parametrize("value, what", [(float("nan"), "1 NaN and 0 infinite"),
+                                         (float("inf"), "0 NaN and 1 infinite")])
 def test_non_finite_weights_are_refused_naming_the_tensor(saved, tmp_path, value, what):
     directory = copy_of(saved, tmp_path)
     poison(directory, PROJECTION, value)
@@ -73,9 +75,11 @@ def test_non_finite_weights_are_refused_naming_the_tensor(saved, tmp_path, value
                                r"\(missing from the checkpoint: model\.layers\.2\.\* \(17 weights\)\)"),
     ({"num_hidden_layers": 1}, r"the checkpoint has 2 layers but config.json says num_hidden_layers=1 "
                                r"\(in the checkpoint but not in the model the config builds: model\.layers\.1\.\*"),
-    ({"position_embedding_type": "absolute"}, r"config.json says position_embedding_type='absolute' but the checkpoint has no "
-                                              r"position table .*model\.position_embeddings\.weight"),
-    ({"tie_word_embeddings": False}, r"config.json says tie_word_embeddings=false but the checkpoint has no separate output item"),
+    ({"position_embedding_type": "absolute"},
+     r"config.json says position_embedding_type='absolute' but the checkpoint has no position table "
+     r".*model\.position_embeddings\.weight"),
+    ({"tie_word_embeddings": False},
+     r"config.json says tie_word_embeddings=false but the checkpoint has no separate output item"),
 ], ids=["more-layers", "fewer-layers", "absolute-positions", "untied"])
 def test_a_config_that_does_not_match_the_weights_is_refused(saved, tmp_path, fields, message):
     directory = copy_of(saved, tmp_path)
