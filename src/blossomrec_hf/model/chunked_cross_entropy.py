@@ -1,4 +1,6 @@
-"""Full-softmax cross-entropy over the item vocabulary without holding all B x L x n_items logits.
+"""Full-softmax cross-entropy over the item vocabulary without holding all B x L x n_items logits, in PyTorch.
+
+The reference for the fused Triton loss (fused_cross_entropy.py) and its fallback on the CPU; float32 throughout.
 
 The loss needs every item's score at every position; at 100k positions and 12k items those logits alone would take
 5 GB. Here the forward pass forms one chunk of logits at a time, turns it into its loss and its gradients, and frees
@@ -54,7 +56,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         )
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk_size: int | None = None) -> torch.Tensor:
     """Mean of -log softmax(hidden @ weight.T)[target] over rows; column 0 (padding) is left out of the softmax.
 
