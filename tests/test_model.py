@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from blossomrec_hf import BlossomRecConfig, BlossomRecForSequentialRecommendation
 from blossomrec_hf.model import modeling_blossomrec
-from blossomrec_hf.model.chunked_cross_entropy import linear_cross_entropy
+from blossomrec_hf.model.chunked_cross_entropy import chunked_linear_cross_entropy
 
 N_ITEMS = 50
 
@@ -137,7 +137,7 @@ def test_chunked_loss_matches_full_cross_entropy_value_and_gradients():
     hidden = torch.randn(37, 16, requires_grad=True)
     weight = torch.randn(21, 16, requires_grad=True)
     targets = torch.randint(1, 21, (37,))
-    loss = linear_cross_entropy(hidden, weight, targets, chunk_size=5)
+    loss = chunked_linear_cross_entropy(hidden, weight, targets, chunk_size=5)
     logits = hidden @ weight.T
     logits = torch.cat([torch.full_like(logits[:, :1], float("-inf")), logits[:, 1:]], dim=1)
     expected = F.cross_entropy(logits, targets)
@@ -151,12 +151,12 @@ def test_chunked_loss_matches_full_cross_entropy_value_and_gradients():
 def test_chunked_loss_under_no_grad_forms_no_gradients(monkeypatch):
     hidden, weight = torch.randn(9, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True)
     targets = torch.randint(1, 6, (9,))
-    with_grad = linear_cross_entropy(hidden, weight, targets, chunk_size=4)
+    with_grad = chunked_linear_cross_entropy(hidden, weight, targets, chunk_size=4)
     products = []
     original_matmul = torch.Tensor.__matmul__
     monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: products.append(1) or original_matmul(a, b))
     with torch.no_grad():
-        without_grad = linear_cross_entropy(hidden, weight, targets, chunk_size=4)
+        without_grad = chunked_linear_cross_entropy(hidden, weight, targets, chunk_size=4)
     assert len(products) == 3  # one logits product per chunk, no gradient products
     torch.testing.assert_close(without_grad, with_grad.detach())
 

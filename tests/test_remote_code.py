@@ -72,7 +72,8 @@ def test_save_pretrained_writes_safetensors_auto_map_and_every_code_file(tmp_pat
     assert {"config.json", "model.safetensors", "configuration_blossomrec.py", "modeling_blossomrec.py",
             "blossom_attention_torch.py", "blossom_attention_triton.py", "triton_blossom_kernels.py",
             "rotary_embedding.py", "triton_rotary_kernels.py", "sparse_patterns.py", "history_layout.py",
-            "chunked_cross_entropy.py"} <= files
+            "chunked_cross_entropy.py", "fused_cross_entropy.py", "triton_cross_entropy_kernels.py",
+            "sampled_softmax.py"} <= files
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
     for name in files:
         if name.endswith(".py"):

@@ -24,7 +24,8 @@ from transformers.utils import ModelOutput
 
 from .blossom_attention_torch import blossom_attention_torch
 from .blossom_attention_triton import blossom_attention_triton, gated_sum, triton_unavailable_reason
-from .chunked_cross_entropy import linear_cross_entropy
+from .fused_cross_entropy import linear_cross_entropy
+from .sampled_softmax import sampled_softmax_loss
 from .configuration_blossomrec import BlossomRecConfig
 from .history_layout import HistoryLayout, check_ids_tensor, check_item_ids
 from .rotary_embedding import rotary_tables, rotate_queries_and_keys
@@ -595,7 +596,8 @@ class BlossomRecForSequentialRecommendation(BlossomRecPreTrainedModel):
         return aligned_hidden.gather(1, index) * present[..., None]
 
     def next_item_loss(self, aligned_hidden, layout: HistoryLayout, labels, input_shape) -> torch.Tensor:
-        """Cross-entropy of predicting, at every item, the label of the next item of its history."""
+        """Cross-entropy of predicting, at every item, the label of the next item of its history (`config.loss_type`:
+        full softmax over every item, or sampled softmax over shared negatives)."""
         check_ids_tensor(labels, "labels")
         if tuple(labels.shape) != tuple(input_shape):
             raise ValueError(f"labels have shape {tuple(labels.shape)} but input_ids have shape {tuple(input_shape)}")
@@ -604,6 +606,9 @@ class BlossomRecForSequentialRecommendation(BlossomRecPreTrainedModel):
         targets = aligned_labels[:, 1:]
         predicts = layout.real[:, 1:] & (targets > 0)
         hidden = aligned_hidden[:, :-1][predicts]
+        if self.config.loss_type == "sampled":
+            return sampled_softmax_loss(hidden, self.item_score_weight, targets[predicts], self.config.num_negatives,
+                                        self.config.negative_sampling, self.config.logq_correction)
         return linear_cross_entropy(hidden, self.item_score_weight, targets[predicts])
 
     @torch.no_grad()
