@@ -6,6 +6,8 @@ This file travels with every checkpoint as remote code: it imports only `transfo
 from transformers import PretrainedConfig
 
 ATTENTION_TYPES = ("blossom", "dense")
+LOSS_TYPES = ("full", "sampled")
+NEGATIVE_SAMPLING = ("uniform", "in_batch", "mixed")
 POSITION_EMBEDDING_TYPES = ("rope", "absolute")
 
 
@@ -23,6 +25,11 @@ class BlossomRecConfig(PretrainedConfig):
       positions 1, 2, 4, 8, ... items back.
     - the compressed branch (`use_compressed_branch`): attention over the compressed block keys themselves; it is what
       trains the compression MLP. Without it, blocks are scored with parameter-free mean pooling.
+
+    The training loss (`loss_type`): `full` is the exact softmax over every item at every position; `sampled` scores
+    each target against `num_negatives` items drawn once per batch (`negative_sampling`: `uniform` over the
+    catalogue, `in_batch` from the batch's targets, or `mixed`), with the log-Q correction of popularity-biased draws
+    (`logq_correction`). See sampled_softmax.py. Ranking and `recommend` always score every item.
     """
 
     model_type = "blossomrec"
@@ -50,6 +57,10 @@ class BlossomRecConfig(PretrainedConfig):
         stis_window: int = 8,
         use_compressed_branch: bool = True,
         tie_word_embeddings: bool = True,
+        loss_type: str = "full",
+        num_negatives: int = 1024,
+        negative_sampling: str = "uniform",
+        logq_correction: bool = True,
         pad_token_id: int = 0,
         **kwargs,
     ):
@@ -74,6 +85,10 @@ class BlossomRecConfig(PretrainedConfig):
         self.stis_window = stis_window
         self.use_compressed_branch = use_compressed_branch
         self.tie_word_embeddings = tie_word_embeddings
+        self.loss_type = loss_type
+        self.num_negatives = num_negatives
+        self.negative_sampling = negative_sampling
+        self.logq_correction = logq_correction
         self.pad_token_id = pad_token_id
         super().__init__(pad_token_id=pad_token_id, tie_word_embeddings=tie_word_embeddings, **kwargs)
         self._check_fields()
@@ -96,7 +111,7 @@ class BlossomRecConfig(PretrainedConfig):
 
         for name in ("n_items", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                      "intermediate_size", "max_position_embeddings", "compress_block_size", "compress_stride",
-                     "selection_block_size", "num_selected_blocks", "stis_window"):
+                     "selection_block_size", "num_selected_blocks", "stis_window", "num_negatives"):
             positive_int(name)
         require(self.hidden_size % self.num_attention_heads == 0,
                 f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
@@ -111,6 +126,11 @@ class BlossomRecConfig(PretrainedConfig):
                 f"({self.compress_block_size}): blocks would leave gaps")
         require(self.attention_type in ATTENTION_TYPES,
                 f"`attention_type` must be one of {ATTENTION_TYPES}, got {self.attention_type!r}")
+        require(self.loss_type in LOSS_TYPES, f"`loss_type` must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        require(self.negative_sampling in NEGATIVE_SAMPLING,
+                f"`negative_sampling` must be one of {NEGATIVE_SAMPLING}, got {self.negative_sampling!r}")
+        require(isinstance(self.logq_correction, bool), f"`logq_correction` must be true or false, got "
+                f"{self.logq_correction!r}")
         require(self.position_embedding_type in POSITION_EMBEDDING_TYPES,
                 f"`position_embedding_type` must be one of {POSITION_EMBEDDING_TYPES}, "
                 f"got {self.position_embedding_type!r}")
