@@ -237,3 +237,31 @@ def test_push_to_a_branch_and_as_a_pull_request(model_dir, monkeypatch):
     assert "model.safetensors" in branch_files and "README.md" in branch_files
     assert proposal.pr_url.endswith("/org/branchy/discussions/1") and "README.md" in pr_files
     assert on_branch.commit_sha != on_branch.weights_commit_sha
+
+
+def test_uploaded_records_hold_no_local_paths_and_the_local_files_stay(model_dir, tmp_path):
+    local = {**TRAINING_ARGS, "dataset": "/home/alice/data/Beauty.txt", "output_dir": "/home/alice/runs/beauty-blossom",
+             "resume_from_checkpoint": "/home/alice/runs/beauty-blossom/checkpoints/step-40",
+             "command": "/home/alice/venv/bin/python /home/alice/blossomrec-hf/scripts/train.py "
+                        "--dataset /home/alice/data/Beauty.txt --output_dir=/home/alice/runs/beauty-blossom"}
+    (model_dir / "training_args.json").write_text(json.dumps(local))
+    (model_dir / "metrics.json").write_text(json.dumps({**METRICS, "dataset": "/home/alice/data/Beauty.txt"}))
+    before = {name: (model_dir / name).read_bytes() for name in ("training_args.json", "metrics.json")}
+    with HubStandIn() as hub:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+            push_to_hub(model_dir, "org/records", token=DEFAULT_TOKEN)
+        uploaded = {name: json.loads(Path(hf_hub_download("org/records", name, endpoint=hub.url,
+                                                          cache_dir=tmp_path / "cache")).read_text())
+                    for name in before}
+
+    args = uploaded["training_args.json"]
+    assert (args["dataset"], args["output_dir"], args["resume_from_checkpoint"]) == \
+        ("Beauty.txt", "beauty-blossom", "step-40")
+    assert args["command"] == "python scripts/train.py --dataset Beauty.txt --output_dir=beauty-blossom"
+    paths = ("dataset", "output_dir", "resume_from_checkpoint", "command")
+    assert {key: value for key, value in args.items() if key not in paths} == \
+        {key: value for key, value in local.items() if key not in paths}  # nothing else changed
+    assert uploaded["metrics.json"] == {**METRICS, "dataset": "Beauty.txt"}
+    assert "/home/alice" not in json.dumps(uploaded)
+    assert {name: (model_dir / name).read_bytes() for name in before} == before

@@ -3,7 +3,8 @@
 A pushed repo must let a stranger load the model by repo id with `trust_remote_code=True`, so the folder is checked
 first: safetensors weights, a config whose `auto_map` names remote-code files that are present (with every file they
 import relatively, and no import of this package, which a stranger does not have), and the item vocabulary. Only an
-explicit list of files goes up; pickles (`*.bin`, `*.pt`, `*.pkl`, ...) never do.
+explicit list of files goes up; pickles (`*.bin`, `*.pt`, `*.pkl`, ...) never do. The JSON records
+(`training_args.json`, `metrics.json`) go up without the training machine's paths, as the model card shows them.
 """
 
 from __future__ import annotations
@@ -250,8 +251,9 @@ def _model_index(model_name: str, dataset: str, rows) -> str:
     return yaml.safe_dump({"model-index": [{"name": model_name, "results": entries}]}, sort_keys=False)
 
 
-# Flags of scripts/train.py whose values are paths on the training machine: the card shows only their last part.
-_PATH_FLAGS = ("dataset", "output_dir")
+# Flags of scripts/train.py whose values are paths on the training machine: the card and the uploaded records show
+# only their last part.
+_PATH_FLAGS = ("dataset", "output_dir", "resume_from_checkpoint")
 _DATA_FILE_SUFFIXES = (".txt", ".csv", ".tsv", ".dat", ".inter", ".parquet", ".pq", ".json", ".jsonl", ".gz", ".zip",
                        ".arrow", ".feather")
 
@@ -270,7 +272,8 @@ def _is_local_path(value: str) -> bool:
 def _portable(flag: str, value) -> str:
     """A flag's value as the card shows it: a local path by its last part (never the training machine's layout)."""
     value = str(value)
-    if flag == "output_dir" or (flag == "dataset" and _is_local_path(value)):
+    if flag == "output_dir" or (flag == "resume_from_checkpoint" and value != "latest") or \
+            (flag == "dataset" and _is_local_path(value)):
         return Path(value.rstrip("/\\")).name or value
     return value
 
@@ -291,6 +294,30 @@ def _portable_command(tokens: list[str]) -> list[str]:
             token = _portable(flag, token)
         result.append(token)
     return result
+
+
+def portable_record(record):
+    """A JSON record (training_args.json, metrics.json) as it is uploaded: the training machine's paths (dataset
+    file, output folder, checkpoint, a recorded command's interpreter and script) by their last part, as the model
+    card shows them; everything else as it is. The local file is not changed."""
+    if not isinstance(record, dict):
+        return record
+    portable = {key: _portable(key, value) if key in _PATH_FLAGS and isinstance(value, str) else value
+                for key, value in record.items()}
+    command = record.get("command")
+    if isinstance(command, str) and command:
+        portable["command"] = shlex.join(_portable_command(shlex.split(command)))
+    elif isinstance(command, list):
+        portable["command"] = _portable_command([str(token) for token in command])
+    return portable
+
+
+def _upload_content(model_dir: Path, name: str) -> str | bytes:
+    """What goes up for ``name``: the file itself, or for a JSON record its portable copy."""
+    if name not in OPTIONAL_RECORDS:
+        return str(model_dir / name)
+    record = _read_json(model_dir / name, f"The record {name}")
+    return (json.dumps(portable_record(record), indent=2) + "\n").encode()
 
 
 def _training_command(args) -> str:
@@ -465,7 +492,8 @@ def push_to_hub(model_dir: str | Path, repo_id: str, *, private: bool = False, r
     if revision not in (None, "main") and not create_pr:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     weights = api.create_commit(
-        repo_id, [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(model_dir / name)) for name in files],
+        repo_id, [CommitOperationAdd(path_in_repo=name, path_or_fileobj=_upload_content(model_dir, name))
+                  for name in files],
         commit_message=commit_message or "Upload BlossomRec model", revision=revision, create_pr=create_pr)
     card = render_model_card(model_dir, repo_id=repo_id, revision=weights.oid)
     head = api.create_commit(
