@@ -81,26 +81,26 @@ def _common(hidden: torch.Tensor) -> dict:
 
 
 def softmax_statistics(hidden, weight, targets, with_grad: bool):
-    """Base-2 log-sum-exp over items 1.. of every row [N], and with `with_grad` the unscaled gradient of the loss in
-    hidden [N, D] float32 (softmax-weighted item sum minus the target's embedding). The item range is split into
-    parts when there are too few row blocks to fill the device."""
+    """Per row [N], base 2: the log-sum-exp over items 1.. and the target's score; with `with_grad` also the unscaled
+    gradient of the loss in hidden [N, D] float32 (softmax-weighted item sum minus the target's embedding). The item
+    range is split into parts when there are too few row blocks to fill the device."""
     rows, dim = hidden.shape
     rows_tile, items_tile = TUNING["forward_rows"], TUNING["forward_items"]
     row_blocks = triton.cdiv(rows, rows_tile)
     parts, per_part = _split(weight.shape[0] - 1, row_blocks, items_tile, hidden.device)
-    lse = torch.empty(parts, rows, device=hidden.device, dtype=torch.float32)
+    lse, target_score = torch.empty(2, parts, rows, device=hidden.device, dtype=torch.float32)
     weighted = torch.empty(parts, rows, dim, device=hidden.device, dtype=torch.float32) if with_grad else lse
     softmax_forward[(row_blocks, parts)](
-        hidden, weight, targets, lse, weighted, N=rows, V=weight.shape[0], items_per_split=per_part,
+        hidden, weight, targets, lse, target_score, weighted, N=rows, V=weight.shape[0], items_per_split=per_part,
         stride_h=hidden.stride(0), stride_e=weight.stride(0), BM=rows_tile, BV=items_tile, WITH_GRAD=with_grad,
         SUBTRACT_TARGET=parts == 1, num_warps=TUNING["forward_warps"], **_common(hidden))
     if parts == 1:
-        return lse[0], weighted[0] if with_grad else None
+        return lse[0], target_score[0], weighted[0] if with_grad else None
     total = torch.logsumexp(lse * LN2, dim=0) / LN2
     if not with_grad:
-        return total, None
+        return total, target_score.sum(0), None
     shares = torch.exp2(lse - total)
-    return total, torch.einsum("sn,snd->nd", shares, weighted) - weight[targets].float()
+    return total, target_score.sum(0), torch.einsum("sn,snd->nd", shares, weighted) - weight[targets].float()
 
 
 def item_embedding_gradient(hidden, weight, lse, targets, scale, dtype) -> torch.Tensor:
@@ -132,11 +132,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         e = weight.detach().to(dtype).contiguous()
         targets = targets.contiguous()
         with_grad = grad_enabled and any(ctx.needs_input_grad[:2])
-        lse, hidden_grad = softmax_statistics(h, e, targets, with_grad)
-        target_scores = (h[:, None, :].float() @ e[targets].float()[:, :, None]).flatten()
+        lse, target_score, hidden_grad = softmax_statistics(h, e, targets, with_grad)
         ctx.save_for_backward(h, e, targets, lse, hidden_grad)
         ctx.dtypes = (hidden.dtype, weight.dtype)
-        return (lse * LN2 - target_scores).mean()
+        return (lse - target_score).mean() * LN2
 
     @staticmethod
     @torch.autocast("cuda", enabled=False)

@@ -47,24 +47,27 @@ def _scores(h, E, stride_e, item0, item_end, BV: tl.constexpr, D: tl.constexpr, 
 
 @triton.jit
 def softmax_forward(
-    H, E, TARGETS, LSE, WEIGHTED,
+    H, E, TARGETS, LSE, TARGET_SCORE, WEIGHTED,
     N, V, items_per_split, stride_h, stride_e,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, WITH_GRAD: tl.constexpr,
     SUBTRACT_TARGET: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Grid (row blocks, item splits). LSE [splits, N]: base-2 log-sum-exp of the split's items (-inf if it has none).
-    WEIGHTED [splits, N, D] (with WITH_GRAD): softmax over the split's items times their embeddings, float32, minus
+    TARGET_SCORE [splits, N]: the base-2 score of the row's target if the split holds it, else 0. WEIGHTED [splits, N, D] (with WITH_GRAD): softmax over the split's items times their embeddings, float32, minus
     the target's embedding with SUBTRACT_TARGET (one split: the unscaled gradient of the loss in hidden)."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     h, rows, row_ok = _row_block(H, stride_h, pid_m * BM, N, BM, D, BLOCK_D)
     first = 1 + split * items_per_split  # item 0 is padding, never a candidate
     end = tl.minimum(first + items_per_split, V)
+    target = tl.load(TARGETS + rows, mask=row_ok, other=0)
     m = tl.full([BM], NEG_INF, tl.float32)
     total = tl.zeros([BM], tl.float32)
+    target_score = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BLOCK_D], tl.float32)
     for item0 in range(first, end, BV):
         s, e, items = _scores(h, E, stride_e, item0, end, BV, D, BLOCK_D, DOT_PREC)
+        target_score += tl.sum(tl.where(items[None, :] == target[:, None], s, 0.0), 1)
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -75,11 +78,11 @@ def softmax_forward(
     has_items = total > 0
     lse = tl.where(has_items, m + tl.log2(tl.where(has_items, total, 1.0)), NEG_INF)
     tl.store(LSE + split * N + rows, lse, mask=row_ok)
+    tl.store(TARGET_SCORE + split * N + rows, target_score, mask=row_ok)
     if WITH_GRAD:
         dofs = tl.arange(0, BLOCK_D)
         out = acc / tl.where(has_items, total, 1.0)[:, None]
         if SUBTRACT_TARGET:
-            target = tl.load(TARGETS + rows, mask=row_ok, other=0)
             out -= tl.load(E + target[:, None].to(tl.int64) * stride_e + dofs[None, :],
                            mask=row_ok[:, None] & (dofs < D)[None, :], other=0.0).to(tl.float32)
         offsets = (split * N + rows[:, None]).to(tl.int64) * D + dofs[None, :]
