@@ -161,6 +161,8 @@ def main():
     parser.add_argument("--output", default="benchmarks/results/loss_benchmark.json")
     parser.add_argument("--plot_only", action="store_true", help="redraw the PNG from an existing JSON")
     parser.add_argument("--tune", action="store_true", help="also time the fused loss under other launch settings")
+    parser.add_argument("--candidates", nargs="+", help="only these losses (default: all installed)")
+    parser.add_argument("--items", nargs="+", type=int, help="only the shapes with these item counts")
     args = parser.parse_args()
     output = Path(args.output)
     if args.plot_only:
@@ -169,9 +171,12 @@ def main():
     output.parent.mkdir(parents=True, exist_ok=True)
     candidates = {"fused": lambda h, w, t: linear_cross_entropy(h, w, t), **library_losses(),
                   "chunked_fp32": chunked_linear_cross_entropy, "plain_bf16": plain_bf16}
+    candidates = {name: fn for name, fn in candidates.items() if not args.candidates or name in args.candidates}
     device = torch.cuda.get_device_name()
     rows = []
     for positions, items in SHAPES:
+        if args.items and items not in args.items:
+            continue
         generator = torch.Generator(device="cuda").manual_seed(positions + items)
         h = torch.randn(positions, DIM, device="cuda", generator=generator).bfloat16()  # LayerNorm-like states
         w = (0.2 * torch.randn(items, DIM, device="cuda", generator=generator)).bfloat16()  # score std ~2.3

@@ -31,6 +31,11 @@ RUNS = {
     "beauty-dense": BEAUTY + ["--attention_type", "dense"],
     "ml100k-blossom": ML100K + ["--attention_type", "blossom"],
     "ml100k-dense": ML100K + ["--attention_type", "dense"],
+    # the loss: sampled softmax with a few negative counts and draws, against the full softmax above
+    **{f"beauty-blossom-sampled{count}": BEAUTY + ["--attention_type", "blossom", "--loss_type", "sampled",
+                                                   "--num_negatives", str(count)] for count in (128, 512, 2048)},
+    "beauty-blossom-mixed512": BEAUTY + ["--attention_type", "blossom", "--loss_type", "sampled",
+                                         "--num_negatives", "512", "--negative_sampling", "mixed"],
 }
 COLUMNS = ["recall@10", "ndcg@10", "recall@20", "ndcg@20", "mrr@10"]
 
