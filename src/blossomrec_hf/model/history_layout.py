@@ -1,8 +1,12 @@
-"""Checking histories and moving them to the layout the model computes in.
+"""Checking histories and laying out their items as one flat list of real tokens.
 
-Callers may pad on either side. The model left-aligns every history (its first item at position 0, padding after
-its last item), so positions, block boundaries and causality count from the history's own first item, and no query
-of a real item ever sees padding or a batch neighbour: scores do not depend on the padding side or amount.
+Callers give histories padded ([B, L], 0 = padding, on either side) or packed ([B, T] with `position_ids` restarting
+at 0 at each history's first item, as `transformers.DataCollatorWithFlattening` makes them). Either way the model
+computes on the real items only, history after history (`HistoryLayout`): embeddings, projections, feed-forward
+layers and the loss never touch padding. Only attention needs each history as a row; it scatters its queries, keys
+and values into a [histories, longest history] buffer (`pad`) and gathers the result back (`unpad`). Positions,
+block boundaries and causality count from each history's own first item, so no item ever sees padding or another
+history, and scores depend neither on the padding side or amount nor on batch neighbours.
 """
 
 from dataclasses import dataclass
@@ -48,50 +52,133 @@ def check_ids_tensor(ids, name: str) -> None:
 
 @dataclass
 class HistoryLayout:
-    """Where each caller position goes in the left-aligned layout.
+    """The real items of a batch as one flat token list, history by history.
 
-    order[b, i] is the caller position of the i-th item of history b (its padding positions follow, in order).
+    token_index [T]: where each token sits in the caller's [B, L] input (flattened); positions [T]: its position in its
+    history; history_of_token [T]; lengths [S] and cu_seqlens [S + 1] of the S histories; max_length: the longest
+    (the width of the attention buffer). Padded input gives one history per row (S = B, empty rows included).
     """
 
-    order: torch.Tensor
+    token_index: torch.Tensor
+    positions: torch.Tensor
+    history_of_token: torch.Tensor
     lengths: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_length: int
+    caller_shape: tuple[int, int]
 
     @classmethod
-    def from_inputs(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, n_items: int) -> "HistoryLayout":
+    def from_inputs(cls, input_ids, attention_mask, n_items: int, position_ids=None) -> "HistoryLayout":
         check_ids_tensor(input_ids, "input_ids")
         check_item_ids(input_ids, n_items, "input_ids")
-        if attention_mask is None:
-            real = input_ids != 0
-        else:
-            if tuple(attention_mask.shape) != tuple(input_ids.shape):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape "
-                                 f"{tuple(input_ids.shape)}")
-            if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
-                raise ValueError("attention_mask must hold only 0 (padding) and 1 (item)")
-            real = attention_mask.bool()
-            if bool((real & (input_ids == 0)).any()):
-                row = int((real & (input_ids == 0)).nonzero()[0, 0])
-                raise ValueError(f"attention_mask marks the padding id 0 as an item in row {row}")
-        order = torch.argsort((~real).to(torch.uint8), dim=1, stable=True)
-        return cls(order=order, lengths=real.sum(dim=1))
+        real = _real_items(input_ids, attention_mask)
+        if position_ids is None:
+            return cls._from_padded(real)
+        return cls._from_packed(real, _checked_position_ids(position_ids, input_ids.shape))
+
+    @classmethod
+    def _from_padded(cls, real: torch.Tensor) -> "HistoryLayout":
+        batch, length = real.shape
+        order = torch.argsort((~real).to(torch.uint8), dim=1, stable=True)  # each row's items first, in order
+        lengths = real.sum(dim=1)
+        columns = torch.arange(length, device=real.device)
+        kept = columns[None, :] < lengths[:, None]
+        rows = torch.arange(batch, device=real.device)[:, None].expand(batch, length)
+        return cls(token_index=(rows * length + order)[kept], positions=columns.expand(batch, length)[kept],
+                   history_of_token=rows[kept], lengths=lengths, cu_seqlens=_cumulative(lengths), max_length=length,
+                   caller_shape=(batch, length))
+
+    @classmethod
+    def _from_packed(cls, real: torch.Tensor, position_ids: torch.Tensor) -> "HistoryLayout":
+        flat_real, flat_positions = real.flatten(), position_ids.flatten()
+        starts = flat_real & (flat_positions == 0)
+        previous_real = torch.cat([flat_real.new_zeros(1), flat_real[:-1]])
+        previous_position = torch.cat([flat_positions.new_full((1,), -1), flat_positions[:-1]])
+        row_start = torch.zeros_like(flat_real).view(real.shape)
+        row_start[:, 0] = True
+        continues = previous_real & (flat_positions == previous_position + 1) & ~row_start.flatten()
+        broken = flat_real & ~starts & ~continues
+        if bool(broken.any()):
+            index = int(broken.nonzero()[0])
+            row, col = divmod(index, real.shape[1])
+            raise ValueError(
+                f"position_ids at row {row}, position {col} is {int(flat_positions[index])}: in packed input each "
+                f"history's position_ids count 0, 1, 2, ... from its first item (as DataCollatorWithFlattening makes "
+                f"them), with no padding inside a history")
+        token_index = flat_real.nonzero().flatten()
+        history_of_token = torch.cumsum(starts[token_index].long(), 0) - 1
+        num_histories = int(starts.sum())
+        lengths = torch.bincount(history_of_token, minlength=num_histories)
+        return cls(token_index=token_index, positions=flat_positions[token_index], history_of_token=history_of_token,
+                   lengths=lengths, cu_seqlens=_cumulative(lengths),
+                   max_length=int(lengths.max()) if num_histories else 0, caller_shape=tuple(real.shape))
 
     @property
-    def real(self) -> torch.Tensor:
-        """bool [B, L]: which left-aligned positions hold an item."""
-        return torch.arange(self.order.shape[1], device=self.order.device)[None, :] < self.lengths[:, None]
+    def num_histories(self) -> int:
+        return self.lengths.shape[0]
 
-    def align(self, x: torch.Tensor) -> torch.Tensor:
-        """Caller layout -> left-aligned layout, along dim 1 of x [B, L, ...]."""
-        index = self.order.view(*self.order.shape, *([1] * (x.dim() - 2))).expand_as(x)
-        return x.gather(1, index)
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Caller layout [B, L, ...] -> tokens [T, ...]."""
+        return x.flatten(0, 1)[self.token_index]
 
-    def to_caller(self, x: torch.Tensor) -> torch.Tensor:
-        """Left-aligned -> caller layout for x [B, L, ...]; padding positions come back as zeros."""
-        x = x * self.real.view(*self.real.shape, *([1] * (x.dim() - 2))).to(x.dtype)
-        index = self.order.view(*self.order.shape, *([1] * (x.dim() - 2))).expand_as(x)
-        return torch.zeros_like(x).scatter(1, index, x)
+    def to_caller(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens [T, ...] -> caller layout [B, L, ...]; padding positions are zeros."""
+        out = tokens.new_zeros(self.caller_shape[0] * self.caller_shape[1], *tokens.shape[1:])
+        return out.index_put((self.token_index,), tokens).view(*self.caller_shape, *tokens.shape[1:])
 
-    def last_positions(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-aligned positions of each history's last `count` items ([B, count]) and which of them exist."""
-        positions = self.lengths[:, None] - count + torch.arange(count, device=self.lengths.device)[None, :]
-        return positions.clamp(min=0), positions >= 0
+    def pad(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens [T, ...] -> [S, max_length, ...], each history from column 0, zeros after its end."""
+        out = tokens.new_zeros(self.num_histories * self.max_length, *tokens.shape[1:])
+        out = out.index_put((self._buffer_index,), tokens)
+        return out.view(self.num_histories, self.max_length, *tokens.shape[1:])
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """[S, max_length, ...] -> tokens [T, ...]."""
+        return padded.flatten(0, 1)[self._buffer_index]
+
+    @property
+    def _buffer_index(self) -> torch.Tensor:
+        return self.history_of_token * self.max_length + self.positions
+
+    def next_targets(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each token, the label of the next item of its history ([T]) and whether that is a target (a next item
+        exists in the same history and its label is an item id, not 0 or -100)."""
+        token_labels = self.tokens(labels)
+        following = torch.cat([token_labels[1:], token_labels.new_zeros(1)])
+        has_next = self.positions < self.lengths[self.history_of_token] - 1
+        return following, has_next & (following > 0)
+
+    def last_tokens(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token indices of each history's last `count` items ([S, count]) and which of them exist."""
+        index = self.cu_seqlens[1:, None] - count + torch.arange(count, device=self.lengths.device)[None, :]
+        present = index >= self.cu_seqlens[:-1, None]
+        return index.clamp(min=0), present
+
+
+def _cumulative(lengths: torch.Tensor) -> torch.Tensor:
+    return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
+
+
+def _real_items(input_ids: torch.Tensor, attention_mask) -> torch.Tensor:
+    """bool [B, L]: which positions hold an item (not padding), checked against the attention mask if given."""
+    if attention_mask is None:
+        return input_ids != 0
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape "
+                         f"{tuple(input_ids.shape)}")
+    if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (item)")
+    real = attention_mask.bool()
+    if bool((real & (input_ids == 0)).any()):
+        row = int((real & (input_ids == 0)).nonzero()[0, 0])
+        raise ValueError(f"attention_mask marks the padding id 0 as an item in row {row}")
+    return real
+
+
+def _checked_position_ids(position_ids, shape) -> torch.Tensor:
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dtype not in ID_DTYPES:
+        raise TypeError(f"position_ids must be a torch.Tensor of integers (torch.long or torch.int32), got "
+                        f"{getattr(position_ids, 'dtype', type(position_ids).__name__)}")
+    if tuple(position_ids.shape) != tuple(shape):
+        raise ValueError(f"position_ids have shape {tuple(position_ids.shape)} but input_ids have shape {tuple(shape)}")
+    return position_ids.long()

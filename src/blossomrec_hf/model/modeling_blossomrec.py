@@ -203,25 +203,28 @@ class BlossomRecAttention(nn.Module):
             self.geometry = SparseGeometry.from_config(config)
             self.compressor = BlockCompressor(config)
 
-    def forward(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        batch, length, _ = hidden.shape
+    def forward(self, hidden: torch.Tensor, layout: HistoryLayout,
+                rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """hidden [T, d] (the batch's real items, history by history) -> [T, d]. Each history is a row of the
+        attention buffer [S, heads, longest history, head_dim]; rotary tables are per token ([T, head_dim])."""
+        tokens = hidden.shape[0]
         query_key, v, gate_logits = self.input_proj(hidden).split(self.split_sizes, dim=-1)
-        query_key = query_key.view(batch, length, self.num_heads + self.num_kv_heads, self.head_dim)
+        query_key = query_key.view(1, tokens, self.num_heads + self.num_kv_heads, self.head_dim)
         if rotary is not None:
             q, k = rotate_queries_and_keys(query_key, *rotary, self.num_heads)
         else:
             q, k = query_key.split([self.num_heads, self.num_kv_heads], dim=2)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = (layout.pad(x[0]).transpose(1, 2) for x in (q, k))
+        v = layout.pad(v.view(tokens, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         implementation = self.config._attn_implementation
         if not self.is_blossom:
             out = DENSE_BACKENDS[implementation](q, k, v)
         else:
             compressed_keys, compressed_values = self.compressor(k, v)
             branches = BLOSSOM_BACKENDS[implementation](q, k, v, compressed_keys, compressed_values, self.geometry)
-            gate_logits = gate_logits.view(batch, length, self.num_heads, self.num_branches)
+            gate_logits = layout.pad(gate_logits.view(tokens, self.num_heads, self.num_branches))
             out = gated_sum(gate_logits, branches, fused=implementation == "blossom_triton")
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
+        return self.o_proj(layout.unpad(out.transpose(1, 2)).reshape(tokens, self.num_heads * self.head_dim))
 
 
 class BlossomRecLayer(nn.Module):
@@ -239,8 +242,8 @@ class BlossomRecLayer(nn.Module):
         self.feed_forward_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, hidden: torch.Tensor, rotary) -> torch.Tensor:
-        hidden = self.attention_norm(hidden + self.dropout(self.attention(hidden, rotary)))
+    def forward(self, hidden: torch.Tensor, layout: HistoryLayout, rotary) -> torch.Tensor:
+        hidden = self.attention_norm(hidden + self.dropout(self.attention(hidden, layout, rotary)))
         return self.feed_forward_norm(hidden + self.dropout(self.feed_forward(hidden)))
 
 
@@ -350,30 +353,28 @@ class BlossomRecModel(BlossomRecPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.item_embeddings = value
 
-    def encode_aligned(self, aligned_ids: torch.Tensor) -> list[torch.Tensor]:
-        """Hidden states of left-aligned histories: [embeddings, layer 1, ..., layer N], each [B, L, d]."""
-        length = aligned_ids.shape[1]
-        hidden = self.item_embeddings(aligned_ids)
+    def encode(self, input_ids, attention_mask=None, position_ids=None) -> tuple[HistoryLayout, list[torch.Tensor]]:
+        """Check the histories and encode their real items: the layout and the hidden states of every token
+        ([embeddings, layer 1, ..., layer N], each [T, d])."""
+        layout = HistoryLayout.from_inputs(input_ids, attention_mask, self.config.n_items, position_ids)
+        hidden = self.item_embeddings(layout.tokens(input_ids))
         rotary = None
         if self.position_embeddings is not None:
-            if length > self.config.max_position_embeddings:
+            if layout.max_length > self.config.max_position_embeddings:
                 raise ValueError(
-                    f"histories of length {length} exceed max_position_embeddings="
+                    f"histories of length {layout.max_length} exceed max_position_embeddings="
                     f"{self.config.max_position_embeddings} of this absolute-position model; keep the most recent "
                     f"{self.config.max_position_embeddings} items"
                 )
-            hidden = hidden + self.position_embeddings.weight[:length]
+            hidden = hidden + self.position_embeddings(layout.positions)
         else:
-            rotary = rotary_tables(length, self.config.head_dim, self.config.rope_theta, hidden.device, hidden.dtype)
+            cos, sin = rotary_tables(max(layout.max_length, 1), self.config.head_dim, self.config.rope_theta,
+                                     hidden.device, hidden.dtype)
+            rotary = cos[layout.positions], sin[layout.positions]
         states = [self.dropout(self.embedding_norm(hidden))]
         for layer in self.layers:
-            states.append(layer(states[-1], rotary))
-        return states
-
-    def encode(self, input_ids, attention_mask=None) -> tuple[HistoryLayout, list[torch.Tensor]]:
-        """Check the histories, left-align them and encode: their layout and the aligned hidden states."""
-        layout = HistoryLayout.from_inputs(input_ids, attention_mask, self.config.n_items)
-        return layout, self.encode_aligned(layout.align(input_ids) * layout.real)
+            states.append(layer(states[-1], layout, rotary))
+        return layout, states
 
     def caller_hidden_states(self, layout: HistoryLayout, states, output_hidden_states):
         """Every layer's states in the caller's layout when asked for (argument, else config), else None."""
@@ -381,8 +382,8 @@ class BlossomRecModel(BlossomRecPreTrainedModel):
             output_hidden_states = self.config.output_hidden_states
         return tuple(layout.to_caller(s) for s in states) if output_hidden_states else None
 
-    def forward(self, input_ids, attention_mask=None, output_hidden_states=None, return_dict=None):
-        layout, states = self.encode(input_ids, attention_mask)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, output_hidden_states=None, return_dict=None):
+        layout, states = self.encode(input_ids, attention_mask, position_ids)
         output = BlossomRecModelOutput(
             last_hidden_state=layout.to_caller(states[-1]),
             hidden_states=self.caller_hidden_states(layout, states, output_hidden_states),
@@ -438,18 +439,22 @@ class BlossomRecForSequentialRecommendation(BlossomRecPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
+        position_ids: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> SequentialRecommenderOutput | tuple:
         """Next-item scores and, with `labels`, the next-item loss.
 
         input_ids: [B, L] item ids, 0 = padding on either side. attention_mask: optional [B, L], 1 = item.
+        position_ids: packed input ([B, T], several histories per row): each history's positions 0, 1, 2, ... from its
+            first item, as `transformers.DataCollatorWithFlattening` makes them.
         labels: [B, L] aligned with input_ids (the model shifts them): the target of an item is the label of the next
-            item of the same history; 0 and -100 are ignored.
-        logits_to_keep: 0 = scores at every position; k > 0 = scores after each history's last k items.
+            item of the same history (never across histories); 0 and -100 are ignored.
+        logits_to_keep: 0 = scores at every position ([B, L, n_items + 1]); k > 0 = scores after each history's last
+            k items ([histories, k, n_items + 1]; one history per row of padded input).
         """
         logits_to_keep = _count_argument(logits_to_keep, "logits_to_keep", minimum=0)
-        layout, states = self.model.encode(input_ids, attention_mask)
+        layout, states = self.model.encode(input_ids, attention_mask, position_ids)
         last = states[-1]
 
         loss = None
@@ -470,36 +475,37 @@ class BlossomRecForSequentialRecommendation(BlossomRecPreTrainedModel):
         return output if return_dict is not False else output.to_tuple()
 
     @staticmethod
-    def last_items_hidden(aligned_hidden, layout: HistoryLayout, count: int) -> torch.Tensor:
-        """[B, count, d]: hidden states after each history's last `count` items (zeros where a history is shorter)."""
-        positions, present = layout.last_positions(count)
-        index = positions[..., None].expand(-1, -1, aligned_hidden.shape[-1])
-        return aligned_hidden.gather(1, index) * present[..., None]
+    def last_items_hidden(hidden, layout: HistoryLayout, count: int) -> torch.Tensor:
+        """[S, count, d]: hidden states after each history's last `count` items (zeros where a history is shorter)."""
+        index, present = layout.last_tokens(count)
+        if hidden.shape[0] == 0:
+            return hidden.new_zeros(*index.shape, hidden.shape[-1])
+        return hidden[index] * present[..., None]
 
-    def next_item_loss(self, aligned_hidden, layout: HistoryLayout, labels, input_shape) -> torch.Tensor:
+    def next_item_loss(self, hidden, layout: HistoryLayout, labels, input_shape) -> torch.Tensor:
         """Cross-entropy of predicting, at every item, the label of the next item of its history (`config.loss_type`:
         full softmax over every item, or sampled softmax over shared negatives)."""
         check_ids_tensor(labels, "labels")
         if tuple(labels.shape) != tuple(input_shape):
             raise ValueError(f"labels have shape {tuple(labels.shape)} but input_ids have shape {tuple(input_shape)}")
         check_item_ids(labels, self.config.n_items, "labels", allowed_extra=(IGNORE_INDEX,))
-        aligned_labels = layout.align(labels)
-        targets = aligned_labels[:, 1:]
-        predicts = layout.real[:, 1:] & (targets > 0)
-        hidden = aligned_hidden[:, :-1][predicts]
+        targets, predicts = layout.next_targets(labels)
+        hidden, targets = hidden[predicts], targets[predicts]
         if self.config.loss_type == "sampled":
-            return sampled_softmax_loss(hidden, self.item_score_weight, targets[predicts], self.config.num_negatives,
+            return sampled_softmax_loss(hidden, self.item_score_weight, targets, self.config.num_negatives,
                                         self.config.negative_sampling, self.config.logq_correction)
-        return linear_cross_entropy(hidden, self.item_score_weight, targets[predicts])
+        return linear_cross_entropy(hidden, self.item_score_weight, targets)
 
     @torch.no_grad()
-    def recommend(self, input_ids, attention_mask=None, top_k: int = 10, exclude_history: bool = False):
-        """The `top_k` best next items for each history (in eval mode), optionally leaving out items already seen."""
+    def recommend(self, input_ids, attention_mask=None, top_k: int = 10, exclude_history: bool = False,
+                  position_ids=None):
+        """The `top_k` best next items for each history (in eval mode), optionally leaving out items already seen:
+        [B, top_k] for padded input, [histories, top_k] for packed input (`position_ids`)."""
         top_k = _count_argument(top_k, "top_k", minimum=1, maximum=self.config.n_items)
         was_training = self.training
         self.eval()
         try:
-            layout, states = self.model.encode(input_ids, attention_mask)
+            layout, states = self.model.encode(input_ids, attention_mask, position_ids)
         finally:
             self.train(was_training)
         empty = (layout.lengths == 0).nonzero().flatten().tolist()
@@ -508,8 +514,7 @@ class BlossomRecForSequentialRecommendation(BlossomRecPreTrainedModel):
         scores = self.score(self.last_items_hidden(states[-1], layout, 1))[:, 0].float()
         scores[:, 0] = float("-inf")
         if exclude_history:
-            seen = input_ids if attention_mask is None else input_ids * attention_mask.to(input_ids.dtype)
-            scores.scatter_(1, seen.long(), float("-inf"))
+            scores[layout.history_of_token, layout.tokens(input_ids).long()] = float("-inf")
         best_scores, best_items = scores.topk(top_k, dim=-1)
         short = torch.isinf(best_scores).any(dim=-1).nonzero().flatten().tolist()
         if short:
