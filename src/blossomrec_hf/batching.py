@@ -47,6 +47,75 @@ class TrainingCollator:
         }
 
 
+class PackedTrainingCollator:
+    """Batches of training windows packed into one row, as `transformers.DataCollatorWithFlattening` packs them:
+    ``input_ids`` [1, T] (the windows back to back), ``position_ids`` restarting at 0 at each window's first item, and
+    ``labels`` with -100 at each window's first item. No padding anywhere."""
+
+    def __init__(self, max_seq_length: int):
+        self.window_length = max_seq_length + 1
+
+    def __call__(self, rows: Sequence[Mapping]) -> dict:
+        windows = [list(row["input_ids"])[-self.window_length:] for row in rows]
+        input_ids = torch.as_tensor([item for window in windows for item in window], dtype=torch.long)[None]
+        position_ids = torch.cat([torch.arange(len(window)) for window in windows])[None]
+        labels = input_ids.masked_fill(position_ids == 0, -100)
+        return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels,
+                "num_targets": input_ids.shape[1] - len(windows)}
+
+
+class TokenBudgetBatchSampler(Sampler[list[int]]):
+    """Batches of at most ``max_tokens`` items, of windows of similar length, in an order that depends only on
+    ``seed + epoch``.
+
+    Windows are ordered by length and cut greedily into batches, so each batch's windows are about as long as each
+    other (little padding where attention lays them out as rows). Each epoch shuffles which window of a given length
+    lands in which batch, and the order of the batches; the cut points depend only on the lengths, so every epoch has
+    the same number of batches (what a resumed run and Accelerate's sharding need). Private generators only: the
+    global RNG that dropout uses is never touched.
+    """
+
+    def __init__(self, lengths: Sequence[int], max_tokens: int, seed: int):
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if len(lengths) and lengths.max() > max_tokens:
+            raise ValueError(f"--max_tokens_per_batch {max_tokens} is smaller than the longest training window "
+                             f"({int(lengths.max())} items = --max_seq_length + 1): raise it or lower --max_seq_length")
+        self.lengths = lengths
+        self.seed = seed
+        self.epoch = 0
+        self.by_length = np.argsort(lengths, kind="stable")
+        self.cuts = self._cuts(lengths[self.by_length], max_tokens)
+
+    @staticmethod
+    def _cuts(sorted_lengths: np.ndarray, max_tokens: int) -> list[tuple[int, int]]:
+        cuts, start, total = [], 0, 0
+        for index, length in enumerate(sorted_lengths.tolist()):
+            if total + length > max_tokens:
+                cuts.append((start, index))
+                start, total = index, 0
+            total += length
+        if start < len(sorted_lengths):
+            cuts.append((start, len(sorted_lengths)))
+        return cuts
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.cuts)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = self.by_length.copy()
+        sorted_lengths = self.lengths[order]
+        for length in np.unique(sorted_lengths):  # shuffle windows among the places of their own length
+            places = np.flatnonzero(sorted_lengths == length)
+            order[places] = rng.permutation(order[places])
+        for batch in rng.permutation(len(self.cuts)).tolist():
+            start, end = self.cuts[batch]
+            yield order[start:end].tolist()
+
+
 class NegativeSampler:
     """The ``uni100`` protocol: for each user, ``num_negatives`` distinct items the user never interacted with.
 
@@ -138,8 +207,18 @@ def _private_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def training_dataloader(windows, max_seq_length: int, batch_size: int, seed: int, num_workers: int = 0) -> DataLoader:
-    """Shuffled batches of training windows (column ``input_ids``), reproducible from ``seed`` and the epoch."""
+def training_dataloader(windows, max_seq_length: int, batch_size: int, seed: int, num_workers: int = 0,
+                        max_tokens_per_batch: int | None = None) -> DataLoader:
+    """Shuffled batches of training windows (column ``input_ids``), reproducible from ``seed`` and the epoch: packed
+    batches of at most ``max_tokens_per_batch`` items, or else padded batches of ``batch_size`` windows."""
+    if max_tokens_per_batch:
+        return DataLoader(
+            windows,
+            batch_sampler=TokenBudgetBatchSampler([len(w) for w in windows["input_ids"]], max_tokens_per_batch, seed),
+            collate_fn=PackedTrainingCollator(max_seq_length),
+            num_workers=num_workers,
+            generator=_private_generator(seed),
+        )
     return DataLoader(
         windows,
         batch_size=batch_size,

@@ -1,0 +1,55 @@
+"""Token-budget batches of similar-length windows, packed into one row per batch."""
+
+import numpy as np
+import pytest
+import torch
+
+from blossomrec_hf.batching import PackedTrainingCollator, TokenBudgetBatchSampler
+
+
+def heavy_tailed_lengths(count=500, longest=51, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.minimum(np.exp(rng.uniform(np.log(2), np.log(200), count)).astype(int), longest).tolist()
+
+
+def test_every_window_once_per_epoch_within_the_budget_and_the_same_batch_count():
+    lengths = heavy_tailed_lengths()
+    sampler = TokenBudgetBatchSampler(lengths, max_tokens=256, seed=3)
+    counts = set()
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        counts.add(len(batches))
+        assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+        assert all(sum(lengths[i] for i in batch) <= 256 for batch in batches)
+        # similar lengths: within a batch, the longest window is at most a little longer than the shortest
+        spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches]
+        assert np.median(spread) <= 2
+    assert counts == {len(sampler)}
+
+
+def test_the_order_depends_only_on_seed_and_epoch_and_changes_between_epochs():
+    lengths = heavy_tailed_lengths()
+    first, second = TokenBudgetBatchSampler(lengths, 256, seed=3), TokenBudgetBatchSampler(lengths, 256, seed=3)
+    second.set_epoch(1)
+    first.set_epoch(1)
+    state = torch.random.get_rng_state()
+    assert list(first) == list(second)
+    assert torch.equal(state, torch.random.get_rng_state())  # the global RNG (dropout's) is untouched
+    first.set_epoch(2)
+    epoch_two = list(first)
+    assert epoch_two != list(second)
+    assert {tuple(sorted(b)) for b in epoch_two} != {tuple(sorted(b)) for b in list(second)}  # new batch members
+
+
+def test_a_budget_below_the_longest_window_names_the_flag():
+    with pytest.raises(ValueError, match="--max_tokens_per_batch 40 is smaller than the longest training window"):
+        TokenBudgetBatchSampler([3, 51, 7], max_tokens=40, seed=0)
+
+
+def test_packed_collator_matches_the_flattening_convention():
+    batch = PackedTrainingCollator(max_seq_length=3)([{"input_ids": [5, 6, 7]}, {"input_ids": [1, 2, 3, 4, 9]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 2, 3, 4, 9]]  # windows cut to max_seq_length + 1
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 3, 4, 9]]
+    assert batch["num_targets"] == 5
