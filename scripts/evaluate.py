@@ -9,6 +9,7 @@ prepared exactly as for training (same filters), and its item vocabulary must ma
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -16,10 +17,11 @@ from accelerate import Accelerator
 from transformers import AutoModel, HfArgumentParser
 from transformers.utils import logging as transformers_logging
 
-from blossomrec_hf.data import ItemVocabulary, prepare_data
+from blossomrec_hf.data import DataWarning, ItemVocabulary, one_line_data_warnings, prepare_data
+from blossomrec_hf.errors import InputErrors, user_input_errors
 from blossomrec_hf.evaluation import MAX_TOKENS_PER_FORWARD, RankingEvaluator
 from blossomrec_hf.metrics import format_metrics_table
-from blossomrec_hf.training_args import DataArguments, EvaluationArguments, user_input_errors
+from blossomrec_hf.training_args import DataArguments, EvaluationArguments
 
 
 @dataclass
@@ -37,17 +39,22 @@ class EvaluateArguments:
 
 
 def main():
+    one_line_data_warnings()
     parser = HfArgumentParser([EvaluateArguments, DataArguments, EvaluationArguments])
     args, data_args, eval_args = parser.parse_args_into_dataclasses()
     accelerator = Accelerator()
     transformers_logging.disable_progress_bar()
+    if not accelerator.is_main_process:  # every process reads the data: its warnings are printed once
+        warnings.simplefilter("ignore", DataWarning)
 
-    with user_input_errors(f"model {args.model!r}"):
+    # Bad input stops every process with exit status 2, after one error line from the main process.
+    with user_input_errors(f"model {args.model!r}", accelerator):
         model = AutoModel.from_pretrained(args.model, trust_remote_code=True, revision=args.revision,
                                           code_revision=args.revision, attn_implementation=args.attn_implementation)
         vocab = ItemVocabulary.from_pretrained(args.model, revision=args.revision)
     max_seq_length = args.max_seq_length or model.config.max_position_embeddings - 1
-    with accelerator.main_process_first(), user_input_errors(f"dataset {data_args.dataset!r}"):
+    errors = InputErrors(f"dataset {data_args.dataset!r}")
+    with accelerator.main_process_first(), errors:  # caught inside: every process leaves the block normally
         data = prepare_data(data_args.dataset, max_seq_length=max_seq_length, k_core=data_args.k_core,
                             min_history_length=data_args.min_history_length, **data_args.reader_kwargs())
         if data.vocab != vocab:
@@ -59,6 +66,7 @@ def main():
                                      batch_size=eval_args.per_device_eval_batch_size, mode=eval_args.eval_mode,
                                      exclude_history=eval_args.exclude_history, seed=eval_args.eval_seed,
                                      max_tokens_per_forward=args.max_tokens_per_forward)
+    errors.exit_if_any(accelerator)
 
     metrics = {"model": evaluator.evaluate_model(model.to(accelerator.device)),
                "popularity": evaluator.evaluate_popularity()}

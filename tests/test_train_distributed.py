@@ -1,4 +1,7 @@
-"""Two CPU processes (gloo) train and evaluate; every user is evaluated exactly once, with the same result as one."""
+"""Two CPU processes (gloo) train and evaluate; every user is evaluated exactly once, with the same result as one.
+Bad data stops both processes with one error line."""
+
+import re
 
 import pytest
 
@@ -26,3 +29,19 @@ def test_two_process_run_counts_every_user_once(tmp_path):
     evaluated = read_json(single)["metrics"]
     for method in ("model", "popularity"):
         assert evaluated[method] == pytest.approx(metrics["test"][method], abs=1e-6)
+
+
+def test_bad_data_stops_both_processes_with_one_error_line(tmp_path):
+    log = tmp_path / "short.txt"
+    log.write_text("u1 i1 i2\nu2 i2 i3\n")  # nobody has the 3 events evaluation needs
+    result = run_script(accelerate_command(TRAIN, "--dataset", str(log), "--output_dir", str(tmp_path / "run"),
+                                           "--min_history_length", "2", num_processes=2, quiet=True))
+    assert result.returncode == 1  # the launcher's status for a failed worker
+    assert "Traceback" not in result.stderr and "[rank" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert errors == [f"error: dataset '{log}': no user has the 3 events that a validation and a test target need: "
+                      f"the 2 users kept (min_history_length=2) have at most 2 events"]
+    # torchrun's summary lists each failed worker with its exit status: 2 (bad input), or -15 for a worker that the
+    # launcher's SIGTERM reached first, once the other had exited.
+    statuses = dict(re.findall(r"rank\s*: (\d) \(local_rank: \d\)\n\s*exitcode\s*: (-?\d+)", result.stderr))
+    assert "2" in statuses.values() and set(statuses.values()) <= {"2", "-15"}, statuses

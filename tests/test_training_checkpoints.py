@@ -12,7 +12,7 @@ from blossomrec_hf import checkpointing
 from blossomrec_hf.checkpointing import (STATE_FILE, TrainerState, check_same_run, checkpoint_files,
                                          checkpoint_problem, remove_tree, resolve_checkpoint, save_checkpoint,
                                          step_dirs)
-from blossomrec_hf.training_args import user_input_errors
+from blossomrec_hf.errors import user_input_errors
 
 
 class OneProcess:

@@ -63,9 +63,9 @@ def python_command(script: str, *args: str) -> list[str]:
     return [sys.executable, script, *args]
 
 
-def accelerate_command(script: str, *args: str, num_processes: int = 1) -> list[str]:
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", "--num_processes", str(num_processes)]
+def accelerate_command(script: str, *args: str, num_processes: int = 1, quiet: bool = False) -> list[str]:
+    launch = [sys.executable, "-m", "accelerate.commands.launch", *(["-q"] if quiet else []), "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(num_processes)]
     if num_processes > 1:
         launch += ["--multi_gpu"]  # with ACCELERATE_USE_CPU=true: several CPU processes over gloo
     return [*launch, script, *args]
@@ -78,3 +78,4 @@ def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+

@@ -7,12 +7,10 @@ config's signature so new fields need no change here; ``--config_overrides key=v
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -20,6 +18,7 @@ from typing import Literal
 from accelerate.utils import is_tensorboard_available
 from transformers import HfArgumentParser
 
+from .errors import user_input_errors
 from .model import BlossomRecConfig
 
 # Config fields that the training script sets itself, or that are training flags of their own.
@@ -119,7 +118,8 @@ def model_config_fields() -> dict[str, object]:
 
 
 def _model_arguments_class() -> type:
-    fields = [(name, type(default) | None, field(default=None, metadata={"help": f"model config (default {default!r})"}))
+    fields = [(name, type(default) | None,
+               field(default=None, metadata={"help": f"model config (default {default!r})"}))
               for name, default in model_config_fields().items()]
     return dataclasses.make_dataclass("ModelArguments", fields)
 
@@ -160,21 +160,10 @@ def parse_training_arguments(argv: list[str] | None = None):
 
 
 def build_model_config(training_args: TrainingArguments, overrides: dict, n_items: int) -> BlossomRecConfig:
-    """The model config for ``n_items`` items and windows of ``max_seq_length + 1`` items, with overrides."""
-    with user_input_errors("model config"):
-        options = dict(overrides)
-        if training_args.attn_implementation is not None:
-            options["attn_implementation"] = training_args.attn_implementation
-        return BlossomRecConfig(n_items=n_items, max_position_embeddings=training_args.max_seq_length + 1,
-                                attention_type=training_args.attention_type, **options)
-
-
-@contextlib.contextmanager
-def user_input_errors(what: str):
-    """Turn errors caused by the user's input (bad data, bad flags) into one ``error:`` line and exit status 2."""
-    try:
-        yield
-    except (ValueError, KeyError, TypeError, OSError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"error: {what}: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
+    """The model config for ``n_items`` items and windows of ``max_seq_length + 1`` items, with overrides; a
+    ``ValueError`` (or ``TypeError``) naming the field if they do not make a valid config."""
+    options = dict(overrides)
+    if training_args.attn_implementation is not None:
+        options["attn_implementation"] = training_args.attn_implementation
+    return BlossomRecConfig(n_items=n_items, max_position_embeddings=training_args.max_seq_length + 1,
+                            attention_type=training_args.attention_type, **options)

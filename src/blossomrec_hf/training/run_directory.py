@@ -15,7 +15,7 @@ from pathlib import Path
 from ..checkpointing import (CHECKPOINTS_DIR, INCOMPLETE, checkpoint_files, fsync_dir, fsync_files, remove_tree,
                              resolve_checkpoint, step_dirs, write_json_atomic)
 from ..data.prepared import INFO_FILE
-from ..training_args import user_input_errors
+from ..errors import user_input_errors
 
 BEST_MODEL_STAGING = ".best-model" + INCOMPLETE
 
@@ -58,9 +58,10 @@ def check_writable(output_dir: Path) -> None:
 
 def prepare_output_dir(accelerator, args, dataset: str) -> tuple[Path, Path | None]:
     """The output folder and the checkpoint to resume (or None), after every check; exits with one ``error:`` line
-    when the folder must not or cannot be used. With ``--overwrite_output_dir`` the old checkpoints go."""
+    (from the main process; status 2 on every process) when the folder must not or cannot be used. With
+    ``--overwrite_output_dir`` the old checkpoints go."""
     output_dir = args.resolve_output_dir(dataset)
-    with user_input_errors("arguments"):
+    with user_input_errors("arguments", accelerator):
         resuming = args.resume_from_checkpoint is not None
         check_output_dir(output_dir, dataset=dataset, resuming=resuming, overwrite=args.overwrite_output_dir)
         resume_dir, warnings = None, []
@@ -70,8 +71,8 @@ def prepare_output_dir(accelerator, args, dataset: str) -> tuple[Path, Path | No
     if accelerator.is_main_process:
         for warning in warnings:
             print(warning, file=sys.stderr)
-    accelerator.wait_for_everyone()  # nobody writes into output_dir before every process has looked at it
-    with user_input_errors("arguments"):
+    # user_input_errors waited for every process: nobody writes into output_dir before every process has looked at it
+    with user_input_errors("arguments", accelerator):
         check_writable(output_dir)
     if args.overwrite_output_dir and resume_dir is None and accelerator.is_main_process:
         remove_tree(output_dir / CHECKPOINTS_DIR)

@@ -21,11 +21,12 @@ from transformers import get_scheduler
 from ..batching import training_dataloader
 from ..checkpointing import (STATE_FILE, TrainerState, check_same_run, load_checkpoint, save_checkpoint, step_dirs,
                              write_json_atomic)
-from ..data import prepare_data, training_windows
+from ..data import check_trainable, prepare_data
+from ..errors import InputErrors, user_input_errors
 from ..evaluation import RankingEvaluator
 from ..metrics import format_metrics_table
 from ..model import BlossomRecForSequentialRecommendation
-from ..training_args import build_model_config, model_config_fields, user_input_errors
+from ..training_args import build_model_config, model_config_fields
 from .logging_window import LoggingWindow, NonFiniteLoss
 from .plot import PLOT_FILE, plot_training_curves
 from .run_directory import prepare_output_dir, save_best_model, write_training_args
@@ -35,15 +36,20 @@ EARLY_STOPPING_METRIC = "ndcg@10"
 
 
 def train(accelerator, data_args, eval_args, args, model_overrides: dict) -> int:
-    """The whole run; returns the exit status: 0, 1 after a non-finite loss, 128 + the signal after a stop signal."""
+    """The whole run; returns the exit status: 0, 1 after a non-finite loss, 128 + the signal after a stop signal.
+
+    Bad input (flags, data, output folder, checkpoint to resume) exits with status 2 on every process, after one
+    ``error:`` line from the main process.
+    """
     stop_signals = StopSignals()
     output_dir, resume_dir = prepare_output_dir(accelerator, args, data_args.dataset)
     set_seed(args.seed)
     data, windows = load_training_data(accelerator, data_args, args.max_seq_length)
-    config = build_model_config(args, model_overrides, data.vocab.n_items)
+    with user_input_errors("model config", accelerator):
+        config = build_model_config(args, model_overrides, data.vocab.n_items)
     run_config = describe_run(data_args, args, config, accelerator.num_processes)
     if resume_dir is not None:
-        with user_input_errors("--resume_from_checkpoint"):
+        with user_input_errors("--resume_from_checkpoint", accelerator):
             check_same_run(resume_dir, TrainerState.load(resume_dir / STATE_FILE).run_config, run_config)
     trainer = Trainer(accelerator, args, eval_args, output_dir, data, windows, config, stop_signals)
     if resume_dir is not None:
@@ -68,13 +74,18 @@ def train(accelerator, data_args, eval_args, args, model_overrides: dict) -> int
 
 
 def load_training_data(accelerator, data_args, max_seq_length: int):
-    """The leave-one-out splits and the training windows; the main process goes first so caches are written once."""
-    with accelerator.main_process_first(), user_input_errors(f"dataset {data_args.dataset!r}"):
+    """The leave-one-out splits and the training windows; the main process goes first so caches are written once.
+
+    Data that cannot be trained on (unreadable, no user with a validation and a test target, no training window)
+    exits with status 2 on every process, after one ``error:`` line from the main process.
+    """
+    errors = InputErrors(f"dataset {data_args.dataset!r}")
+    # The error is caught inside the block, so every process leaves it normally (none dies at its barrier).
+    with accelerator.main_process_first(), errors:
         data = prepare_data(data_args.dataset, max_seq_length=max_seq_length, k_core=data_args.k_core,
                             min_history_length=data_args.min_history_length, **data_args.reader_kwargs())
-        windows = training_windows(data.splits["train"], max_seq_length)
-        if len(windows) == 0:
-            raise ValueError("no training windows (every training history has fewer than 2 items)")
+        windows = check_trainable(data, max_seq_length)
+    errors.exit_if_any(accelerator)
     return data, windows
 
 
