@@ -6,7 +6,8 @@ A checkpoint is ``accelerator.save_state`` (model, optimizer, scheduler, every p
 settings the run must keep). It is written into ``step-N.incomplete``, flushed to disk, and only then renamed to
 ``step-N``, so ``step-N`` is whole or absent. Old checkpoints are renamed to ``step-N.deleting`` before they are
 deleted. Resuming still checks each checkpoint (its state parses, its files are there), because a folder can be
-damaged by other means, and skips damaged ones with a warning.
+damaged by other means, and skips damaged ones with a warning. A write that fails (a full disk) stops every process
+with ``OutputWriteError``, naming the file and the OS error; what was written before stays as it was.
 """
 
 from __future__ import annotations
@@ -19,18 +20,46 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import messages_of_all_processes
+
 STATE_FILE = "trainer_state.json"
 CHECKPOINTS_DIR = "checkpoints"
 INCOMPLETE, DELETING = ".incomplete", ".deleting"
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make a rename or a new file in ``directory`` survive a power cut."""
-    fd = os.open(directory, os.O_RDONLY)
+class OutputWriteError(RuntimeError):
+    """A file or folder of the run could not be written (e.g. the disk is full); the message names it and the OS
+    error. Checkpoints, the best model and the records written before are intact."""
+
+
+def write_or_stop(accelerator, what: str | Path, write, *, main_process_only: bool = False):
+    """Run ``write()`` (on the main process only, if asked) and return what it returns (None where it did not run);
+    if it raises ``OSError`` on any process, raise ``OutputWriteError`` naming ``what`` on every process. A collective
+    with several processes (so also a barrier): every process calls it at the same point, and none is left waiting
+    for one that failed."""
+    message = result = None
+    if accelerator.is_main_process or not main_process_only:
+        try:
+            result = write()
+        except OSError as error:
+            message = f"could not write {what}: {error.strerror or error}"
+    failed = messages_of_all_processes(accelerator, message)
+    if failed:
+        raise OutputWriteError(failed[0])
+    return result
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new file in ``directory`` survive a power cut."""
+    _fsync(directory)
 
 
 def write_atomic(path: Path, write) -> None:
@@ -61,11 +90,7 @@ def fsync_files(directory: Path) -> None:
     """Flush every file of ``directory`` to disk (``accelerate.save_state`` and ``save_pretrained`` do not)."""
     for path in directory.iterdir():
         if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(path)
     fsync_dir(directory)
 
 
@@ -174,18 +199,24 @@ def check_same_run(path: Path, saved: dict | None, current: dict) -> None:
 
 def save_checkpoint(accelerator, output_dir: Path, state: TrainerState, total_limit: int) -> Path:
     """Write ``step-N`` for ``state.global_step``, whole or not at all (all processes call this), then drop the
-    oldest checkpoints beyond ``total_limit``."""
+    oldest checkpoints beyond ``total_limit``. ``OutputWriteError`` (e.g. a full disk) if it cannot be written:
+    then ``step-N`` is not created and the older checkpoints are untouched."""
     root = Path(output_dir) / CHECKPOINTS_DIR
     path = root / f"step-{state.global_step}"
     staging = path.with_name(path.name + INCOMPLETE)
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()  # every process's RNG state is in
+    try:
+        what = f"checkpoint {path}"
+        write_or_stop(accelerator, what, lambda: accelerator.save_state(str(staging)))  # then every RNG state is in
+        write_or_stop(accelerator, what, lambda: (fsync_files(staging), state.save(staging / STATE_FILE)),
+                      main_process_only=True)
+    except OutputWriteError:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)  # frees the space it took; never a step-N
+        raise
     if accelerator.is_main_process:
-        fsync_files(staging)
-        state.save(staging / STATE_FILE)
         remove_tree(path)  # a step-N of a continuation that a resume from an older checkpoint abandoned
         os.rename(staging, path)
         fsync_dir(root)

@@ -18,6 +18,7 @@ from ..data.prepared import INFO_FILE
 from ..errors import user_input_errors
 
 BEST_MODEL_STAGING = ".best-model" + INCOMPLETE
+TRAINING_ARGS_FILE = "training_args.json"
 
 
 def check_output_dir(output_dir: Path, *, dataset: str, resuming: bool, overwrite: bool) -> None:
@@ -84,9 +85,13 @@ def save_best_model(model, vocab, output_dir: Path) -> None:
     so a kill mid-save leaves the previous best model readable."""
     staging = output_dir / BEST_MODEL_STAGING
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    vocab.save_pretrained(staging)
-    fsync_files(staging)
+    try:
+        model.save_pretrained(staging)
+        vocab.save_pretrained(staging)
+        fsync_files(staging)
+    except BaseException:  # e.g. a full disk: the previous best model is untouched
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     for path in staging.iterdir():
         os.replace(path, output_dir / path.name)
     fsync_dir(output_dir)
@@ -96,6 +101,6 @@ def save_best_model(model, vocab, output_dir: Path) -> None:
 def write_training_args(output_dir: Path, accelerator, arguments: tuple, model_overrides: dict) -> None:
     """``training_args.json``: every argument dataclass, with the output folder as resolved (not ``null``)."""
     merged = {key: value for group in arguments for key, value in dataclasses.asdict(group).items()}
-    write_json_atomic(output_dir / "training_args.json", {
+    write_json_atomic(output_dir / TRAINING_ARGS_FILE, {
         **merged, "output_dir": str(output_dir), "model_overrides": model_overrides,
         "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision})

@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..batching import training_dataloader
-from ..checkpointing import (STATE_FILE, TrainerState, check_same_run, load_checkpoint, save_checkpoint, step_dirs,
-                             write_json_atomic)
+from ..checkpointing import (STATE_FILE, OutputWriteError, TrainerState, check_same_run, load_checkpoint,
+                             save_checkpoint, step_dirs, write_json_atomic, write_or_stop)
 from ..data import check_trainable, prepare_data
 from ..errors import InputErrors, user_input_errors
 from ..evaluation import RankingEvaluator
@@ -29,14 +29,16 @@ from ..model import BlossomRecForSequentialRecommendation
 from ..training_args import build_model_config, model_config_fields
 from .logging_window import LoggingWindow, NonFiniteLoss
 from .plot import PLOT_FILE, plot_training_curves
-from .run_directory import prepare_output_dir, save_best_model, write_training_args
+from .run_directory import TRAINING_ARGS_FILE, prepare_output_dir, save_best_model, write_training_args
 from .signals import StopSignals
 
 EARLY_STOPPING_METRIC = "ndcg@10"
+METRICS_FILE = "metrics.json"
 
 
 def train(accelerator, data_args, eval_args, args, model_overrides: dict) -> int:
-    """The whole run; returns the exit status: 0, 1 after a non-finite loss, 128 + the signal after a stop signal.
+    """The whole run; returns the exit status: 0, 1 after a non-finite loss or a failed write (e.g. a full disk),
+    128 + the signal after a stop signal.
 
     Bad input (flags, data, output folder, checkpoint to resume) exits with status 2 on every process, after one
     ``error:`` line from the main process.
@@ -55,22 +57,29 @@ def train(accelerator, data_args, eval_args, args, model_overrides: dict) -> int
     if resume_dir is not None:
         trainer.resume(resume_dir)
     trainer.state.run_config = run_config
-    if accelerator.is_main_process:
-        write_training_args(output_dir, accelerator, (data_args, eval_args, args), model_overrides)
-    if args.report_to != "none":
-        accelerator.init_trackers("runs", config={k: v for k, v in dataclasses.asdict(args).items()
-                                                  if isinstance(v, (int, float, str, bool))})
-    trainer.print_summary(data_args.dataset)
     try:
+        write_or_stop(accelerator, output_dir / TRAINING_ARGS_FILE, lambda: write_training_args(
+            output_dir, accelerator, (data_args, eval_args, args), model_overrides), main_process_only=True)
+        if args.report_to != "none":
+            accelerator.init_trackers("runs", config={k: v for k, v in dataclasses.asdict(args).items()
+                                                      if isinstance(v, (int, float, str, bool))})
+        trainer.print_summary(data_args.dataset)
         status = trainer.train()
+        if status == 0:
+            trainer.finish(data_args.dataset)
     except NonFiniteLoss as error:
-        saved = step_dirs(output_dir)
-        kept = f"the last good checkpoint, {saved[-1]}, is intact" if saved else "no checkpoint was saved"
-        accelerator.print(f"error: {error}: stopped without saving the weights it produced; {kept}", file=sys.stderr)
+        accelerator.print(f"error: {error}: stopped without saving the weights it produced; "
+                          f"{_last_checkpoint(output_dir)}", file=sys.stderr)
         return 1
-    if status == 0:
-        trainer.finish(data_args.dataset)
+    except OutputWriteError as error:
+        accelerator.print(f"error: {error}; stopped; {_last_checkpoint(output_dir)}", file=sys.stderr)
+        return 1
     return status
+
+
+def _last_checkpoint(output_dir: Path) -> str:
+    saved = step_dirs(output_dir)
+    return f"the last good checkpoint, {saved[-1]}, is intact" if saved else "no checkpoint was saved"
 
 
 def load_training_data(accelerator, data_args, max_seq_length: int):
@@ -261,8 +270,9 @@ class Trainer:
                 state.global_step, epoch
             state.best_train_seconds, state.best_validation = state.train_seconds, metrics
             state.evaluations_without_improvement = 0
-            if accelerator.is_main_process:
-                save_best_model(self.eval_model, self.data.vocab, self.output_dir)
+            write_or_stop(accelerator, f"the best model to {self.output_dir}",
+                          lambda: save_best_model(self.eval_model, self.data.vocab, self.output_dir),
+                          main_process_only=True)
         else:
             state.evaluations_without_improvement += 1
         patience = self.args.early_stopping_patience
@@ -280,16 +290,21 @@ class Trainer:
         the plot; push to the Hub if asked."""
         self.accelerator.wait_for_everyone()
         results = self._test_results(dataset)
+        output_dir = self.output_dir
+
+        def write_results():
+            write_json_atomic(output_dir / METRICS_FILE, results)
+            self.state.save(output_dir / STATE_FILE)
+            return plot_training_curves(self.state.log_history, output_dir / PLOT_FILE)
+
+        plot = write_or_stop(self.accelerator, f"the results to {output_dir}", write_results, main_process_only=True)
         if not self.accelerator.is_main_process:
             return
-        write_json_atomic(self.output_dir / "metrics.json", results)
-        self.state.save(self.output_dir / STATE_FILE)
         name = "BlossomRec" if self.config.attention_type == "blossom" else "dense (SASRec)"
         print(f"\ntest ({self.eval_args.eval_mode} ranking, {results['test']['model']['num_users']} users), best "
               f"validation at step {self.state.best_step}, {self.state.best_train_seconds:.1f} s of training:")
         print(format_metrics_table({name: results["test"]["model"], "popularity": results["test"]["popularity"]}))
         print(f"saved to {self.output_dir}")
-        plot = plot_training_curves(self.state.log_history, self.output_dir / PLOT_FILE)
         print(f"training curves: {plot}" if plot else
               'training curves not drawn: matplotlib is not installed (pip install -e ".[plot]")')
         if self.args.push_to_hub:
