@@ -8,16 +8,19 @@
 The best model by validation NDCG@10 is saved in ``output_dir`` (``save_pretrained``: safetensors and remote code,
 plus the item vocabulary, ``training_args.json``, ``metrics.json`` and ``training_curves.png``);
 ``output_dir/checkpoints`` holds the resumable checkpoints. SIGINT/SIGTERM write a checkpoint at the next step and
-exit. Bad input is one ``error: ...`` line and exit status 2; repeated events in the data are one ``warning: ...``
-line. The loop itself is ``blossomrec_hf.training.train``.
+exit (the README says how long launchers wait for that); the same signal again stops at once. Bad input is one
+``error: ...`` line and exit status 2; repeated events in the data are one ``warning: ...`` line. The loop itself is
+``blossomrec_hf.training.train``.
 """
 
+import sys
 import warnings
 
 from accelerate import Accelerator
 from transformers.utils import logging as transformers_logging
 
 from blossomrec_hf.data import DataWarning, one_line_data_warnings
+from blossomrec_hf.errors import EXIT_INTERRUPTED
 from blossomrec_hf.training import train
 from blossomrec_hf.training_args import parse_training_arguments
 
@@ -33,7 +36,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     if not accelerator.is_main_process:  # every process reads the data: its warnings are printed once
         warnings.simplefilter("ignore", DataWarning)
-    status = train(accelerator, data_args, eval_args, args, model_overrides)
+    try:
+        status = train(accelerator, data_args, eval_args, args, model_overrides)
+    except KeyboardInterrupt:  # a second Ctrl-C, while the first one's checkpoint was awaited
+        print("interrupted: stopped at once, without a new checkpoint", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
     # Only once the model and data loaders of `train` are gone: destroying the process group first hangs gloo.
     accelerator.end_training()
     raise SystemExit(status)

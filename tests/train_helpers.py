@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "scripts" / "train.py")
 EVALUATE = str(REPO / "scripts" / "evaluate.py")
@@ -79,3 +81,26 @@ def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
+
+def logged_losses(output_dir: Path) -> dict[int, float]:
+    """The training loss logged at each step, from the run's final trainer_state.json."""
+    history = read_json(Path(output_dir) / "trainer_state.json")["log_history"]
+    return {entry["step"]: entry["train/loss"] for entry in history if "train/loss" in entry}
+
+
+def assert_same_run(reference: Path, resumed: Path, max_steps: int) -> None:
+    """The interrupted and resumed run ended as the reference run did: a loss logged at every step and the same
+    losses, the same weights in the last checkpoint, the same test metrics."""
+    from safetensors.torch import load_file
+
+    losses = logged_losses(resumed)
+    assert sorted(losses) == list(range(1, max_steps + 1))
+    assert losses == pytest.approx(logged_losses(reference), rel=1e-5)
+    final = f"checkpoints/step-{max_steps}/model.safetensors"
+    expected, actual = load_file(Path(reference) / final), load_file(Path(resumed) / final)
+    assert expected.keys() == actual.keys()
+    for name, tensor in expected.items():
+        assert actual[name] == pytest.approx(tensor, abs=1e-6), name
+    for method in ("model", "popularity"):
+        expected_metrics = read_json(Path(reference) / "metrics.json")["test"][method]
+        assert read_json(Path(resumed) / "metrics.json")["test"][method] == pytest.approx(expected_metrics), method

@@ -125,6 +125,9 @@ class TrainerState:
     best_validation: dict | None = None
     evaluations_without_improvement: int = 0
     stopped_early: bool = False
+    # A stop signal came at a step due for evaluation: the checkpoint was saved without waiting for the evaluation,
+    # and the resumed run evaluates first (the same weights, so the same result as the uninterrupted run).
+    evaluation_pending: bool = False
     log_history: list[dict] = field(default_factory=list)
     run_config: dict | None = None  # what a resuming run must share with this one (None in older checkpoints)
 

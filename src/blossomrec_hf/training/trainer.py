@@ -43,7 +43,7 @@ def train(accelerator, data_args, eval_args, args, model_overrides: dict) -> int
     Bad input (flags, data, output folder, checkpoint to resume) exits with status 2 on every process, after one
     ``error:`` line from the main process.
     """
-    stop_signals = StopSignals()
+    stop_signals = StopSignals(announce=accelerator.is_main_process)
     output_dir, resume_dir = prepare_output_dir(accelerator, args, data_args.dataset)
     set_seed(args.seed)
     data, windows = load_training_data(accelerator, data_args, args.max_seq_length)
@@ -191,6 +191,9 @@ class Trainer:
         self.model.train()
         outcome = None
         with self.progress:
+            if self.state.evaluation_pending:  # the run stopped by a signal skipped it; same weights now
+                self.state.evaluation_pending = False
+                self.evaluate()
             while outcome is None and self.state.global_step < self.total_steps and not self.state.stopped_early:
                 outcome = self._train_epoch()
             if outcome != "stop" and self.state.best_step is None:  # resumed past the end before any evaluation
@@ -240,7 +243,11 @@ class Trainer:
             self.window.fold(self.accelerator, state)
         if log_now:
             self._log()
-        if evaluate_now:
+        if evaluate_now and stop:
+            # Save now: a launcher may kill the run soon after the signal (accelerate launch: after 5 s). The weights
+            # are in the checkpoint, so the resumed run evaluates them first.
+            state.evaluation_pending = True
+        elif evaluate_now:
             self.evaluate()
         if save_now:
             save_checkpoint(self.accelerator, self.output_dir, state, args.save_total_limit)
