@@ -53,3 +53,28 @@ def test_packed_collator_matches_the_flattening_convention():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3]]
     assert batch["labels"].tolist() == [[-100, 6, 7, -100, 3, 4, 9]]
     assert batch["num_targets"] == 5
+
+
+def test_packed_training_resumes_to_the_uninterrupted_run(tmp_path):
+    """--max_tokens_per_batch: a run stopped by SIGTERM (at step 7, via the trainer) and resumed ends as the run that was
+    never stopped: the epoch order lives in the token-budget sampler and is restored with the epoch."""
+    import sys
+
+    from test_train_resume import SIGNALLED_TRAIN
+    from train_helpers import TINY_MODEL, TRAIN, assert_same_run, check, python_command, run_script, \
+        write_sequences_file
+
+    log = write_sequences_file(tmp_path / "log.txt", num_users=101)
+
+    def arguments(output_dir):
+        return ["--dataset", str(log), "--output_dir", str(output_dir), *TINY_MODEL, "--hidden_dropout_prob", "0.3",
+                "--max_tokens_per_batch", "96", "--max_steps", "12", "--eval_steps", "6", "--save_steps", "1",
+                "--logging_steps", "1", "--seed", "5"]
+
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    check(run_script(python_command(TRAIN, *arguments(reference))))
+    stopped = run_script([sys.executable, "-c", SIGNALLED_TRAIN, TRAIN, *arguments(interrupted)],
+                         extra_env={"SIGNAL_AT": "7"})
+    assert stopped.returncode != 0 and "stopped by signal at step 7" in stopped.stdout
+    check(run_script(python_command(TRAIN, *arguments(interrupted), "--resume_from_checkpoint", "latest")))
+    assert_same_run(reference, interrupted, 12)

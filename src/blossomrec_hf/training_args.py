@@ -76,6 +76,9 @@ class TrainingArguments:
         "help": "epochs over the training windows (3 trains the synthetic default in minutes on a CPU)"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides num_train_epochs when > 0"})
     per_device_train_batch_size: int = field(default=256, metadata={"help": "training windows per device batch"})
+    max_tokens_per_batch: int = field(default=0, metadata={
+        "help": "packed batches: at most this many items per device batch, windows of similar length packed into one "
+                "row with position_ids (no padding); 0 = padded batches of per_device_train_batch_size windows"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate of AdamW"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)"})
