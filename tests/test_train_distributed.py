@@ -37,7 +37,10 @@ def test_bad_data_stops_both_processes_with_one_error_line(tmp_path):
     result = run_script(accelerate_command(TRAIN, "--dataset", str(log), "--output_dir", str(tmp_path / "run"),
                                            "--min_history_length", "2", num_processes=2, quiet=True))
     assert result.returncode == 1  # the launcher's status for a failed worker
-    assert "Traceback" not in result.stderr and "[rank" not in result.stderr, result.stderr
+    # No worker traceback. (accelerate 1.15's launcher, unlike 1.16's, still prints its own ChildFailedError
+    # traceback under -q with several processes; no line of it comes from the script.)
+    assert "[rank" not in result.stderr and "blossomrec_hf" not in result.stderr, result.stderr
+    assert 'File "' + str(TRAIN) not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert errors == [f"error: dataset '{log}': no user has the 3 events that a validation and a test target need: "
                       f"the 2 users kept (min_history_length=2) have at most 2 events"]
