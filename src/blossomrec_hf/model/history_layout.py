@@ -10,6 +10,7 @@ history, and scores depend neither on the padding side or amount nor on batch ne
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -136,8 +137,9 @@ class HistoryLayout:
         """[S, max_length, ...] -> tokens [T, ...]."""
         return padded.flatten(0, 1)[self._buffer_index]
 
-    @property
+    @cached_property
     def _buffer_index(self) -> torch.Tensor:
+        """Each token's place in the attention buffer, computed once per batch (every layer pads and unpads)."""
         return self.history_of_token * self.max_length + self.positions
 
     def next_targets(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
