@@ -110,3 +110,28 @@ def test_broken_position_ids_are_named():
         model(ids, position_ids=torch.tensor([[0, 1, 2]]))
     with pytest.raises(TypeError, match="position_ids must be a torch.Tensor of integers"):
         model(ids, position_ids=torch.tensor([[0.0, 1.0, 2.0, 3.0]]))
+
+
+@pytest.mark.parametrize("implementation", ["blossom_torch", "sdpa", "eager"])
+def test_batches_without_a_real_item_give_a_zero_loss(implementation):
+    model = make_model("dense" if implementation in ("sdpa", "eager") else "blossom", implementation)
+    padding = torch.zeros(2, 6, dtype=torch.long)
+    assert model(padding, labels=padding).loss.item() == 0.0
+    assert model(padding[:1], position_ids=torch.zeros(1, 6, dtype=torch.long), labels=padding[:1]).loss.item() == 0.0
+
+
+def test_int32_labels_train_with_sampled_softmax_too():
+    model = make_model("blossom", "blossom_torch")
+    model.config.loss_type = "sampled"
+    ids = padded(histories()).int()
+    assert torch.isfinite(model(ids, labels=ids).loss)
+
+
+def test_padding_width_does_not_matter_to_an_absolute_position_model():
+    config = BlossomRecConfig(n_items=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                              num_key_value_heads=2, intermediate_size=32, position_embedding_type="absolute",
+                              max_position_embeddings=8)
+    model = BlossomRecForSequentialRecommendation(config).eval()
+    history = torch.tensor([[4, 9, 2, 7, 5]])
+    wide = torch.cat([torch.zeros(1, 59, dtype=torch.long), history], dim=1)  # 64 wide, 5 items
+    torch.testing.assert_close(model(wide, logits_to_keep=1).logits, model(history, logits_to_keep=1).logits)

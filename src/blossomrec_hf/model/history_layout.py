@@ -82,11 +82,11 @@ class HistoryLayout:
         batch, length = real.shape
         order = torch.argsort((~real).to(torch.uint8), dim=1, stable=True)  # each row's items first, in order
         lengths = real.sum(dim=1)
-        columns = torch.arange(length, device=real.device)
-        kept = columns[None, :] < lengths[:, None]
-        rows = torch.arange(batch, device=real.device)[:, None].expand(batch, length)
-        return cls(token_index=(rows * length + order)[kept], positions=columns.expand(batch, length)[kept],
-                   history_of_token=rows[kept], lengths=lengths, cu_seqlens=_cumulative(lengths), max_length=length,
+        kept = (torch.arange(length, device=real.device)[None, :] < lengths[:, None]).flatten().nonzero().flatten()
+        rows, positions = kept // length, kept % length
+        longest = int(lengths.max())  # the attention buffer's width: the longest history, not the padded width
+        return cls(token_index=rows * length + order.flatten()[kept], positions=positions, history_of_token=rows,
+                   lengths=lengths, cu_seqlens=_cumulative(lengths), max_length=max(longest, 1),
                    caller_shape=(batch, length))
 
     @classmethod
@@ -112,7 +112,7 @@ class HistoryLayout:
         lengths = torch.bincount(history_of_token, minlength=num_histories)
         return cls(token_index=token_index, positions=flat_positions[token_index], history_of_token=history_of_token,
                    lengths=lengths, cu_seqlens=_cumulative(lengths),
-                   max_length=int(lengths.max()) if num_histories else 0, caller_shape=tuple(real.shape))
+                   max_length=max(int(lengths.max()) if num_histories else 0, 1), caller_shape=tuple(real.shape))
 
     @property
     def num_histories(self) -> int:
@@ -146,7 +146,7 @@ class HistoryLayout:
         """For each token, the label of the next item of its history ([T]) and whether that is a target (a next item
         exists in the same history and its label is an item id, not 0 or -100)."""
         token_labels = self.tokens(labels)
-        following = torch.cat([token_labels[1:], token_labels.new_zeros(1)])
+        following = torch.cat([token_labels[1:], token_labels[:1].new_zeros(min(1, len(token_labels)))])
         has_next = self.positions < self.lengths[self.history_of_token] - 1
         return following, has_next & (following > 0)
 

@@ -4,8 +4,8 @@ This file and the modules it imports travel with every checkpoint as remote code
 `save_pretrained` loads anywhere with `AutoModel.from_pretrained(path, trust_remote_code=True)` and only torch and
 transformers installed.
 
-Layout: callers pass histories padded on either side; the model left-aligns them (`history_layout.py`), computes, and
-returns hidden states in the caller's layout.
+Layout: callers pass histories padded on either side, or packed with `position_ids`; the model computes on their real
+items only, history by history (`history_layout.py`), and returns hidden states in the caller's layout.
 """
 
 import math
@@ -37,7 +37,8 @@ IGNORE_INDEX = -100
 class SequentialRecommenderOutput(ModelOutput):
     """Output of `BlossomRecForSequentialRecommendation.forward`.
 
-    loss: full-softmax cross-entropy of next-item prediction (when `labels` are given).
+    loss: next-item cross-entropy (when `labels` are given): full softmax over every item, or sampled softmax
+        (`config.loss_type`).
     logits: [B, L, n_items + 1] scores of the next item at every position (no labels, `logits_to_keep=0`), or
         [B, k, n_items + 1] after each history's last k items (`logits_to_keep=k`); column 0 (padding) is the lowest
         finite value. Not computed when labels are given with `logits_to_keep=0`: the loss never needs them.
@@ -208,6 +209,8 @@ class BlossomRecAttention(nn.Module):
         """hidden [T, d] (the batch's real items, history by history) -> [T, d]. Each history is a row of the
         attention buffer [S, heads, longest history, head_dim]; rotary tables are per token ([T, head_dim])."""
         tokens = hidden.shape[0]
+        if layout.num_histories == 0:  # packed input of padding only: nothing to attend
+            return self.o_proj(hidden.new_zeros(0, self.num_heads * self.head_dim))
         query_key, v, gate_logits = self.input_proj(hidden).split(self.split_sizes, dim=-1)
         query_key = query_key.view(1, tokens, self.num_heads + self.num_kv_heads, self.head_dim)
         if rotary is not None:
@@ -490,7 +493,8 @@ class BlossomRecForSequentialRecommendation(BlossomRecPreTrainedModel):
             raise ValueError(f"labels have shape {tuple(labels.shape)} but input_ids have shape {tuple(input_shape)}")
         check_item_ids(labels, self.config.n_items, "labels", allowed_extra=(IGNORE_INDEX,))
         targets, predicts = layout.next_targets(labels)
-        hidden, targets = hidden[predicts], targets[predicts]
+        rows = predicts.nonzero().flatten()  # one host sync for both selections
+        hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
         if self.config.loss_type == "sampled":
             return sampled_softmax_loss(hidden, self.item_score_weight, targets, self.config.num_negatives,
                                         self.config.negative_sampling, self.config.logq_correction)

@@ -11,7 +11,8 @@ target competes with the same `num_negatives` items, drawn with replacement:
 With `logq_correction`, every score (the target's too) is lowered by the log of the item's expected number of draws
 (Yi et al., RecSys 2019; TensorFlow's sampled softmax does the same), which undoes the popularity bias of in-batch
 draws; with uniform draws it shifts every score alike and changes nothing. A drawn negative equal to the position's
-own target is masked out, so the target never counts as its own negative. Shapes are static: no unique(), no syncs.
+own target is masked out, so the target never counts as its own negative. Shapes are static: no unique(), no syncs
+of its own.
 """
 
 import torch
@@ -50,4 +51,4 @@ def sampled_softmax_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         negative = negative - negative_draws.log()[None, :]
     negative = negative.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
     logits = torch.cat([positive, negative], dim=1).float()
-    return F.cross_entropy(logits, torch.zeros_like(targets))
+    return F.cross_entropy(logits, torch.zeros(len(targets), dtype=torch.long, device=targets.device))
