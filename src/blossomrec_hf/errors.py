@@ -88,4 +88,16 @@ class InputErrors:
             return
         if accelerator is None or accelerator.is_main_process:
             print(failed[0], file=sys.stderr)
+        if accelerator is not None and accelerator.num_processes > 1:
+            _leave_process_group()
         raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _leave_process_group() -> None:
+    """Tear the process group down together before exiting: a process that exits with it alive can be aborted
+    (SIGABRT) while its peer is still connected, and its exit status 2 is lost."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
