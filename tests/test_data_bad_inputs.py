@@ -5,7 +5,6 @@ The table runs the script's main() in-process (a subprocess pays ~2 s of imports
 real subprocess, to check the exit status the shell sees.
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -23,13 +22,6 @@ from blossomrec_hf.data import DataWarning, ItemVocabulary, PreparedData, check_
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "prepare_data.py"
 
-
-@pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("prepare_data_script_bad_inputs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -195,19 +187,19 @@ def own_warnings():
         warnings.showwarning = saved
 
 
-def _run_main(script, argv) -> int:
+def _run_main(prepare_data_script, argv) -> int:
     try:
-        return script.main(argv)
+        return prepare_data_script.main(argv)
     except SystemExit as stop:
         return stop.code
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_gives_one_line_and_the_exit_status(script, case, tmp_path, capsys, offline, own_warnings):
+def test_bad_input_gives_one_line_and_the_exit_status(prepare_data_script, case, tmp_path, capsys, offline, own_warnings):
     status, first_line = CASES[case]
     argv = _write_case(case, tmp_path) + ["--output_dir", str(tmp_path / "out")]
     existed = (tmp_path / "out").exists()
-    assert _run_main(script, argv) == status
+    assert _run_main(prepare_data_script, argv) == status
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert re.match(first_line, err), err
@@ -238,10 +230,10 @@ def test_check_trainable_is_what_prepare_data_refuses(tmp_path):
     assert len(check_trainable(good, 50)) > 0
 
 
-def test_saving_replaces_a_prepared_folder_atomically(script, tmp_path, monkeypatch, capsys, own_warnings):
+def test_saving_replaces_a_prepared_folder_atomically(prepare_data_script, tmp_path, monkeypatch, capsys, own_warnings):
     (tmp_path / "log.csv").write_text(_lines(GOOD_CSV))
     out = tmp_path / "out"
-    assert script.main(["--dataset", str(tmp_path / "log.csv"), "--output_dir", str(out)]) == 0
+    assert prepare_data_script.main(["--dataset", str(tmp_path / "log.csv"), "--output_dir", str(out)]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def interrupted(self, directory):  # Ctrl-C while the new folder is half-written
@@ -249,14 +241,14 @@ def test_saving_replaces_a_prepared_folder_atomically(script, tmp_path, monkeypa
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ItemVocabulary, "save_pretrained", interrupted)
-    assert script.main(["--dataset", str(tmp_path / "log.csv"), "--output_dir", str(out)]) == 130
+    assert prepare_data_script.main(["--dataset", str(tmp_path / "log.csv"), "--output_dir", str(out)]) == 130
     assert capsys.readouterr().err == f"interrupted: {out} was not written\n"
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old folder, untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv", "out"]  # no staging folder left
 
     monkeypatch.undo()
     (tmp_path / "log.csv").write_text(_lines(GOOD_CSV + ["u9,i1,1", "u9,i2,2", "u9,i3,3"]))
-    assert script.main(["--dataset", str(tmp_path / "log.csv"), "--output_dir", str(out)]) == 0
+    assert prepare_data_script.main(["--dataset", str(tmp_path / "log.csv"), "--output_dir", str(out)]) == 0
     assert PreparedData.load(out).info["users"] == 5  # replaced by the new preparation
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv", "out"]
     assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
