@@ -15,10 +15,12 @@ N_ITEMS = 200
 
 
 class NextIdScorer(torch.nn.Module):
-    """Scores item i by -|i - (last item + 1)|: it always predicts "the next id", ties broken towards lower ids."""
+    """Scores item i by -|i - (last item + 1)|: it always predicts "the next id", ties broken towards lower ids.
+    Takes packed histories, as evaluation gives them."""
 
-    def forward(self, input_ids, logits_to_keep=0):
-        last = input_ids[:, -1:].float()
+    def forward(self, input_ids, position_ids, logits_to_keep=0):
+        ids, positions = input_ids.flatten(), position_ids.flatten()
+        last = ids[torch.cat([positions[1:] == 0, torch.tensor([True])])].float()[:, None]
         items = torch.arange(N_ITEMS + 1, dtype=torch.float32)
         scores = -(items - (last + 1)).abs() - 1e-3 * items
         scores[:, 0] = -1e9
@@ -129,17 +131,26 @@ class RecordingScorer(NextIdScorer):
         super().__init__()
         self.shapes = []
 
-    def forward(self, input_ids, logits_to_keep=0):
+    def forward(self, input_ids, position_ids, logits_to_keep=0):
         self.shapes.append(tuple(input_ids.shape))
-        return super().forward(input_ids, logits_to_keep)
+        return super().forward(input_ids, position_ids, logits_to_keep)
 
 
-def test_a_token_budget_slices_each_batch_without_changing_a_score():
+def test_a_token_budget_cuts_batches_without_changing_a_score():
     whole, sliced = RecordingScorer(), RecordingScorer()
     reference = _evaluator().evaluate_model(whole)
-    assert _evaluator(max_tokens_per_forward=6).evaluate_model(sliced) == reference
-    assert max(rows * length for rows, length in sliced.shapes) <= 6  # batches of 4 users, 3 items: 2 users a slice
-    assert sum(rows for rows, _ in sliced.shapes) == sum(rows for rows, _ in whole.shapes) == 6
+    assert [shape[1] for shape in whole.shapes] == [8, 4]  # 4 users a batch, packed: no padding
+    assert _evaluator(max_tokens_per_forward=5).evaluate_model(sliced) == reference
+    assert [shape[1] for shape in sliced.shapes] == [5, 5, 2]  # consecutive users (2, 3, 1, 2, 2, 2 items) up to 5
     assert _evaluator(max_tokens_per_forward=1).evaluate_model(RecordingScorer()) == reference  # one user at least
     with pytest.raises(ValueError, match="max_tokens_per_forward"):
         _evaluator(max_tokens_per_forward=0)
+
+
+def test_every_user_is_scored_once_whatever_the_process_count():
+    """Two processes' shares of the batches cover the split exactly, and their ranks go back in split order."""
+    from blossomrec_hf.batching import EvaluationCollator, evaluation_dataloader
+    shares = [evaluation_dataloader(_split(), EvaluationCollator(5), max_seq_length=5, max_tokens=4, max_histories=4,
+                                    process_index=rank, num_processes=2) for rank in range(2)]
+    users = [int(i) for share in shares for batch in share for i in batch["user_index"]]
+    assert sorted(users) == list(range(6))

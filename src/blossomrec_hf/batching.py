@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 PADDING_ID = 0
 
@@ -47,18 +47,25 @@ class TrainingCollator:
         }
 
 
+def pack(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Id lists back to back in one row, as `transformers.DataCollatorWithFlattening` packs them: ``input_ids`` [1, T]
+    and ``position_ids`` [1, T] restarting at 0 at each sequence's first item."""
+    input_ids = torch.as_tensor([item for sequence in sequences for item in sequence], dtype=torch.long)
+    position_ids = torch.cat([torch.arange(len(sequence)) for sequence in sequences]) if sequences else \
+        torch.zeros(0, dtype=torch.long)
+    return input_ids[None], position_ids[None]
+
+
 class PackedTrainingCollator:
-    """Batches of training windows packed into one row, as `transformers.DataCollatorWithFlattening` packs them:
-    ``input_ids`` [1, T] (the windows back to back), ``position_ids`` restarting at 0 at each window's first item, and
-    ``labels`` with -100 at each window's first item. No padding anywhere."""
+    """Batches of training windows packed into one row (`pack`), with ``labels`` -100 at each window's first item, so
+    that no target crosses from one window into the next. No padding anywhere."""
 
     def __init__(self, max_seq_length: int):
         self.window_length = max_seq_length + 1
 
     def __call__(self, rows: Sequence[Mapping]) -> dict:
         windows = [list(row["input_ids"])[-self.window_length:] for row in rows]
-        input_ids = torch.as_tensor([item for window in windows for item in window], dtype=torch.long)[None]
-        position_ids = torch.cat([torch.arange(len(window)) for window in windows])[None]
+        input_ids, position_ids = pack(windows)
         labels = input_ids.masked_fill(position_ids == 0, -100)
         return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels,
                 "num_targets": input_ids.shape[1] - len(windows)}
@@ -149,11 +156,12 @@ class NegativeSampler:
 
 
 class EvaluationCollator:
-    """Batches of evaluation rows (``user``, ``history``, ``target``).
+    """Batches of evaluation rows (``user``, ``history``, ``target``, and ``index``, the row's place in its split).
 
-    Gives ``input_ids`` (the last ``max_seq_length`` history items) and ``targets``; with ``exclude_history`` also
-    ``history_items`` (the whole history, left-padded with 0) so the ranking can drop already-seen items; with a
-    ``negative_sampler`` also ``candidates`` (the sampled negatives the target is ranked against).
+    Gives the histories' last ``max_seq_length`` items packed (`pack`: ``input_ids`` and ``position_ids`` [1, T]),
+    ``targets`` and ``user_index`` [S]; with ``exclude_history`` also ``history_items`` (each whole history,
+    left-padded with 0) so the ranking can drop already-seen items; with a ``negative_sampler`` also ``candidates``
+    (the sampled negatives the target is ranked against).
     """
 
     def __init__(self, max_seq_length: int, *, exclude_history: bool = False,
@@ -164,9 +172,12 @@ class EvaluationCollator:
 
     def __call__(self, rows: Sequence[Mapping]) -> dict:
         histories = [row["history"] for row in rows]
+        input_ids, position_ids = pack([list(history)[-self.max_seq_length:] for history in histories])
         batch = {
-            "input_ids": left_pad(histories, self.max_seq_length),
+            "input_ids": input_ids,
+            "position_ids": position_ids,
             "targets": torch.as_tensor([row["target"] for row in rows], dtype=torch.long),
+            "user_index": torch.as_tensor([row["index"] for row in rows], dtype=torch.long),
         }
         if self.exclude_history:
             batch["history_items"] = left_pad(histories)
@@ -176,6 +187,34 @@ class EvaluationCollator:
                 dtype=torch.long,
             )
         return batch
+
+
+def evaluation_batches(lengths: Sequence[int], max_tokens: int, max_histories: int) -> list[list[int]]:
+    """Consecutive rows in split order, a batch ending before the row that would take it past ``max_tokens`` items or
+    ``max_histories`` rows (a longer history gets a batch of its own). One model forward per batch, so memory is
+    bounded by tokens whatever the history lengths."""
+    batches, current, tokens = [], [], 0
+    for index, length in enumerate(lengths):
+        if current and (tokens + length > max_tokens or len(current) == max_histories):
+            batches.append(current)
+            current, tokens = [], 0
+        current.append(index)
+        tokens += length
+    return batches + [current] if current else batches
+
+
+class IndexedRows(Dataset):
+    """A split's rows with their index added (``index``), so that ranks gathered from several processes can be put
+    back in split order and counted once each."""
+
+    def __init__(self, split):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.split[index], "index": index}
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -212,9 +251,10 @@ def training_dataloader(windows, max_seq_length: int, batch_size: int, seed: int
     """Shuffled batches of training windows (column ``input_ids``), reproducible from ``seed`` and the epoch: packed
     batches of at most ``max_tokens_per_batch`` items, or else padded batches of ``batch_size`` windows."""
     if max_tokens_per_batch:
+        lengths = [min(len(window), max_seq_length + 1) for window in windows["input_ids"]]
         return DataLoader(
             windows,
-            batch_sampler=TokenBudgetBatchSampler([len(w) for w in windows["input_ids"]], max_tokens_per_batch, seed),
+            batch_sampler=TokenBudgetBatchSampler(lengths, max_tokens_per_batch, seed),
             collate_fn=PackedTrainingCollator(max_seq_length),
             num_workers=num_workers,
             generator=_private_generator(seed),
@@ -229,7 +269,12 @@ def training_dataloader(windows, max_seq_length: int, batch_size: int, seed: int
     )
 
 
-def evaluation_dataloader(split, collator: EvaluationCollator, batch_size: int, num_workers: int = 0) -> DataLoader:
-    """Batches of evaluation rows in split order."""
-    return DataLoader(split, batch_size=batch_size, shuffle=False, collate_fn=collator, num_workers=num_workers,
+def evaluation_dataloader(split, collator: EvaluationCollator, *, max_seq_length: int, max_tokens: int,
+                          max_histories: int, process_index: int = 0, num_processes: int = 1,
+                          num_workers: int = 0) -> DataLoader:
+    """This process's share of the evaluation batches (`evaluation_batches`, dealt round-robin): every row lands in
+    exactly one process, with no padding rows or duplicates."""
+    lengths = [min(len(history), max_seq_length) for history in split["history"]]
+    batches = evaluation_batches(lengths, max_tokens, max_histories)[process_index::num_processes]
+    return DataLoader(IndexedRows(split), batch_sampler=batches, collate_fn=collator, num_workers=num_workers,
                       generator=_private_generator(0))

@@ -6,8 +6,10 @@ scores collapse can never look good. Exact float ties are rare for a trained mod
 evaluates an unprepared float32 copy of the model, outside mixed-precision autocast, because bfloat16 scores tie
 often). The popularity baseline has no ties: equal counts are ordered by item id.
 
-Everything runs under ``accelerate``: each process scores its shard of users and ``gather_for_metrics`` collects the
-ranks, dropping the duplicates that even sharding adds, so every user is counted exactly once.
+Histories are packed (one row of tokens per batch, no padding) into batches bounded by a token budget, so one model
+forward serves a batch and memory does not grow with history length or batch size. Everything runs under
+``accelerate``: each process scores its own batches, and the ranks, gathered with each user's index, are put back in
+split order, so every user is counted exactly once whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
+from accelerate.utils import send_to_device
+
 from .batching import EvaluationCollator, NegativeSampler, evaluation_dataloader
 from .metrics import DEFAULT_KS, ranking_metrics
 
@@ -25,8 +29,8 @@ EVALUATION_MODES = ("full", "uni100")
 
 ScoreFunction = Callable[[dict], torch.Tensor]
 
-# Positions per model forward in evaluation: 2**19 is every user of a 256-user batch up to length 2,048, and 32 users
-# at 16,384 (the float32 dense model then needs about 3 GiB per forward).
+# Items per evaluation batch (one model forward): 2**19 is every user of a 256-user batch up to length 2,048, and 32
+# users at 16,384 (the float32 dense model then needs about 3 GiB per forward).
 MAX_TOKENS_PER_FORWARD = 2**19
 
 
@@ -54,27 +58,30 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, *, history_items: 
 
 
 @torch.no_grad()
-def collect_ranks(score_fn: ScoreFunction, dataloader, accelerator) -> torch.Tensor:
-    """Ranks of every user of a prepared dataloader, gathered from all processes (each user exactly once)."""
-    ranks = []
+def collect_ranks(score_fn: ScoreFunction, dataloader, accelerator, num_users: int) -> torch.Tensor:
+    """Ranks of every user of the split in split order, gathered from all processes (each user exactly once)."""
+    found = [torch.zeros(0, 2, dtype=torch.long, device=accelerator.device)]
     for batch in dataloader:
-        batch_ranks = target_ranks(score_fn(batch), batch["targets"], history_items=batch.get("history_items"),
-                                   candidates=batch.get("candidates"))
-        ranks.append(accelerator.gather_for_metrics(batch_ranks).cpu())
-    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+        batch = send_to_device(batch, accelerator.device)
+        ranks = target_ranks(score_fn(batch), batch["targets"], history_items=batch.get("history_items"),
+                             candidates=batch.get("candidates"))
+        found.append(torch.stack([batch["user_index"], ranks], dim=1))
+    local = torch.cat(found)
+    gathered = accelerator.gather(accelerator.pad_across_processes(local, dim=0, pad_index=-1)).cpu()
+    gathered = gathered[gathered[:, 0] >= 0]
+    gathered = gathered[torch.argsort(gathered[:, 0])]
+    if not torch.equal(gathered[:, 0], torch.arange(num_users)):
+        raise RuntimeError(f"evaluation scored {len(gathered)} users for a split of {num_users}: each user must be "
+                           f"scored exactly once")
+    return gathered[:, 1]
 
 
-def model_score_function(model, max_tokens_per_forward: int = MAX_TOKENS_PER_FORWARD) -> ScoreFunction:
-    """Next-item scores ``[B, n_items + 1]`` from ``model(input_ids, logits_to_keep=1)``.
-
-    A batch runs in slices of at most ``max_tokens_per_forward`` positions (at least one history each), so memory
-    does not grow with the evaluation batch size at long histories; a history's scores do not depend on its batch
-    neighbours, so the slicing changes no score. Only the last position is scored.
-    """
+def model_score_function(model) -> ScoreFunction:
+    """Next-item scores ``[S, n_items + 1]`` after each history's last item, from
+    ``model(input_ids, position_ids=..., logits_to_keep=1)`` (packed batches; padded ones without ``position_ids``)."""
     def score(batch: dict) -> torch.Tensor:
-        input_ids = batch["input_ids"]
-        rows = max(1, max_tokens_per_forward // max(1, input_ids.shape[1]))
-        return torch.cat([model(input_ids=part, logits_to_keep=1).logits[:, -1] for part in input_ids.split(rows)])
+        output = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), logits_to_keep=1)
+        return output.logits[:, -1]
     return score
 
 
@@ -116,23 +123,26 @@ class RankingEvaluator:
             raise ValueError(f"max_tokens_per_forward must be a positive int, got {max_tokens_per_forward!r}")
         self.accelerator = accelerator
         self.ks = tuple(ks)
-        self.max_tokens_per_forward = max_tokens_per_forward
+        self.num_users = len(split)
         negative_sampler = NegativeSampler(n_items, 100, seed) if mode == "uni100" else None
         collator = EvaluationCollator(max_seq_length, exclude_history=exclude_history and mode == "full",
                                       negative_sampler=negative_sampler)
-        self.dataloader = accelerator.prepare_data_loader(evaluation_dataloader(split, collator, batch_size))
+        self.dataloader = evaluation_dataloader(
+            split, collator, max_seq_length=max_seq_length, max_tokens=max_tokens_per_forward,
+            max_histories=batch_size, process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes)
         self.popularity = item_popularity(train_split, n_items)
         self._popularity_metrics: dict[str, float] | None = None
 
     def evaluate(self, score_fn: ScoreFunction) -> dict[str, float]:
-        return ranking_metrics(collect_ranks(score_fn, self.dataloader, self.accelerator), self.ks)
+        return ranking_metrics(collect_ranks(score_fn, self.dataloader, self.accelerator, self.num_users), self.ks)
 
     def evaluate_model(self, model) -> dict[str, float]:
         """Metrics of ``model`` (put in eval mode for the evaluation, its training mode restored afterwards)."""
         was_training = model.training
         model.eval()
         try:
-            return self.evaluate(model_score_function(model, self.max_tokens_per_forward))
+            return self.evaluate(model_score_function(model))
         finally:
             model.train(was_training)
 

@@ -75,10 +75,13 @@ class TrainingArguments:
     num_train_epochs: int = field(default=3, metadata={
         "help": "epochs over the training windows (3 trains the synthetic default in minutes on a CPU)"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides num_train_epochs when > 0"})
-    per_device_train_batch_size: int = field(default=256, metadata={"help": "training windows per device batch"})
-    max_tokens_per_batch: int = field(default=0, metadata={
-        "help": "packed batches: at most this many items per device batch, windows of similar length packed into one "
-                "row with position_ids (no padding); 0 = padded batches of per_device_train_batch_size windows"})
+    per_device_train_batch_size: int = field(default=256, metadata={
+        "help": "the capacity of a device batch in windows of max_seq_length + 1 items (see max_tokens_per_batch)"})
+    max_tokens_per_batch: int | None = field(default=None, metadata={
+        "help": "packed batches (the default): at most this many items per device batch, windows of similar length "
+                "back to back in one row with position_ids, no padding (default: per_device_train_batch_size x "
+                "(max_seq_length + 1), what a padded batch holds); 0 = padded batches of per_device_train_batch_size "
+                "windows"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate of AdamW"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)"})
@@ -104,6 +107,13 @@ class TrainingArguments:
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository, e.g. org/blossomrec-beauty"})
     config_overrides: str | None = field(default=None, metadata={
         "help": "model config fields as key=value,key=value (same fields as the --<field> flags)"})
+
+    @property
+    def tokens_per_batch(self) -> int:
+        """The packed batches' token budget (0 = padded batches): `max_tokens_per_batch` or its default."""
+        if self.max_tokens_per_batch is None:
+            return self.per_device_train_batch_size * (self.max_seq_length + 1)
+        return self.max_tokens_per_batch
 
     def resolve_output_dir(self, dataset: str) -> Path:
         if self.output_dir is not None:
@@ -153,6 +163,9 @@ def parse_training_arguments(argv: list[str] | None = None):
         both = sorted(set(flags) & set(overrides))
         if both:
             raise ValueError(f"{', '.join(both)} given both as a flag and in --config_overrides")
+        if training_args.tokens_per_batch < 0:
+            raise ValueError(f"--max_tokens_per_batch must be >= 0 (0 = padded batches), got "
+                             f"{training_args.max_tokens_per_batch}")
         if training_args.push_to_hub and not training_args.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id org/name")
         # Accelerate would only warn and log nothing.

@@ -104,7 +104,7 @@ def describe_run(data_args, args, config, num_processes: int) -> dict:
              for name in (*model_config_fields(), "n_items", "max_position_embeddings", "attention_type")}
     return {**dataclasses.asdict(data_args), "max_seq_length": args.max_seq_length,
             "per_device_train_batch_size": args.per_device_train_batch_size,
-            "max_tokens_per_batch": args.max_tokens_per_batch,
+            "max_tokens_per_batch": args.tokens_per_batch,
             "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed,
             "num_processes": num_processes, **model}
 
@@ -135,9 +135,9 @@ class Trainer:
         self.eval_model = copy.deepcopy(model).to(accelerator.device)
         with user_input_errors("arguments", accelerator):
             dataloader = training_dataloader(windows, args.max_seq_length, args.per_device_train_batch_size, args.seed,
-                                             args.dataloader_num_workers, args.max_tokens_per_batch)
+                                             args.dataloader_num_workers, args.tokens_per_batch)
         # the epoch's order lives in the token-budget batch sampler, or in the sampler of padded batches
-        self.sampler = dataloader.batch_sampler if args.max_tokens_per_batch else dataloader.sampler
+        self.sampler = dataloader.batch_sampler if args.tokens_per_batch else dataloader.sampler
         self.evaluators = {split: ranking_evaluator(accelerator, data, split, args.max_seq_length, eval_args)
                            for split in ("validation", "test")}
         optimizer = torch.optim.AdamW(optimizer_groups(model, args.weight_decay), lr=args.learning_rate)
