@@ -35,7 +35,8 @@ class EvaluateArguments:
         "help": "most recent items the model sees (default: the length it was trained with)"})
     attn_implementation: str | None = field(default=None, metadata={"help": "attention backend override"})
     max_tokens_per_forward: int = field(default=MAX_TOKENS_PER_FORWARD, metadata={
-        "help": "history positions per model forward (an evaluation batch runs in slices of at most this many)"})
+        "help": "history items per evaluation batch: histories are packed, and a batch (one model forward) ends "
+                "before this many items or --per_device_eval_batch_size users"})
 
 
 def main():
