@@ -1,0 +1,675 @@
+"""Training throughput, packed vs padded batches: whole training steps and epochs of BlossomRec and dense SASRec.
+
+    PYTHONPATH=src python scripts/benchmark_training.py --data_dir .device/data
+    PYTHONPATH=src python scripts/benchmark_training.py --datasets beauty50 --models blossom   # a subset
+
+What users get from the training loop of ``scripts/train.py``: each configuration builds the model config as
+train.py does (same defaults: hidden 128, 2 layers, ...), the real ``Trainer`` (Accelerate-prepared model, AdamW,
+scheduler, data loader; bf16 autocast on CUDA) and times its ``training_step`` (forward with labels = the model's own
+loss, backward, gradient clipping, optimizer step) over the batches of its data loader, data loading included.
+
+Rows: datasets x models x layouts.
+- datasets: ``beauty50`` / ``beauty200`` (Amazon Beauty, --max_seq_length 50 / 200), ``ml100k200`` (MovieLens 100K,
+  200), ``longtail16k`` (a seeded synthetic log whose trained histories are log-uniform in length over 1..16,384,
+  --max_seq_length 16,384); ``longtail<N>`` (or ``longtail<N>k``) is the same log at max length N (N x 1024).
+- models: ``blossom`` (``--blossom_implementation``, default blossom_triton; it falls back to the PyTorch path with a
+  warning on CPU) and ``dense`` (``--dense_implementation``, default sdpa).
+- layouts: ``padded`` (``TrainingCollator``: --per_device_train_batch_size windows, left-padded [B, L+1]) and
+  ``packed`` (``PackedTrainingCollator`` + ``TokenBudgetBatchSampler``: [1, T] with position_ids, at most
+  --max_tokens_per_batch items, raised to max length + 1 where that is larger).
+
+Per row, after --warmup_steps untimed steps (epoch 0), one timed epoch (epoch 1): next-item targets per second (the
+collators' ``num_targets``), the epoch's wall time, the mean / median step time and the peak GPU memory
+(``torch.cuda.max_memory_allocated``, reset per row; model, optimizer and the trainer's evaluation copy included).
+An epoch of more than --max_steps batches, or one that passes --max_seconds, is timed over its first batches and its
+time extrapolated from the targets per second ("~" in the table, ``epoch_extrapolated`` in the JSON). A row that runs
+out of GPU memory is recorded as OOM and the next one runs.
+
+Writes ``<output>.json`` (device, versions, command, settings, rows, ratios, targets), ``<output>.txt`` (the table)
+and ``<output>.png``; prints the table, the ratios packed/padded and blossom/dense, and the issue's targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from blossomrec_hf.data import (PreparedData, build_histories, check_trainable, leave_one_out, one_line_data_warnings,
+                                prepare_data)
+from blossomrec_hf.data.tables import make_table
+from blossomrec_hf.model.blossom_attention_triton import triton_unavailable_reason
+from blossomrec_hf.training.trainer import Trainer
+from blossomrec_hf.training_args import EvaluationArguments, TrainingArguments, build_model_config, model_config_fields
+
+DEFAULT_DATASETS = ["beauty50", "beauty200", "ml100k200", "longtail16k"]
+MODELS = ("blossom", "dense")
+LAYOUTS = ("padded", "packed")
+# name -> (file under --data_dir, max_seq_length, what it is)
+REAL_DATASETS = {
+    "beauty50": ("Beauty.txt", 50, "Amazon Beauty"),
+    "beauty200": ("Beauty.txt", 200, "Amazon Beauty"),
+    "ml100k200": ("ml-100k.inter", 200, "MovieLens 100K"),
+}
+BEAUTY_FILE = "Beauty.txt"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    max_seq_length: int
+    file: str | None  # under --data_dir; None: the synthetic long-tail log
+    description: str
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """The dataset behind a row name; a ValueError for unknown names."""
+    if name in REAL_DATASETS:
+        file, max_seq_length, description = REAL_DATASETS[name]
+        return DatasetSpec(name, max_seq_length, file, description)
+    match = re.fullmatch(r"longtail(\d+)(k?)", name)
+    if match and int(match[1]) > 0:
+        max_seq_length = int(match[1]) * (1024 if match[2] else 1)
+        return DatasetSpec(name, max_seq_length, None,
+                           f"synthetic, trained histories log-uniform over 1..{max_seq_length:,}")
+    raise ValueError(f"unknown dataset {name!r}: choose among {', '.join(REAL_DATASETS)} or longtail<N>[k]")
+
+
+# ---------------------------------------------------------------------------------------------------------------- data
+
+
+def long_tail_interactions(*, num_users: int, max_length: int, num_items: int, seed: int):
+    """Events (user, item, timestamp) of users whose trained histories are log-uniform in length over 1..max_length.
+
+    Each user gets 2 more events, the validation and test targets of the leave-one-out split, so the training history
+    is the drawn length and the longest fill a whole window. Items are uniform over ``num_items``: only the lengths
+    matter for throughput.
+    """
+    rng = np.random.default_rng(seed)
+    trained = np.floor(np.exp(rng.uniform(0.0, math.log(max_length + 1), size=num_users))).astype(np.int64)
+    lengths = trained.clip(1, max_length) + 2
+    user = np.repeat(np.arange(num_users), lengths)
+    item = rng.integers(num_items, size=int(lengths.sum()))
+    user_names = np.array([f"u{u}" for u in range(num_users)], dtype=object)
+    item_names = np.array([f"i{i}" for i in range(num_items)], dtype=object)
+    return make_table({"user": user_names[user], "item": item_names[item],
+                       "timestamp": np.arange(len(item), dtype=np.float64)})
+
+
+def long_tail_data(*, num_users: int, max_length: int, num_items: int, seed: int) -> PreparedData:
+    events = long_tail_interactions(num_users=num_users, max_length=max_length, num_items=num_items, seed=seed)
+    histories, vocab = build_histories(events)
+    info = {"source": "synthetic long tail", "users": num_users, "items": vocab.n_items, "seed": seed}
+    return PreparedData(leave_one_out(histories), vocab, info)
+
+
+def load_dataset(spec: DatasetSpec, args) -> tuple[PreparedData, object]:
+    """The prepared splits and the training windows, as train.py reads them (default filters)."""
+    if spec.file is None:
+        data = long_tail_data(num_users=args.longtail_users, max_length=spec.max_seq_length,
+                              num_items=args.longtail_items, seed=args.seed)
+    else:
+        data = prepare_data(str(Path(args.data_dir) / spec.file), max_seq_length=spec.max_seq_length)
+    return data, check_trainable(data, spec.max_seq_length)
+
+
+def window_lengths(windows, max_seq_length: int) -> np.ndarray:
+    return np.array([min(len(window), max_seq_length + 1) for window in windows["input_ids"]], dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------------------------------ configuration
+
+
+def token_budget(spec: DatasetSpec, args) -> int:
+    """The packed batches' item budget: --max_tokens_per_batch, at least one whole window."""
+    return max(args.max_tokens_per_batch, spec.max_seq_length + 1)
+
+
+def implementation(model: str, args) -> str:
+    return args.blossom_implementation if model == "blossom" else args.dense_implementation
+
+
+def attention_path(attn_implementation: str, device: torch.device) -> str:
+    """What runs the attention: blossom_triton on CPU tensors takes the PyTorch path unless Triton interprets."""
+    if attn_implementation == "blossom_triton" and device.type == "cpu" and \
+            os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return "blossom_torch (blossom_triton falls back on CPU)"
+    return attn_implementation
+
+
+def training_arguments(spec: DatasetSpec, *, model: str, layout: str, args) -> TrainingArguments:
+    """train.py's arguments for this row (its defaults for everything not benchmarked)."""
+    return TrainingArguments(
+        output_dir=str(result_path(args.output, ".json").parent),  # nothing is written there: no save, no eval
+        max_seq_length=spec.max_seq_length, attention_type=model, attn_implementation=implementation(model, args),
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        max_tokens_per_batch=token_budget(spec, args) if layout == "packed" else 0,
+        seed=args.seed, dataloader_num_workers=args.dataloader_num_workers)
+
+
+def build_trainer(accelerator, *, data, windows, training_args: TrainingArguments, model_overrides: dict) -> Trainer:
+    config = build_model_config(training_args, model_overrides, data.vocab.n_items)
+    trainer = Trainer(accelerator, training_args, EvaluationArguments(), Path(training_args.output_dir), data, windows,
+                      config, stop_signals=None)
+    trainer.model.train()
+    return trainer
+
+
+# ------------------------------------------------------------------------------------------------------------ timing
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepClock:
+    """Marks at step boundaries: CUDA events on the GPU (no sync per step), host time on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def step_ms(self) -> list[float]:
+        """Milliseconds between consecutive marks (call after a device sync)."""
+        pairs = zip(self.marks, self.marks[1:])
+        if self.cuda:
+            return [start.elapsed_time(end) for start, end in pairs]
+        return [(end - start) * 1e3 for start, end in pairs]
+
+
+def epoch_batches(trainer: Trainer, epoch: int):
+    """An iterator over the epoch's batches, in the order training gives them (seed + epoch)."""
+    trainer.sampler.set_epoch(epoch)
+    trainer.dataloader.set_epoch(epoch)
+    return iter(trainer.dataloader)
+
+
+def close(batches) -> None:
+    """End an epoch's iterator early (a generator: its prefetched batch is let go now)."""
+    if hasattr(batches, "close"):
+        batches.close()
+
+
+def warm_up(trainer: Trainer, steps: int) -> int:
+    """``steps`` untimed training steps from epoch 0 on; returns the first epoch not touched."""
+    epoch, done = 0, 0
+    while done < steps:
+        batches = epoch_batches(trainer, epoch)
+        for batch in batches:
+            trainer.training_step(batch)
+            done += 1
+            if done == steps:
+                break
+        close(batches)
+        epoch += 1
+    return epoch
+
+
+def timed_epoch(trainer: Trainer, *, epoch: int, device: torch.device, max_steps: int, max_seconds: float) -> dict:
+    """One epoch of training steps (at most ``max_steps``, stopping after the step that passes ``max_seconds``)."""
+    clock = StepClock(device)
+    steps, targets = 0, 0
+    synchronize(device)
+    start = time.perf_counter()
+    clock.mark()
+    batches = epoch_batches(trainer, epoch)
+    for batch in batches:
+        trainer.training_step(batch)
+        clock.mark()
+        steps += 1
+        targets += int(batch["num_targets"])
+        if steps >= max_steps or time.perf_counter() - start >= max_seconds:
+            break
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    close(batches)
+    return {"steps": steps, "targets": targets, "seconds": seconds, "step_ms": clock.step_ms()}
+
+
+def measure(trainer: Trainer, *, device: torch.device, epoch_targets: int, args) -> dict:
+    """Warm up, time one epoch (or its first steps, then extrapolate); the row's measured fields."""
+    first_epoch = warm_up(trainer, args.warmup_steps)
+    timed = timed_epoch(trainer, epoch=first_epoch, device=device, max_steps=args.max_steps,
+                        max_seconds=args.max_seconds)
+    items_per_s = timed["targets"] / timed["seconds"]
+    whole = timed["steps"] == len(trainer.dataloader)
+    step_ms = np.array(timed["step_ms"])
+    return {
+        "items_per_s": items_per_s,
+        "epoch_s": timed["seconds"] if whole else epoch_targets / items_per_s,
+        "epoch_extrapolated": not whole,
+        "timed_steps": timed["steps"],
+        "timed_targets": timed["targets"],
+        "timed_seconds": timed["seconds"],
+        "mean_step_ms": float(step_ms.mean()),
+        "median_step_ms": float(np.median(step_ms)),
+        "targets_per_step": timed["targets"] / timed["steps"],
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [""])[0][:200]
+
+
+def release(accelerator, device: torch.device) -> None:
+    """Drop the accelerator's references to the last row's model, optimizer and loaders, and the allocator's cache."""
+    accelerator.free_memory()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def run_row(accelerator, *, spec: DatasetSpec, data, windows, model: str, layout: str, args,
+            model_overrides: dict) -> dict:
+    """One (dataset, model, layout): its settings and measurements; status "ok", "OOM" or "error"."""
+    device = accelerator.device
+    lengths = window_lengths(windows, spec.max_seq_length)
+    training_args = training_arguments(spec, model=model, layout=layout, args=args)
+    row = {"dataset": spec.name, "source": spec.file or "synthetic", "max_seq_length": spec.max_seq_length,
+           "model": model, "layout": layout, "attn_implementation": implementation(model, args),
+           "batch": (f"{training_args.max_tokens_per_batch:,} tokens" if layout == "packed"
+                     else f"{training_args.per_device_train_batch_size} windows"),
+           "max_tokens_per_batch": training_args.max_tokens_per_batch or None,
+           "per_device_train_batch_size": None if layout == "packed" else training_args.per_device_train_batch_size,
+           "windows": len(lengths), "epoch_targets": int(lengths.sum() - len(lengths))}
+    release(accelerator, device)
+    set_seed(args.seed)
+    trainer = None
+    try:
+        trainer = build_trainer(accelerator, data=data, windows=windows, training_args=training_args,
+                                model_overrides=model_overrides)
+        row["attn_implementation"] = trainer.config._attn_implementation
+        row["attention_path"] = attention_path(row["attn_implementation"], device)
+        row["batches_per_epoch"] = len(trainer.dataloader)
+        row.update(measure(trainer, device=device, epoch_targets=row["epoch_targets"], args=args))
+        row["status"] = "ok"
+    except Exception as error:  # noqa: BLE001 -- one row's failure is recorded; the others still run
+        if is_out_of_memory(error):
+            row.update(status="OOM", error=first_line(error))
+        else:
+            traceback.print_exc()
+            row.update(status="error", error=f"{type(error).__name__}: {first_line(error)}")
+        if device.type == "cuda":
+            row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    finally:
+        trainer = None
+    release(accelerator, device)
+    return row
+
+
+# ------------------------------------------------------------------------------------------------ ratios and targets
+
+
+def find_row(rows, **fields) -> dict | None:
+    return next((row for row in rows if all(row.get(key) == value for key, value in fields.items())), None)
+
+
+def ok(row) -> bool:
+    return row is not None and row.get("status") == "ok"
+
+
+def compute_ratios(rows) -> dict:
+    """Packed/padded epoch speedup per (dataset, model); blossom/dense items/s and peak memory per (dataset, layout)."""
+    datasets = list(dict.fromkeys(row["dataset"] for row in rows))
+    speedups, blossom_vs_dense = [], []
+    for dataset in datasets:
+        for model in MODELS:
+            padded, packed = (find_row(rows, dataset=dataset, model=model, layout=layout) for layout in LAYOUTS)
+            if padded and packed:
+                speedups.append({"dataset": dataset, "model": model, "max_seq_length": packed["max_seq_length"],
+                                 "source": packed["source"],
+                                 "padded_epoch_s": padded.get("epoch_s"), "packed_epoch_s": packed.get("epoch_s"),
+                                 "padded_status": padded["status"], "packed_status": packed["status"],
+                                 "ratio": (padded["epoch_s"] / packed["epoch_s"] if ok(padded) and ok(packed)
+                                           else None)})
+        for layout in LAYOUTS:
+            blossom, dense = (find_row(rows, dataset=dataset, model=model, layout=layout) for model in MODELS)
+            if blossom and dense:
+                both = ok(blossom) and ok(dense)
+                memory = both and blossom["peak_memory_gib"] is not None and dense["peak_memory_gib"]
+                blossom_vs_dense.append({
+                    "dataset": dataset, "layout": layout, "max_seq_length": blossom["max_seq_length"],
+                    "blossom_status": blossom["status"], "dense_status": dense["status"],
+                    "items_per_s_ratio": blossom["items_per_s"] / dense["items_per_s"] if both else None,
+                    "peak_memory_ratio": blossom["peak_memory_gib"] / dense["peak_memory_gib"] if memory else None,
+                    "blossom_peak_memory_gib": blossom.get("peak_memory_gib"),
+                    "dense_peak_memory_gib": dense.get("peak_memory_gib")})
+    return {"packed_over_padded_epoch_speedup": speedups, "blossom_over_dense": blossom_vs_dense}
+
+
+def target(name: str, value: float | None, bound: float, *, at_most: bool = False, why_missing: str = "") -> dict:
+    if value is None:
+        status = "not measured"
+    else:
+        status = "met" if (value <= bound if at_most else value >= bound) else "missed"
+    return {"target": name, "bound": f"{'<=' if at_most else '>='} {bound:g}", "measured": value, "status": status,
+            **({"note": why_missing} if value is None and why_missing else {})}
+
+
+def why_not(entry: dict, *statuses: str) -> str:
+    return ", ".join(f"{entry[s]} ({s.removesuffix('_status')})" for s in statuses if entry[s] != "ok")
+
+
+def compute_targets(ratios: dict) -> list[dict]:
+    """The issue's targets: Beauty epoch >= 4x faster packed than padded; BlossomRec packed >= 1.0x dense packed
+    items/s at max length 200 and >= 3x at 16,384; BlossomRec packed peak memory at 16,384 <= dense packed."""
+    results = []
+    beauty = [s for s in ratios["packed_over_padded_epoch_speedup"] if s["source"] == BEAUTY_FILE]
+    for s in beauty:
+        results.append(target(f"Beauty epoch packed / padded ({s['dataset']}, {s['model']})", s["ratio"], 4.0,
+                              why_missing=why_not(s, "padded_status", "packed_status")))
+    if not beauty:
+        results.append(target("Beauty epoch packed / padded", None, 4.0, why_missing="no Beauty rows in both layouts"))
+    packed = [r for r in ratios["blossom_over_dense"] if r["layout"] == "packed"]
+    for length, bound in ((200, 1.0), (16384, 3.0)):
+        at_length = [r for r in packed if r["max_seq_length"] == length]
+        for r in at_length:
+            results.append(target(f"blossom / dense packed items/s at L={length} ({r['dataset']})",
+                                  r["items_per_s_ratio"], bound,
+                                  why_missing=why_not(r, "blossom_status", "dense_status")))
+        if not at_length:
+            results.append(target(f"blossom / dense packed items/s at L={length}", None, bound,
+                                  why_missing=f"no packed rows of both models at max length {length}"))
+    at_16k = [r for r in packed if r["max_seq_length"] == 16384]
+    for r in at_16k:
+        results.append(target(f"blossom / dense packed peak memory at L=16384 ({r['dataset']})",
+                              r["peak_memory_ratio"], 1.0, at_most=True,
+                              why_missing=why_not(r, "blossom_status", "dense_status") or "no GPU memory on CPU"))
+    if not at_16k:
+        results.append(target("blossom / dense packed peak memory at L=16384", None, 1.0, at_most=True,
+                              why_missing="no packed rows of both models at max length 16384"))
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------------ output
+
+
+def fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def table_lines(rows) -> list[str]:
+    header = (f"{'dataset':<12} {'L':>6} {'model':<8} {'layout':<7} {'batch':>15} {'batches':>7} {'timed':>5} "
+              f"{'items/s':>10} {'epoch s':>9} {'step ms':>8} {'median':>8} {'peak GiB':>8}  attention")
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        if row["status"] == "ok":
+            epoch = ("~" if row["epoch_extrapolated"] else "") + f"{row['epoch_s']:.2f}"
+            cells = (f"{row['batches_per_epoch']:>7} {row['timed_steps']:>5} {row['items_per_s']:>10,.0f} "
+                     f"{epoch:>9} {row['mean_step_ms']:>8.1f} {row['median_step_ms']:>8.1f} "
+                     f"{fmt(row['peak_memory_gib'], '8.2f'):>8}")
+        else:
+            cells = f"{fmt(row.get('batches_per_epoch'), '7d'):>7} {row['status']:>5} {'':>10} {'':>9} {'':>8} " \
+                    f"{'':>8} {fmt(row.get('peak_memory_gib'), '8.2f'):>8}"
+        lines.append(f"{row['dataset']:<12} {row['max_seq_length']:>6} {row['model']:<8} {row['layout']:<7} "
+                     f"{row['batch']:>15} {cells}  {row.get('attention_path', row['attn_implementation'])}")
+    lines.append("items/s: next-item targets per second; epoch s: one epoch's wall time (~ = extrapolated from the "
+                 "timed steps); step ms: mean / median step after warmup")
+    return lines
+
+
+def ratio_lines(ratios: dict) -> list[str]:
+    lines = ["", "epoch speedup, packed over padded (padded epoch s / packed epoch s):"]
+    for s in ratios["packed_over_padded_epoch_speedup"]:
+        text = fmt(s["ratio"], ".2f") + "x" if s["ratio"] is not None else why_not(s, "padded_status", "packed_status")
+        lines.append(f"  {s['dataset']:<12} {s['model']:<8} {text}")
+    lines.append("blossom over dense (items/s ratio; peak memory ratio):")
+    for r in ratios["blossom_over_dense"]:
+        text = (f"{r['items_per_s_ratio']:.2f}x items/s" if r["items_per_s_ratio"] is not None
+                else why_not(r, "blossom_status", "dense_status"))
+        if r["peak_memory_ratio"] is not None:
+            text += f", {r['peak_memory_ratio']:.2f}x memory"
+        lines.append(f"  {r['dataset']:<12} {r['layout']:<8} {text}")
+    return lines
+
+
+def target_lines(targets: list[dict]) -> list[str]:
+    lines = ["", "targets:"]
+    for t in targets:
+        measured = f"{t['measured']:.2f}x" if t["measured"] is not None else t.get("note", "")
+        lines.append(f"  [{t['status']}] {t['target']}: {measured} (target {t['bound']}x)")
+    return lines
+
+
+def plot(rows, path: Path, device_name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(row["dataset"] for row in rows))
+    series = [(model, layout) for model in MODELS for layout in LAYOUTS
+              if any(row["model"] == model and row["layout"] == layout for row in rows)]
+    panels = [("items_per_s", "next-item targets per second (log)"), ("epoch_s", "epoch wall time, s (log)")]
+    if any(row.get("peak_memory_gib") for row in rows):
+        panels.append(("peak_memory_gib", "peak GPU memory, GiB (log)"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5))
+    width = 0.8 / max(len(series), 1)
+    for axis, (key, label) in zip(np.atleast_1d(axes), panels):
+        for index, (model, layout) in enumerate(series):
+            xs, values, failed = [], [], []
+            for position, dataset in enumerate(datasets):
+                row = find_row(rows, dataset=dataset, model=model, layout=layout)
+                x = position + index * width
+                if ok(row) and row.get(key):
+                    xs.append(x)
+                    values.append(row[key])
+                elif row is not None and not ok(row):
+                    failed.append((x, row["status"]))
+            axis.bar(xs, values, width, label=f"{model} {layout}", hatch="//" if layout == "padded" else None,
+                     color=f"C{MODELS.index(model)}", alpha=0.55 if layout == "padded" else 0.95)
+            for x, status in failed:
+                axis.text(x, 0.02, status, transform=axis.get_xaxis_transform(), rotation=90, ha="center",
+                          va="bottom", fontsize=8, color="red")
+        axis.set_xticks([i + 0.4 - width / 2 for i in range(len(datasets))])
+        axis.set_xticklabels(datasets)
+        axis.set_yscale("log")
+        axis.set_ylabel(label)
+        axis.grid(True, axis="y", which="both", alpha=0.3)
+    np.atleast_1d(axes)[0].legend(fontsize=8)
+    figure.suptitle(f"Training throughput, packed vs padded batches: one epoch, whole training steps ({device_name})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def versions() -> dict:
+    import accelerate
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__, "python": platform.python_version()}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def result_path(prefix: str, suffix: str) -> Path:
+    """``<prefix><suffix>``; a prefix given with one of the suffixes loses it."""
+    for known in (".json", ".txt", ".png"):
+        prefix = prefix.removesuffix(known)
+    return Path(prefix + suffix)
+
+
+def report_lines(result: dict) -> list[str]:
+    """The table, the ratios, the targets and the warnings seen while training."""
+    lines = table_lines(result["rows"]) + ratio_lines(result["ratios"]) + target_lines(result["targets"])
+    return lines + (["", "warnings:", *(f"  {w}" for w in result["warnings"])] if result["warnings"] else [])
+
+
+def write_results(prefix: str, result: dict, *, with_plot: bool) -> None:
+    result_path(prefix, ".json").parent.mkdir(parents=True, exist_ok=True)
+    result_path(prefix, ".json").write_text(json.dumps(result, indent=1))
+    text = report_lines(result)
+    result_path(prefix, ".txt").write_text(f"{result['device']}; {result['command']}\n\n" + "\n".join(text) + "\n")
+    if with_plot and result["rows"]:
+        plot(result["rows"], result_path(prefix, ".png"), result["device"])
+
+
+# -------------------------------------------------------------------------------------------------------------- main
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=DEFAULT_DATASETS,
+                        help="rows: beauty50 beauty200 ml100k200 longtail16k, or longtail<N>[k]")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
+    parser.add_argument("--data_dir", default="../shared/data", help="folder with Beauty.txt and ml-100k.inter")
+    parser.add_argument("--max_tokens_per_batch", type=int, default=16384,
+                        help="packed batches: items per batch (raised to max length + 1 where that is larger)")
+    parser.add_argument("--per_device_train_batch_size", type=int, default=256,
+                        help="padded batches: windows per batch")
+    parser.add_argument("--warmup_steps", type=int, default=3, help="untimed steps before the timed epoch")
+    parser.add_argument("--max_steps", type=int, default=100,
+                        help="timed steps per row at most; a longer epoch is extrapolated from them")
+    parser.add_argument("--max_seconds", type=float, default=30.0,
+                        help="stop timing a row after the step that passes this; the epoch is then extrapolated")
+    parser.add_argument("--output", default="benchmarks/results/training_benchmark",
+                        help="results prefix: writes <output>.json, .txt and .png")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if cuda else "cpu")
+    parser.add_argument("--mixed_precision", choices=("no", "bf16", "fp16"), default=None,
+                        help="Accelerate's autocast (default: bf16 on CUDA, no on CPU)")
+    parser.add_argument("--blossom_implementation", default=None,
+                        help="attention backend of the blossom rows (default: blossom_triton where triton is "
+                             "installed, else blossom_torch)")
+    parser.add_argument("--dense_implementation", default="sdpa", help="attention backend of the dense rows")
+    parser.add_argument("--longtail_users", type=int, default=300, help="users of the synthetic long-tail log")
+    parser.add_argument("--longtail_items", type=int, default=20000, help="items of the synthetic long-tail log")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="as train.py (default 0)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--no_plot", action="store_true", help="skip the PNG")
+    model = parser.add_argument_group("model config (train.py's defaults unless given)")
+    for name, default in model_config_fields().items():
+        kind = parse_bool if isinstance(default, bool) else type(default)
+        model.add_argument(f"--{name}", type=kind, default=None, help=f"default {default!r}")
+    return parser
+
+
+def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[DatasetSpec], dict]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        specs = [dataset_spec(name) for name in dict.fromkeys(args.datasets)]
+    except ValueError as error:
+        parser.error(str(error))
+    missing = sorted({str(Path(args.data_dir) / spec.file) for spec in specs
+                      if spec.file and not (Path(args.data_dir) / spec.file).is_file()})
+    if missing:
+        parser.error(f"not found: {', '.join(missing)} (pass --data_dir)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    for name in ("max_tokens_per_batch", "per_device_train_batch_size", "max_steps", "max_seconds", "longtail_users",
+                 "longtail_items"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name} must be positive")
+    if args.warmup_steps < 0:
+        parser.error("--warmup_steps must not be negative")
+    if args.blossom_implementation is None:
+        args.blossom_implementation = "blossom_triton" if triton_unavailable_reason() is None else "blossom_torch"
+    if args.mixed_precision is None:
+        args.mixed_precision = "bf16" if args.device == "cuda" else "no"
+    overrides = {name: getattr(args, name) for name in model_config_fields() if getattr(args, name) is not None}
+    return args, specs, overrides
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, specs, model_overrides = parse_arguments(argv)
+    one_line_data_warnings()
+    accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=args.mixed_precision)
+    device = accelerator.device
+    result = {"device": device_name(device), **versions(),
+              "command": "python " + shlex.join(["scripts/benchmark_training.py", *argv]),
+              "settings": {**{key: value for key, value in vars(args).items() if key not in model_config_fields()},
+                           "mixed_precision": accelerator.mixed_precision,
+                           "model_config": {name: model_overrides.get(name, default)
+                                            for name, default in model_config_fields().items()},
+                           "dataset_specs": {spec.name: spec.__dict__ for spec in specs}},
+              "rows": [], "ratios": {}, "targets": [], "warnings": []}
+    print(f"{result['device']}, torch {result['torch']}, triton {result['triton']}, mixed precision "
+          f"{accelerator.mixed_precision}", flush=True)
+    print("\n".join(table_lines([])[:2]), flush=True)
+    for spec in specs:
+        started = time.perf_counter()
+        data, windows = load_dataset(spec, args)
+        lengths = window_lengths(windows, spec.max_seq_length)
+        print(f"{spec.name}: {spec.description}, max length {spec.max_seq_length:,}, {data.vocab.n_items:,} items, "
+              f"{len(lengths):,} windows, {int(lengths.sum() - len(lengths)):,} targets per epoch (read in "
+              f"{time.perf_counter() - started:.1f} s)", flush=True)
+        for model in args.models:
+            for layout in args.layouts:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    row = run_row(accelerator, spec=spec, data=data, windows=windows, model=model, layout=layout,
+                                  args=args, model_overrides=model_overrides)
+                for message in dict.fromkeys(str(warning.message) for warning in caught):
+                    if message not in result["warnings"]:
+                        result["warnings"].append(message)
+                        print(f"warning: {message}", file=sys.stderr)
+                result["rows"].append(row)
+                print(table_lines([row])[2], flush=True)
+                result["ratios"] = compute_ratios(result["rows"])
+                result["targets"] = compute_targets(result["ratios"])
+                write_results(args.output, result, with_plot=False)  # partial results survive a time limit
+        del data, windows
+    write_results(args.output, result, with_plot=not args.no_plot)
+    print()
+    print("\n".join(report_lines(result)))
+    print(f"\nwrote {result_path(args.output, '.json')}, .txt{'' if args.no_plot else ', .png'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

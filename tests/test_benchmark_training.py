@@ -1,0 +1,78 @@
+"""scripts/benchmark_training.py on the CPU: a tiny long-tail configuration, every row measured and written."""
+
+import importlib.util
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+
+TINY_MODEL = ["--hidden_size", "16", "--num_hidden_layers", "1", "--num_attention_heads", "2",
+              "--num_key_value_heads", "1", "--intermediate_size", "32"]
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark_training", REPO_ROOT / "scripts" / "benchmark_training.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up by name
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_every_row_is_measured_and_written(benchmark, tmp_path):
+    prefix = tmp_path / "results" / "training_benchmark"
+    result = benchmark.main([
+        "--datasets", "longtail64", "--device", "cpu", "--data_dir", str(tmp_path / "no_data"),
+        "--blossom_implementation", "blossom_torch", *TINY_MODEL,
+        "--longtail_users", "30", "--longtail_items", "100",
+        "--max_tokens_per_batch", "256", "--per_device_train_batch_size", "8",
+        "--warmup_steps", "1", "--max_steps", "2", "--output", str(prefix)])
+
+    written = json.loads(prefix.with_suffix(".json").read_text())
+    assert written["rows"] == json.loads(json.dumps(result["rows"]))
+    assert {(r["model"], r["layout"]) for r in written["rows"]} == {
+        (model, layout) for model in ("blossom", "dense") for layout in ("padded", "packed")}
+    for row in written["rows"]:
+        assert row["status"] == "ok", row
+        assert row["dataset"] == "longtail64" and row["max_seq_length"] == 64
+        for key in ("items_per_s", "epoch_s", "mean_step_ms", "median_step_ms", "timed_seconds"):
+            assert row[key] > 0, (key, row)
+        assert 1 <= row["timed_steps"] <= 2
+        assert row["epoch_extrapolated"] == (row["timed_steps"] < row["batches_per_epoch"])
+        assert row["peak_memory_gib"] is None  # no GPU
+    packed = [r for r in written["rows"] if r["layout"] == "packed"]
+    assert all(r["max_tokens_per_batch"] == 256 for r in packed)
+    assert {r["attn_implementation"] for r in written["rows"]} == {"blossom_torch", "sdpa"}
+
+    assert len(written["ratios"]["packed_over_padded_epoch_speedup"]) == 2
+    assert all(r["ratio"] > 0 for r in written["ratios"]["packed_over_padded_epoch_speedup"])
+    assert all(r["items_per_s_ratio"] > 0 for r in written["ratios"]["blossom_over_dense"])
+    # no Beauty, L=200 or L=16384 rows here: every target is listed as not measured
+    assert written["targets"] and all(t["status"] == "not measured" for t in written["targets"])
+    assert written["command"].startswith("python scripts/benchmark_training.py --datasets longtail64")
+    assert written["settings"]["model_config"]["hidden_size"] == 16
+    text = prefix.with_suffix(".txt").read_text()
+    assert "items/s" in text and "targets:" in text and text.count("longtail64") >= 4
+    assert prefix.with_suffix(".png").stat().st_size > 0
+
+
+def test_long_tail_lengths_span_one_to_the_max_length(benchmark):
+    events = benchmark.long_tail_interactions(num_users=2000, max_length=256, num_items=50, seed=0)
+    _, counts = np.unique(np.asarray(events["user"], dtype=str), return_counts=True)
+    trained = counts - 2  # validation and test targets
+    assert trained.min() >= 1 and trained.max() <= 256
+    # log-uniform: about as many users below 16 as from 16 up to 256
+    assert 0.45 < np.mean(trained < 16) < 0.55
+
+
+def test_unknown_dataset_and_missing_files_are_one_line_errors(benchmark, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--datasets", "imdb", "--device", "cpu"])
+    assert "unknown dataset 'imdb'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark.main(["--datasets", "beauty50", "--device", "cpu", "--data_dir", str(tmp_path)])
+    assert "Beauty.txt (pass --data_dir)" in capsys.readouterr().err
