@@ -50,6 +50,37 @@ def test_matches_float64_forward_and_backward(monkeypatch, rows, items, dim, pro
     torch.testing.assert_close(loss, chunked_linear_cross_entropy(hidden, weight, targets))
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("rows, items, programs_per_sm, ignore_index", [
+    (37, 50, 4, -100),   # one tile each way
+    (200, 301, 64, 0),   # items split in the forward, rows in the item gradient; int32 targets
+])
+def test_ignored_rows_count_for_nothing(monkeypatch, fused, rows, items, programs_per_sm, ignore_index):
+    """Loss and gradients with ignored rows = those of the kept rows alone (float64); ignored rows get no gradient."""
+    monkeypatch.setitem(fused_cross_entropy.TUNING, "programs_per_sm", programs_per_sm)
+    generator = torch.Generator().manual_seed(rows)
+    hidden = torch.randn(rows, 16, generator=generator, requires_grad=True)
+    weight = (0.5 * torch.randn(items, 16, generator=generator)).requires_grad_()
+    targets = torch.randint(1, items, (rows,), generator=generator, dtype=torch.int32 if ignore_index == 0 else None)
+    kept = torch.rand(rows, generator=generator) < 0.6
+    targets[~kept] = ignore_index
+    loss = linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index, fused=fused)
+    grads = torch.autograd.grad(loss, [hidden, weight])
+    want = float64_loss_and_grads(hidden.detach()[kept], weight.detach(), targets[kept].long())
+    assert close(loss, want[0])
+    assert close(grads[0][kept], want[1]) and torch.equal(grads[0][~kept], torch.zeros(int((~kept).sum()), 16))
+    assert close(grads[1], want[2])
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_batch_of_ignored_rows_has_loss_and_gradients_zero(fused):
+    hidden, weight = torch.randn(9, 16, requires_grad=True), torch.randn(12, 16, requires_grad=True)
+    loss = linear_cross_entropy(hidden, weight, torch.full((9,), -100), fused=fused)
+    grads = torch.autograd.grad(loss, [hidden, weight])
+    assert loss.item() == 0.0
+    assert all(torch.equal(grad, torch.zeros_like(grad)) for grad in grads)
+
+
 def test_gradients_are_bitwise_reproducible_and_scale_with_the_upstream_gradient():
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(70, 16, generator=generator, requires_grad=True)
@@ -82,7 +113,7 @@ def test_the_operand_dtype_follows_autocast():
 def test_cpu_tensors_take_the_pytorch_path_unless_asked(monkeypatch):
     hidden, weight = torch.randn(4, 16), torch.randn(6, 16)
     targets = torch.randint(1, 6, (4,))
-    monkeypatch.setattr(fused_cross_entropy._FusedLinearCrossEntropy, "apply", None)  # would fail if called
+    monkeypatch.setattr(fused_cross_entropy, "_FORWARD", None)  # would fail if called
     torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets),
                                chunked_linear_cross_entropy(hidden, weight, targets))
     monkeypatch.delenv("TRITON_INTERPRET")

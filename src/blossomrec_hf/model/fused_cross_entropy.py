@@ -1,15 +1,19 @@
 """The item-softmax cross-entropy on the tensor cores: scores computed twice per training step and never stored.
 
 `linear_cross_entropy(hidden, weight, targets)` is the mean over rows of -log softmax(hidden @ weight.T)[target] with
-column 0 (padding) left out. On CUDA it runs the Triton kernels of triton_cross_entropy_kernels.py; on the CPU, or
-without triton, the PyTorch reference of chunked_cross_entropy.py (`fused=True` runs the kernels on CPU tensors
-under TRITON_INTERPRET=1, which is how the tests compare the two).
+column 0 (padding) left out, over the rows whose target is not `ignore_index` (the model passes every position, so
+that no shape depends on the data). On CUDA it runs the Triton kernels of triton_cross_entropy_kernels.py; on the
+CPU, or without triton, the PyTorch reference of chunked_cross_entropy.py (`fused=True` runs the kernels on CPU
+tensors under TRITON_INTERPRET=1, which is how the tests compare the two). Both are custom operators
+(custom_ops.py): torch.compile(fullgraph=True) traces forward and backward through them, and nothing in them waits
+for the GPU.
 
-Precision: the operands are taken in the autocast dtype when autocast is on (as a matmul would be), else in the
-inputs' dtype; products accumulate in float32, the softmax is float32, and float32 operands use exact (not tf32)
-dot products. The forward pass computes the log-sum-exp and the softmax-weighted item sum of every row (the hidden
-state's gradient needs nothing else); the backward pass computes the item embeddings' gradient. No atomics: results
-are bitwise reproducible.
+Precision: the operands are taken in the autocast dtype when autocast is on (as a matmul would be; decided here,
+since the operators run with autocast off), else in the inputs' dtype; products accumulate in float32, the softmax
+is float32, and float32 operands use exact (not tf32) dot products; gradients come back in the inputs' dtypes. The
+forward pass computes the log-sum-exp and the softmax-weighted item sum of every row (the hidden state's gradient
+needs nothing else); the backward pass computes the item embeddings' gradient. No atomics: results are bitwise
+reproducible.
 """
 
 import math
@@ -17,7 +21,8 @@ import os
 
 import torch
 
-from .chunked_cross_entropy import chunked_linear_cross_entropy
+from .chunked_cross_entropy import IGNORE_INDEX, chunked_linear_cross_entropy, kept_count, scaled_gradient
+from .custom_ops import define_op
 
 try:
     import triton
@@ -80,10 +85,11 @@ def _common(hidden: torch.Tensor) -> dict:
                 DOT_PREC="ieee" if hidden.dtype == torch.float32 else "tf32")
 
 
-def softmax_statistics(hidden, weight, targets, with_grad: bool):
-    """Per row [N], base 2: the log-sum-exp over items 1.. and the target's score; with `with_grad` also the unscaled
-    gradient of the loss in hidden [N, D] float32 (softmax-weighted item sum minus the target's embedding). The item
-    range is split into parts when there are too few row blocks to fill the device."""
+def softmax_statistics(hidden, weight, targets, ignore_index: int, with_grad: bool):
+    """Per row [N]: the base-2 log-sum-exp over items 1.. and the loss (natural log, 0 on ignored rows); with
+    `with_grad` also the unscaled gradient of the loss in hidden [N, D] float32 (softmax-weighted item sum minus the
+    target's embedding, 0 on ignored rows). The item range is split into parts when there are too few row blocks to
+    fill the device."""
     rows, dim = hidden.shape
     rows_tile, items_tile = TUNING["forward_rows"], TUNING["forward_items"]
     row_blocks = triton.cdiv(rows, rows_tile)
@@ -92,20 +98,28 @@ def softmax_statistics(hidden, weight, targets, with_grad: bool):
     weighted = torch.empty(parts, rows, dim, device=hidden.device, dtype=torch.float32) if with_grad else lse
     softmax_forward[(row_blocks, parts)](
         hidden, weight, targets, lse, target_score, weighted, N=rows, V=weight.shape[0], items_per_split=per_part,
-        stride_h=hidden.stride(0), stride_e=weight.stride(0), BM=rows_tile, BV=items_tile, WITH_GRAD=with_grad,
-        SUBTRACT_TARGET=parts == 1, num_warps=TUNING["forward_warps"], **_common(hidden))
+        stride_h=hidden.stride(0), stride_e=weight.stride(0), ignore_index=ignore_index, BM=rows_tile, BV=items_tile,
+        WITH_GRAD=with_grad, SUBTRACT_TARGET=parts == 1, num_warps=TUNING["forward_warps"], **_common(hidden))
+    kept = targets != ignore_index
     if parts == 1:
-        return lse[0], target_score[0], weighted[0] if with_grad else None
+        lse, target_score, weighted = lse[0], target_score[0], weighted[0]
+    else:
+        lse, target_score, weighted = _combine_parts(lse, target_score, weighted, weight, targets, kept, with_grad)
+    return lse, torch.where(kept, lse - target_score, 0.0) * LN2, weighted if with_grad else None
+
+
+def _combine_parts(lse, target_score, weighted, weight, targets, kept, with_grad: bool):
+    """The statistics over all items from those of each part of the item range, added in a fixed order."""
     total = torch.logsumexp(lse * LN2, dim=0) / LN2
     if not with_grad:
         return total, target_score.sum(0), None
-    shares = torch.exp2(lse - total)
-    return total, target_score.sum(0), torch.einsum("sn,snd->nd", shares, weighted) - weight[targets].float()
+    target_embedding = weight[targets.masked_fill(~kept, 0)] * kept[:, None]
+    return total, target_score.sum(0), torch.einsum("sn,snd->nd", torch.exp2(lse - total), weighted) - target_embedding
 
 
-def item_embedding_gradient(hidden, weight, lse, targets, scale, dtype) -> torch.Tensor:
-    """`scale` times the sum over rows of (softmax - one-hot target) times hidden, for every item: [V, D] in `dtype`
-    (row 0, padding, zero). Written by the kernel directly unless the rows are split into parts."""
+def item_embedding_gradient(hidden, weight, lse, targets, scale, ignore_index: int, dtype) -> torch.Tensor:
+    """`scale` times the sum over kept rows of (softmax - one-hot target) times hidden, for every item: [V, D] in
+    `dtype` (row 0, padding, zero). Written by the kernel directly unless the rows are split into parts."""
     rows, dim = hidden.shape
     items = weight.shape[0]
     rows_tile, items_tile = TUNING["gradient_rows"], TUNING["gradient_items"]
@@ -116,54 +130,80 @@ def item_embedding_gradient(hidden, weight, lse, targets, scale, dtype) -> torch
     partial = torch.empty(parts, items, dim, device=hidden.device, dtype=torch.float32) if parts > 1 else grad
     item_gradient[(item_blocks, parts)](
         hidden, weight, lse, targets, scale, partial, N=rows, V=items, rows_per_split=per_part,
-        stride_h=hidden.stride(0), stride_e=weight.stride(0), BM=rows_tile, BV=items_tile, PARTIAL=parts > 1,
-        num_warps=TUNING["gradient_warps"], **_common(hidden))
+        stride_h=hidden.stride(0), stride_e=weight.stride(0), ignore_index=ignore_index, BM=rows_tile, BV=items_tile,
+        PARTIAL=parts > 1, num_warps=TUNING["gradient_warps"], **_common(hidden))
     if parts > 1:
         torch.mul(partial[:, 1:].sum(0), scale, out=grad[1:])
     return grad
 
 
-class _FusedLinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    @torch.autocast("cuda", enabled=False)
-    @torch.autocast("cpu", enabled=False)
-    def forward(ctx, hidden, weight, targets, dtype, grad_enabled):
-        h = hidden.detach().to(dtype).contiguous()
-        e = weight.detach().to(dtype).contiguous()
-        targets = targets.contiguous()
-        with_grad = grad_enabled and any(ctx.needs_input_grad[:2])
-        lse, target_score, hidden_grad = softmax_statistics(h, e, targets, with_grad)
-        ctx.save_for_backward(h, e, targets, lse, hidden_grad)
-        ctx.dtypes = (hidden.dtype, weight.dtype)
-        return (lse - target_score).mean() * LN2
+def _operands(hidden, weight, dtype):
+    return hidden.to(dtype).contiguous(), weight.to(dtype).contiguous()
 
-    @staticmethod
-    @torch.autocast("cuda", enabled=False)
-    @torch.autocast("cpu", enabled=False)
-    def backward(ctx, grad_output):
-        h, e, targets, lse, hidden_grad = ctx.saved_tensors
-        hidden_dtype, weight_dtype = ctx.dtypes
-        scale = (grad_output / h.shape[0]).float()
-        grad_hidden = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_hidden = torch.mul(hidden_grad, scale, out=torch.empty_like(hidden_grad, dtype=hidden_dtype))
-        if ctx.needs_input_grad[1]:
-            grad_weight = item_embedding_gradient(h, e, lse, targets, scale, weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
+
+def _forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+             dtype: torch.dtype, hidden_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean loss over kept rows, base-2 log-sum-exp [N], the summed loss's gradient in hidden [N, D] float32 or
+    [0, D] when not asked), with operands in `dtype`."""
+    lse, row_loss, d_hidden = softmax_statistics(*_operands(hidden, weight, dtype), targets.contiguous(),
+                                                 ignore_index, hidden_grad)
+    if d_hidden is None:
+        d_hidden = hidden.new_empty(0, hidden.shape[1], dtype=torch.float32)
+    return row_loss.sum() / kept_count(targets, ignore_index), lse, d_hidden
+
+
+def _forward_fake(hidden, weight, targets, ignore_index, dtype, hidden_grad):
+    rows = hidden.shape[0] if hidden_grad else 0
+    return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty(hidden.shape[0], dtype=torch.float32),
+            hidden.new_empty(rows, hidden.shape[1], dtype=torch.float32))
+
+
+def _backward_impl(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                   scale: torch.Tensor, ignore_index: int, dtype: torch.dtype) -> torch.Tensor:
+    """The item embeddings' gradient [V, D] in weight's dtype; `scale`: upstream gradient / kept rows."""
+    h, e = _operands(hidden, weight, dtype)
+    return item_embedding_gradient(h, e, lse, targets.contiguous(), scale, ignore_index, weight.dtype)
+
+
+def _backward_fake(hidden, weight, targets, lse, scale, ignore_index, dtype):
+    return weight.new_empty(weight.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, targets, ignore_index, dtype, _ = inputs
+    ctx.save_for_backward(hidden, weight, targets, *output[1:])
+    ctx.ignore_index, ctx.dtype = ignore_index, dtype
+
+
+def _backward(ctx, grad_loss, *_):
+    hidden, weight, targets, lse, d_hidden = ctx.saved_tensors
+    scale = grad_loss / kept_count(targets, ctx.ignore_index)
+    grad_hidden = scaled_gradient(d_hidden, scale, hidden.dtype) if ctx.needs_input_grad[0] else None
+    grad_weight = None
+    if ctx.needs_input_grad[1]:
+        grad_weight = _BACKWARD(hidden, weight, targets, lse, scale, ctx.ignore_index, ctx.dtype)
+    return grad_hidden, grad_weight, None, None, None, None
+
+
+_BACKWARD = define_op("linear_cross_entropy_backward", _backward_impl, _backward_fake)
+_FORWARD = define_op("linear_cross_entropy_forward", _forward, _forward_fake, _backward, _setup_context)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         fused: bool | None = None) -> torch.Tensor:
-    """Mean of -log softmax(hidden @ weight.T)[target] over rows; column 0 (padding) is left out of the softmax.
+                         ignore_index: int = IGNORE_INDEX, fused: bool | None = None) -> torch.Tensor:
+    """Mean of -log softmax(hidden @ weight.T)[target] over rows whose target is not `ignore_index`; column 0
+    (padding) is left out of the softmax.
 
-    hidden [N, d], weight [V, d], targets [N] in 1..V-1. With N = 0 the loss is 0 (and still part of the graph).
-    `fused`: None takes the Triton kernels for CUDA tensors, True insists on them, False takes the PyTorch path.
+    hidden [N, d], weight [V, d], targets [N] in 1..V-1 or `ignore_index`. With no such row (or N = 0) the loss is 0
+    (and still part of the graph). `fused`: None takes the Triton kernels for CUDA tensors, True insists on them,
+    False takes the PyTorch path.
     """
     if fused is None:
         fused = hidden.device.type == "cuda" and fused_unavailable_reason(hidden, weight) is None
     elif fused and fused_unavailable_reason(hidden, weight) is not None:
         raise ValueError(f"the fused cross-entropy cannot run here: {fused_unavailable_reason(hidden, weight)}")
     if hidden.shape[0] == 0 or not fused:
-        return chunked_linear_cross_entropy(hidden, weight, targets)
-    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, compute_dtype(hidden, weight),
-                                          torch.is_grad_enabled())
+        return chunked_linear_cross_entropy(hidden, weight, targets, ignore_index)
+    hidden_grad = torch.is_grad_enabled() and hidden.requires_grad
+    loss, _, _ = _FORWARD(hidden, weight, targets, ignore_index, compute_dtype(hidden, weight), hidden_grad)
+    return loss

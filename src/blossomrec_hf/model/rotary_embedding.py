@@ -3,10 +3,13 @@ reference, used on the CPU), and a fused Triton rotation used on CUDA.
 
 The fused version reads queries and keys straight out of the attention's input projection (a strided view), rotates
 them in float32 and writes compact query and key tensors in one pass, and rotates their gradients back in one pass:
-about a dozen elementwise and copy kernels fewer per layer and step than the PyTorch version.
+about a dozen elementwise and copy kernels fewer per layer and step than the PyTorch version. Both passes are custom
+operators (custom_ops.py), so torch.compile(fullgraph=True) traces through them.
 """
 
 import torch
+
+from .custom_ops import define_op
 
 try:
     import triton
@@ -39,47 +42,71 @@ def _launch_shape(heads: int, dim: int) -> dict:
                 ROWS=ROWS)
 
 
-class _FusedRotary(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, query_key, cos, sin, num_heads):
-        batch, length, heads, dim = query_key.shape
-        kv_heads = heads - num_heads
-        q = torch.empty(batch, length, num_heads, dim, dtype=query_key.dtype, device=query_key.device)
-        k = torch.empty(batch, length, kv_heads, dim, dtype=query_key.dtype, device=query_key.device)
-        n_rows = batch * length
-        rotary_forward[(triton.cdiv(n_rows, ROWS),)](
-            query_key, cos, sin, q, k, query_key.stride(0), query_key.stride(1), n_rows, length,
-            H=num_heads, HKV=kv_heads, **_launch_shape(heads, dim),
-        )
-        ctx.save_for_backward(cos, sin)
-        ctx.num_heads = num_heads
-        return q, k
+def _forward(query_key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated compact queries [B, L, H, D] and keys [B, L, H_kv, D] of query_key [B, L, H + H_kv, D] (any batch and
+    position strides; other layouts are copied first)."""
+    batch, length, heads, dim = query_key.shape
+    if query_key.stride(3) != 1 or query_key.stride(2) != dim:
+        query_key = query_key.contiguous()
+    q, k = _empty_rotated(query_key, cos, sin, num_heads)
+    rotary_forward[(triton.cdiv(batch * length, ROWS),)](
+        query_key, *_tables(cos, sin), q, k, sxb=query_key.stride(0), sxl=query_key.stride(1), n_rows=batch * length,
+        L=length, H=num_heads, HKV=heads - num_heads, **_launch_shape(heads, dim))
+    return q, k
 
-    @staticmethod
-    def backward(ctx, dq, dk):
-        cos, sin = ctx.saved_tensors
-        dq = dq if dq.stride(-1) == 1 else dq.contiguous()
-        dk = dk if dk.stride(-1) == 1 else dk.contiguous()
-        batch, length, num_heads, dim = dq.shape
-        kv_heads = dk.shape[2]
-        dx = torch.empty(batch, length, num_heads + kv_heads, dim, dtype=dq.dtype, device=dq.device)
-        n_rows = batch * length
-        rotary_backward[(triton.cdiv(n_rows, ROWS),)](
-            dq, dk, cos, sin, dx, dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
-            n_rows, length, H=num_heads, HKV=kv_heads, **_launch_shape(num_heads + kv_heads, dim),
-        )
-        return dx, None, None, None
+
+def _empty_rotated(query_key, cos, sin, num_heads):
+    """The outputs, unwritten: the operator's fake implementation and the real one's buffers."""
+    *rows, heads, dim = query_key.shape
+    return query_key.new_empty(*rows, num_heads, dim), query_key.new_empty(*rows, heads - num_heads, dim)
+
+
+def _backward_impl(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The gradient [B, L, H + H_kv, D] of query_key from those of the queries and keys (any strides)."""
+    dq = dq if dq.stride(-1) == 1 else dq.contiguous()
+    dk = dk if dk.stride(-1) == 1 else dk.contiguous()
+    batch, length, num_heads, dim = dq.shape
+    kv_heads = dk.shape[2]
+    dx = _empty_gradient(dq, dk, cos, sin)
+    rotary_backward[(triton.cdiv(batch * length, ROWS),)](
+        dq, dk, *_tables(cos, sin), dx, sqb=dq.stride(0), sql=dq.stride(1), sqh=dq.stride(2), skb=dk.stride(0),
+        skl=dk.stride(1), skh=dk.stride(2), n_rows=batch * length, L=length, H=num_heads, HKV=kv_heads,
+        **_launch_shape(num_heads + kv_heads, dim))
+    return dx
+
+
+def _empty_gradient(dq, dk, cos, sin):
+    """The output, unwritten: the operator's fake implementation and the real one's buffer."""
+    *rows, num_heads, dim = dq.shape
+    return dq.new_empty(*rows, num_heads + dk.shape[2], dim)
+
+
+def _tables(cos, sin):
+    return [table.to(torch.float32).contiguous() for table in (cos, sin)]
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[1:3])
+
+
+def _backward(ctx, dq, dk):
+    return _BACKWARD(dq, dk, *ctx.saved_tensors), None, None, None
+
+
+_BACKWARD = define_op("rotary_backward", _backward_impl, _empty_gradient)
+_FORWARD = define_op("rotary_forward", _forward, _empty_rotated, _backward, _setup_context)
 
 
 def rotate_queries_and_keys(query_key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
                             fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """query_key [B, L, H + H_kv, D] (last dim contiguous) -> rotated queries [B, L, H, D] and keys [B, L, H_kv, D].
+    """query_key [B, L, H + H_kv, D] -> rotated queries [B, L, H, D] and keys [B, L, H_kv, D].
 
-    `fused`: None = the Triton kernels on CUDA tensors when triton imports (even head dims), PyTorch otherwise.
+    `fused`: None = the Triton kernels (a custom operator, custom_ops.py) on CUDA tensors when triton imports (even
+    head dims), PyTorch otherwise.
     """
     if fused is None:
         fused = triton is not None and query_key.is_cuda
-    if not fused or query_key.shape[-1] % 2 or query_key.stride(-1) != 1:
+    if not fused or query_key.shape[-1] % 2:
         return apply_rotary(query_key, cos, sin).split([num_heads, query_key.shape[2] - num_heads], dim=2)
-    tables = [t.to(torch.float32).contiguous() for t in (cos, sin)]
-    return _FusedRotary.apply(query_key, *tables, num_heads)
+    return _FORWARD(query_key, cos, sin, num_heads)

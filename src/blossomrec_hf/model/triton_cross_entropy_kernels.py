@@ -11,7 +11,8 @@ padding id) is left out. Exponents are base 2 (scores scaled by log2 e), as in t
   gradient of the item embeddings: scores are computed a second and last time here.
 
 Both write per-range partial results; the caller adds them in a fixed order, so results are bitwise reproducible (no
-atomics).
+atomics). Rows whose target is `ignore_index` get no gradient (the caller leaves them out of the loss): the model
+passes every position, so that nothing has a data-dependent shape.
 """
 
 import triton
@@ -48,19 +49,21 @@ def _scores(h, E, stride_e, item0, item_end, BV: tl.constexpr, D: tl.constexpr, 
 @triton.jit
 def softmax_forward(
     H, E, TARGETS, LSE, TARGET_SCORE, WEIGHTED,
-    N, V, items_per_split, stride_h, stride_e,
+    N, V, items_per_split, stride_h, stride_e, ignore_index,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, WITH_GRAD: tl.constexpr,
     SUBTRACT_TARGET: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Grid (row blocks, item splits). LSE [splits, N]: base-2 log-sum-exp of the split's items (-inf if it has none).
-    TARGET_SCORE [splits, N]: the base-2 score of the row's target if the split holds it, else 0. WEIGHTED [splits, N, D] (with WITH_GRAD): softmax over the split's items times their embeddings, float32, minus
-    the target's embedding with SUBTRACT_TARGET (one split: the unscaled gradient of the loss in hidden)."""
+    TARGET_SCORE [splits, N]: the base-2 score of the row's target if the split holds it, else 0. WEIGHTED [splits,
+    N, D] (with WITH_GRAD): softmax over the split's items times their embeddings, float32, minus the target's
+    embedding with SUBTRACT_TARGET (one split: the unscaled gradient of the loss in hidden); 0 on ignored rows."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     h, rows, row_ok = _row_block(H, stride_h, pid_m * BM, N, BM, D, BLOCK_D)
     first = 1 + split * items_per_split  # item 0 is padding, never a candidate
     end = tl.minimum(first + items_per_split, V)
-    target = tl.load(TARGETS + rows, mask=row_ok, other=0)
+    target = tl.load(TARGETS + rows, mask=row_ok, other=ignore_index)
+    kept = target != ignore_index
     m = tl.full([BM], NEG_INF, tl.float32)
     total = tl.zeros([BM], tl.float32)
     target_score = tl.zeros([BM], tl.float32)
@@ -84,7 +87,8 @@ def softmax_forward(
         out = acc / tl.where(has_items, total, 1.0)[:, None]
         if SUBTRACT_TARGET:
             out -= tl.load(E + target[:, None].to(tl.int64) * stride_e + dofs[None, :],
-                           mask=row_ok[:, None] & (dofs < D)[None, :], other=0.0).to(tl.float32)
+                           mask=kept[:, None] & (dofs < D)[None, :], other=0.0).to(tl.float32)
+        out = tl.where(kept[:, None], out, 0.0)
         offsets = (split * N + rows[:, None]).to(tl.int64) * D + dofs[None, :]
         tl.store(WEIGHTED + offsets, out, mask=row_ok[:, None] & (dofs < D)[None, :])
 
@@ -92,13 +96,14 @@ def softmax_forward(
 @triton.jit
 def item_gradient(
     H, E, LSE, TARGETS, SCALE, GRAD,
-    N, V, rows_per_split, stride_h, stride_e,
+    N, V, rows_per_split, stride_h, stride_e, ignore_index,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, PARTIAL: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """Grid (item blocks, row splits). For items 1 + block * BV .., the sum over the split's rows of (softmax - one-hot
-    target) times hidden, times SCALE (a device scalar: upstream gradient / rows) into GRAD [V, D] in its dtype, or
-    with PARTIAL unscaled into GRAD [splits, V, D] float32. LSE [N] is the base-2 log-sum-exp over all items."""
+    """Grid (item blocks, row splits). For items 1 + block * BV .., the sum over the split's kept rows of (softmax -
+    one-hot target) times hidden, times SCALE (a device scalar: upstream gradient / kept rows) into GRAD [V, D] in its
+    dtype, or with PARTIAL unscaled into GRAD [splits, V, D] float32. LSE [N] is the base-2 log-sum-exp over all
+    items."""
     pid_v = tl.program_id(0)
     split = tl.program_id(1)
     item0 = 1 + pid_v * BV
@@ -110,9 +115,9 @@ def item_gradient(
         h, rows, row_ok = _row_block(H, stride_h, row0, end, BM, D, BLOCK_D)
         s, e, items = _scores(h, E, stride_e, item0, V, BV, D, BLOCK_D, DOT_PREC)
         lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
-        target = tl.load(TARGETS + rows, mask=row_ok, other=-1)
+        target = tl.load(TARGETS + rows, mask=row_ok, other=ignore_index)
         p = tl.exp2(s - lse[:, None]) - (target[:, None] == items[None, :]).to(tl.float32)
-        p = tl.where(row_ok[:, None], p, 0.0)
+        p = tl.where((target != ignore_index)[:, None], p, 0.0)  # rows past the end and ignored rows
         acc += tl.dot(tl.trans(p).to(h.dtype), h, input_precision=DOT_PREC)
     items = item0 + tl.arange(0, BV)
     offsets = (split * V + items[:, None]).to(tl.int64) * D + dofs[None, :]

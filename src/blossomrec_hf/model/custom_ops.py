@@ -1,0 +1,46 @@
+"""The package's PyTorch custom operators (the fused loss and RoPE): one library, named after the code it runs.
+
+Custom operators are opaque to torch.compile: it traces their fake implementations (shapes and dtypes only) and
+calls the real ones, so a compiled training step keeps the Triton kernels and needs no graph break. They run with
+autocast off: their callers choose the operands' dtype (autocast would otherwise reach the PyTorch operations inside
+them in eager mode, but not in a compiled graph).
+
+transformers loads a checkpoint's remote code under module names of its own, so the installed package and a
+checkpoint's copy of these files can both run in one process, and torch.library refuses to define an operator twice.
+The library's name therefore carries a hash of the files the operators run: a copy with the same code finds its
+operators already defined and uses them; a copy that differs (saved by another version) defines its own instead of
+silently running the other version's kernels.
+"""
+
+import functools
+import hashlib
+from pathlib import Path
+
+import torch
+
+OPERATOR_FILES = ("custom_ops.py", "chunked_cross_entropy.py", "fused_cross_entropy.py",
+                  "triton_cross_entropy_kernels.py", "rotary_embedding.py", "triton_rotary_kernels.py")
+LIBRARY = "blossomrec_" + hashlib.sha256(
+    b"".join((Path(__file__).parent / name).read_bytes() for name in OPERATOR_FILES)).hexdigest()[:12]
+
+
+def define_op(name: str, impl, fake, backward=None, setup_context=None):
+    """torch.ops.LIBRARY.name, defined from `impl` (typed arguments give the schema; no input is mutated) and `fake`,
+    with `backward` as its autograd formula, unless a copy of the same code has defined it already."""
+    namespace = getattr(torch.ops, LIBRARY)
+    if not hasattr(namespace, name):
+        qualified_name = f"{LIBRARY}::{name}"
+        torch.library.custom_op(qualified_name, _without_autocast(impl), mutates_args=())
+        torch.library.register_fake(qualified_name, fake)
+        if backward is not None:
+            torch.library.register_autograd(qualified_name, backward, setup_context=setup_context)
+    return getattr(namespace, name)
+
+
+def _without_autocast(impl):
+    @functools.wraps(impl)
+    def run(*args):
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return impl(*args)
+
+    return run
