@@ -67,6 +67,34 @@ def test_a_target_drawn_as_every_negative_leaves_only_itself():
     assert loss.item() == 0.0
 
 
+@pytest.mark.parametrize("sampling", ["uniform", "in_batch", "mixed"])
+def test_ignored_rows_count_for_nothing(sampling):
+    """With ignored rows: the loss and gradients of the kept rows alone, drawing the same negatives."""
+    generator = torch.Generator().manual_seed(2)
+    hidden = torch.randn(9, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(13, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([-100, 4, 4, 12, -100, 7, 1, -100, 4])
+    kept = targets != -100
+    results = []
+    for rows in (slice(None), kept):
+        torch.manual_seed(7)
+        loss = sampled_softmax_loss(hidden[rows], weight, targets[rows], 6, sampling)
+        results.append((loss, *torch.autograd.grad(loss, [hidden, weight])))
+    (loss, hidden_grad, weight_grad), want = results
+    torch.testing.assert_close(loss, want[0])
+    torch.testing.assert_close(hidden_grad, want[1])  # zero on the ignored rows
+    torch.testing.assert_close(weight_grad, want[2])
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "in_batch"])
+def test_a_batch_of_ignored_rows_has_loss_and_gradients_zero(sampling):
+    hidden, weight = torch.randn(5, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
+    loss = sampled_softmax_loss(hidden, weight, torch.full((5,), -100), 12, sampling)
+    grads = torch.autograd.grad(loss, [hidden, weight])
+    assert loss.item() == 0.0
+    assert all(torch.equal(grad, torch.zeros_like(grad)) for grad in grads)
+
+
 def test_the_model_trains_with_sampled_softmax_and_checks_its_fields():
     config = BlossomRecConfig(n_items=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                               num_key_value_heads=2, intermediate_size=32, loss_type="sampled", num_negatives=16,
