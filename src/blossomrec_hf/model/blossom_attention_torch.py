@@ -6,7 +6,9 @@ tensors stay small even at L = 16,384 on a CPU. Arithmetic is done in float32 (f
 reference can check itself and the kernels in double precision); outputs come back in the input dtype.
 
 Shapes: q [B, H, L, D]; k, v [B, H_kv, L, D]; compressed keys/values ck, cv [B, H_kv, W, D] with
-W = geometry.num_compressed_blocks(L). H is a multiple of H_kv (grouped-query attention).
+W = geometry.num_compressed_blocks(L). H is a multiple of H_kv (grouped-query attention). Packed histories (the
+varlen convention of flash attention) go through `blossom_attention_torch_varlen`, which lays each history out as a
+row of that padded form.
 """
 
 import math
@@ -162,3 +164,43 @@ def blossom_attention_torch(q, k, v, ck, cv, geometry: SparseGeometry, query_chu
         return torch.cat(parts, dim=3).reshape(batch, heads, seq_len, dim).to(q.dtype)
 
     return merge(selected), merge(stis), (merge(compressed) if cv is not None else None)
+
+
+def _varlen_buffer_index(cu_seqlens: torch.Tensor, num_rows: int, width: int) -> torch.Tensor:
+    """Where each row of a packed tensor goes in a [S * width] buffer: history * width + position (no host sync)."""
+    cu_seqlens = cu_seqlens.long()
+    rows = torch.arange(num_rows, device=cu_seqlens.device)
+    history = torch.searchsorted(cu_seqlens[1:], rows, right=True)
+    return history * width + rows - cu_seqlens[history]
+
+
+def _pad_varlen(x: torch.Tensor, index: torch.Tensor, num_histories: int, width: int) -> torch.Tensor:
+    """Packed rows [N, heads, D] -> [S, heads, width, D], each history from column 0, zeros after its end."""
+    buffer = x.new_zeros(num_histories * width, *x.shape[1:]).index_put((index,), x)
+    return buffer.view(num_histories, width, *x.shape[1:]).transpose(1, 2)
+
+
+def _unpad_varlen(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[S, heads, width, D] -> packed rows [N, heads, D]."""
+    return x.transpose(1, 2).flatten(0, 1)[index]
+
+
+def blossom_attention_torch_varlen(q, k, v, ck, cv, *, cu_seqlens, cu_compressed, max_length, geometry):
+    """All BlossomRec branches over packed histories: (selected, stis, compressed) outputs, each [T, H, D];
+    compressed is None if cv is.
+
+    q [T, H, D] and k, v [T, Hkv, D] hold S histories back to back, history s in rows cu_seqlens[s] ..
+    cu_seqlens[s + 1] - 1; its compressed keys/values are rows cu_compressed[s] .. cu_compressed[s + 1] - 1 of
+    ck, cv [Wt, Hkv, D]. max_length >= the longest history. Each history becomes a row of a [S, max_length] buffer for
+    `blossom_attention_torch`: exact, because positions count from a history's first token and no query sees a
+    position after its own, so no real query sees the zeros after its history's end (or after its last compressed
+    block); the padding rows' own outputs are dropped.
+    """
+    histories = cu_seqlens.shape[0] - 1
+    width = geometry.num_compressed_blocks(max_length)
+    tokens = _varlen_buffer_index(cu_seqlens, q.shape[0], max_length)
+    blocks = _varlen_buffer_index(cu_compressed, ck.shape[0], width)
+    rows = [_pad_varlen(x, tokens, histories, max_length) for x in (q, k, v)]
+    compressed = [None if x is None else _pad_varlen(x, blocks, histories, width) for x in (ck, cv)]
+    outputs = blossom_attention_torch(*rows, *compressed, geometry)
+    return tuple(None if o is None else _unpad_varlen(o, tokens) for o in outputs)

@@ -1,0 +1,183 @@
+"""Packed (variable-length) BlossomRec attention: the PyTorch reference against each history alone, and the Triton
+kernels (Triton's interpreter on the CPU) against that reference.
+
+Length mixes hold a history of length 1, one of an exact multiple of the block size (16) and histories that start
+at a token row on a block boundary, so that no result can lean on a history being aligned or padded in memory.
+"""
+
+import pytest
+import torch
+
+from blossomrec_hf.model.blossom_attention_torch import (
+    blossom_attention_torch,
+    blossom_attention_torch_varlen,
+    select_blocks,
+)
+from blossomrec_hf.model.blossom_attention_triton import blossom_attention_triton_varlen, select_blocks_triton_varlen
+from blossomrec_hf.model.sparse_patterns import SparseGeometry
+from triton_support import requires_triton
+
+GEOMETRY = SparseGeometry(compress_block_size=32, compress_stride=16, selection_block_size=16,
+                          num_selected_blocks=2, stis_window=8)
+HEADS, KV_HEADS, DIM = 4, 2, 16
+# starts 0, 1, 38, 64, 128, 198: 64 and 128 are block boundaries; 64 is a whole number of blocks
+MIXED = [1, 37, 26, 64, 70, 9]
+TOLERANCE = 1e-3
+
+
+def bounds(lengths):
+    """cu_seqlens, cu_compressed (int32) and max_length of histories of these lengths."""
+    counts = [GEOMETRY.num_compressed_blocks(n) for n in lengths]
+    cumulative = [torch.tensor([0] + x).cumsum(0).to(torch.int32) for x in (lengths, counts)]
+    return dict(cu_seqlens=cumulative[0], cu_compressed=cumulative[1], max_length=max(max(lengths), 1))
+
+
+def packed_inputs(lengths, compressed, dtype, seed):
+    """Leaf tensors: q, k, v as strided views of one [T, (H + 2 Hkv) * D] projection (as the model passes them),
+    ck and cv [Wt, Hkv, D]; and the history bounds."""
+    generator = torch.Generator().manual_seed(seed)
+    sizes = bounds(lengths)
+    tokens, width = int(sizes["cu_seqlens"][-1]), int(sizes["cu_compressed"][-1])
+    projection = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * DIM, generator=generator, dtype=dtype)
+    ck = torch.randn(width, KV_HEADS, DIM, generator=generator, dtype=dtype)
+    cv = torch.randn(width, KV_HEADS, DIM, generator=generator, dtype=dtype) if compressed else None
+    leaves = [t.requires_grad_() for t in (projection, ck, cv) if t is not None]
+    return leaves, sizes
+
+
+def split(projection):
+    q, k, v = projection.split([HEADS * DIM, KV_HEADS * DIM, KV_HEADS * DIM], dim=1)
+    return q.view(-1, HEADS, DIM), k.view(-1, KV_HEADS, DIM), v.view(-1, KV_HEADS, DIM)
+
+
+def run(attention, leaves, sizes, weights):
+    """Outputs of `attention` on the leaves and the gradients of sum(weights * outputs): dq, dk, dv (the
+    projection's, split), dck (None without cv: selection is not differentiable), dcv."""
+    projection, ck, cv = (leaves + [None])[:3]
+    outputs = [o for o in attention(*split(projection), ck, cv, **sizes, geometry=GEOMETRY) if o is not None]
+    grads = torch.autograd.grad(sum((w * o).sum() for w, o in zip(weights, outputs)), leaves, allow_unused=True)
+    return outputs, [*split(grads[0]), *grads[1:]]
+
+
+def assert_near(got, want, name):
+    """Relative error within TOLERANCE, with a little absolute slack for gradients that are zero in exact arithmetic
+    (a query that sees one compressed block only gives it dck = 0: rounding noise in the kernel)."""
+    if want is None:
+        assert got is None, name
+        return
+    assert got.shape == want.shape, name
+    assert (got - want).norm() <= TOLERANCE * want.norm() + 1e-6, name
+
+
+def weights_for(lengths, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(sum(lengths), HEADS, DIM, generator=generator, dtype=torch.float64) for _ in range(3)]
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+@pytest.mark.parametrize("lengths", [MIXED, [16, 5, 11, 32, 1]])
+def test_torch_varlen_equals_each_history_alone(lengths, compressed):
+    leaves, sizes = packed_inputs(lengths, compressed, torch.float64, seed=len(lengths))
+    weights = weights_for(lengths, seed=1)
+    packed, packed_grads = run(blossom_attention_torch_varlen, leaves, sizes, weights)
+
+    def alone(q, k, v, ck, cv, *, cu_seqlens, cu_compressed, max_length, geometry):
+        """Each history on its own as a [1, H, L, D] batch, outputs packed back into token order."""
+        parts = []
+        for s in range(len(lengths)):
+            rows, blocks = slice(*cu_seqlens[s:s + 2].tolist()), slice(*cu_compressed[s:s + 2].tolist())
+            one = [None if x is None else x[r].transpose(0, 1)[None]
+                   for x, r in zip((q, k, v, ck, cv), (rows, rows, rows, blocks, blocks))]
+            parts.append(blossom_attention_torch(*one, geometry))
+        return [None if parts[0][i] is None else torch.cat([p[i][0].transpose(0, 1) for p in parts])
+                for i in range(3)]
+
+    single, single_grads = run(alone, leaves, sizes, weights)
+    assert len(packed) == (3 if compressed else 2)
+    for got, want in zip(packed + packed_grads, single + single_grads):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@requires_triton
+@pytest.mark.parametrize("lengths, compressed, index_dtype", [
+    (MIXED, True, torch.int32),
+    (MIXED, False, torch.int64),
+    ([32, 3, 13, 50], True, torch.int64),  # 32 and 48 start on block boundaries
+])
+def test_triton_varlen_matches_the_torch_varlen_reference(lengths, compressed, index_dtype):
+    leaves, sizes = packed_inputs(lengths, compressed, torch.float32, seed=7)
+    sizes.update((name, sizes[name].to(index_dtype)) for name in ("cu_seqlens", "cu_compressed"))
+    weights = [w.float() for w in weights_for(lengths, seed=2)]
+    reference, reference_grads = run(blossom_attention_torch_varlen, leaves, sizes, weights)
+    fused, fused_grads = run(blossom_attention_triton_varlen, leaves, sizes, weights)
+    assert len(fused) == len(reference) == (3 if compressed else 2)
+    names = ["selected", "stis", "compressed"][:len(fused)] + ["dq", "dk", "dv", "dck", "dcv"]
+    for name, got, want in zip(names, fused + fused_grads, reference + reference_grads):
+        assert_near(got, want, name)
+
+
+@requires_triton
+def test_kernel_selection_is_each_history_own():
+    """The kernel's block indices count from each history's first token, exactly as the reference's do."""
+    leaves, sizes = packed_inputs(MIXED, False, torch.float32, seed=3)
+    q = split(leaves[0].detach())[0]
+    ck = leaves[1].detach()
+    chosen = select_blocks_triton_varlen(q, ck, **sizes, geometry=GEOMETRY)
+    cu, cc = sizes["cu_seqlens"].tolist(), sizes["cu_compressed"].tolist()
+    for s in range(len(MIXED)):
+        want = select_blocks(q[cu[s]:cu[s + 1]].transpose(0, 1)[None], ck[cc[s]:cc[s + 1]].transpose(0, 1)[None],
+                             GEOMETRY)[0].transpose(0, 1)
+        got = chosen[cu[s]:cu[s + 1], :, :want.shape[-1]]
+        assert torch.equal(got.sort(-1).values, want.int().sort(-1).values), s
+        assert (chosen[cu[s]:cu[s + 1], :, want.shape[-1]:] == -1).all(), s
+
+
+@requires_triton
+def test_histories_do_not_leak_into_each_other():
+    """Changing one history's queries, keys and values leaves every other history's outputs and gradients bitwise
+    unchanged."""
+    leaves, sizes = packed_inputs(MIXED, True, torch.float32, seed=4)
+    weights = [w.float() for w in weights_for(MIXED, seed=5)]
+    before, before_grads = run(blossom_attention_triton_varlen, leaves, sizes, weights)
+    changed = 3
+    rows = slice(*sizes["cu_seqlens"][changed:changed + 2].tolist())
+    with torch.no_grad():
+        leaves[0][rows] = torch.randn(leaves[0][rows].shape, generator=torch.Generator().manual_seed(6))
+    after, after_grads = run(blossom_attention_triton_varlen, leaves, sizes, weights)
+    others = torch.ones(sum(MIXED), dtype=torch.bool)
+    others[rows] = False
+    for a, b in zip(before + before_grads[:3], after + after_grads[:3]):
+        assert torch.equal(a[others], b[others])
+        assert not torch.equal(a[rows], b[rows])
+    blocks = slice(*sizes["cu_compressed"][changed:changed + 2].tolist())
+    for a, b in zip(before_grads[3:], after_grads[3:]):  # dck, dcv of the other histories
+        assert torch.equal(torch.cat([a[:blocks.start], a[blocks.stop:]]), torch.cat([b[:blocks.start], b[blocks.stop:]]))
+
+
+@requires_triton
+@pytest.mark.parametrize("lengths", [[20, 0, 33], [0, 40, 0, 0, 5, 0]])
+def test_empty_histories(lengths):
+    leaves, sizes = packed_inputs(lengths, True, torch.float32, seed=8)
+    weights = [w.float() for w in weights_for(lengths, seed=9)]
+    reference, reference_grads = run(blossom_attention_torch_varlen, leaves, sizes, weights)
+    fused, fused_grads = run(blossom_attention_triton_varlen, leaves, sizes, weights)
+    for index, (got, want) in enumerate(zip(fused + fused_grads, reference + reference_grads)):
+        assert_near(got, want, index)
+
+
+@requires_triton
+def test_gradients_are_bitwise_reproducible():
+    """No atomics anywhere: the backward also runs under torch's deterministic mode, bit for bit twice."""
+    leaves, sizes = packed_inputs(MIXED, True, torch.float32, seed=10)
+    weights = [w.float() for w in weights_for(MIXED, seed=11)]
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = run(blossom_attention_triton_varlen, leaves, sizes, weights)[1]
+        second = run(blossom_attention_triton_varlen, leaves, sizes, weights)[1]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
