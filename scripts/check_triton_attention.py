@@ -8,9 +8,14 @@ selection is reported separately. Tie cases give the compressed keys exactly tie
 so every product is exact whatever the summation order; every block tied, or every fifth block tied above the
 rest) at several key-tile sizes: the kernel's selection must equal the reference's, which breaks ties towards the
 earlier block, for every query. Model-level cases run `BlossomRecForSequentialRecommendation` with
-`blossom_triton` against `blossom_torch` on the same weights, left and right padding.
+`blossom_triton` against `blossom_torch` on the same weights, left and right padding. Varlen cases pack 20-60
+histories of heavy-tailed lengths (log-uniform in 1..4,100, some starting on a block boundary) into one token list
+and compare `blossom_attention_triton_varlen` (forward and backward) with the float64 reference taken history by
+history (what `blossom_attention_torch_varlen` computes), on the kernel's block indices as for kernel cases.
 
     python scripts/check_triton_attention.py [--workers 8] [--kind ties] [--output benchmarks/results/triton_correctness.json]
+    python scripts/check_triton_attention.py --kind varlen --output benchmarks/results/triton_varlen.json \
+        | tee benchmarks/results/triton_varlen.txt
 
 Every kernel case also runs twice: outputs and gradients must be bitwise equal (the backward has no atomics).
 Cases run in `--workers` processes on the one GPU: most of the time goes to compiling the kernels for each shape,
@@ -19,6 +24,7 @@ which is CPU work.
 
 import argparse
 import json
+import math
 import multiprocessing
 import random
 import time
@@ -40,12 +46,22 @@ from blossomrec_hf.model.blossom_attention_torch import (
     top_blocks,
 )
 from blossomrec_hf.model import blossom_attention_triton as triton_backend
-from blossomrec_hf.model.blossom_attention_triton import blossom_attention_triton, select_blocks_triton
+from blossomrec_hf.model.blossom_attention_triton import (
+    blossom_attention_triton,
+    blossom_attention_triton_varlen,
+    select_blocks_triton,
+    select_blocks_triton_varlen,
+)
 from blossomrec_hf.model.sparse_patterns import SparseGeometry
 
 GEOMETRY = SparseGeometry(compress_block_size=32, compress_stride=16, selection_block_size=16,
                           num_selected_blocks=4, stis_window=8)
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 1e-2}
+KINDS = ["kernel", "ties", "model", "varlen"]
+# varlen cases: dtype, compressed branch, heads per kv head, head dim (float32 keeps group x head dim <= 512)
+VARLEN_CASES = [("float32", True, 1, 128), ("float32", True, 4, 16), ("float32", False, 1, 32),
+                ("float32", False, 4, 64), ("bfloat16", True, 1, 64), ("bfloat16", True, 4, 128),
+                ("bfloat16", False, 1, 16), ("bfloat16", False, 4, 32)]
 
 
 def reference_float64(q, k, v, ck, cv, geometry, block_indices):
@@ -114,6 +130,76 @@ def kernel_case(batch, length, group, dim, compressed, dtype, seed, device):
         if r is not None and r.norm() > 0:
             errors[name] = relative_error(g, r)
     return errors, same_sets(block_indices, ref_selection), bitwise
+
+
+def packed_lengths(rng: random.Random, count: int, longest: int) -> list[int]:
+    """Heavy-tailed history lengths, log-uniform in 1..longest, with one history of length 1 and one of `longest`;
+    every fifth history is lengthened (by < one block) so that the next one starts on a block boundary."""
+    lengths = [max(1, round(math.exp(rng.uniform(0, math.log(longest))))) for _ in range(count)]
+    lengths[0], lengths[1] = 1, longest
+    for index in range(2, count - 1, 5):
+        lengths[index] += -sum(lengths[:index + 1]) % GEOMETRY.selection_block_size
+    return lengths
+
+
+def packed_float64_reference(inputs, weights, block_indices, lengths, counts):
+    """Outputs and input gradients of packed histories in float64, each history alone (memory stays that of the
+    longest), the selected branch on the kernel's block indices; and the share of (token, kv head) rows whose float64
+    selection equals the kernel's."""
+    outputs, grads, agreement = [], [], 0.0
+    token, block = 0, 0
+    for length, count in zip(lengths, counts):
+        rows, blocks = slice(token, token + length), slice(block, block + count)
+        token, block = token + length, block + count
+        one = [x[r].double().transpose(0, 1)[None].requires_grad_()
+               for x, r in zip(inputs, (rows, rows, rows, blocks, blocks))]
+        chosen = block_indices[rows].transpose(0, 1)[None]
+        history_outputs, best = reference_float64(*one[:4], one[4] if len(one) > 4 else None, GEOMETRY, chosen)
+        history_outputs = [o[0].transpose(0, 1) for o in history_outputs]
+        history_grads = torch.autograd.grad(sum((w[rows] * o).sum() for w, o in zip(weights, history_outputs)), one,
+                                            allow_unused=True)
+        outputs.append([o.detach() for o in history_outputs])
+        grads.append([None if g is None else g[0].transpose(0, 1) for g in history_grads])
+        agreement += same_sets(chosen, best) * length
+    return ([torch.cat(parts) for parts in zip(*outputs)],
+            [None if parts[0] is None else torch.cat(parts) for parts in zip(*grads)], agreement / sum(lengths))
+
+
+def varlen_case(histories, longest, group, dim, compressed, dtype, seed, device):
+    """Kernel errors, selection agreement and bitwise repeatability on one packed batch (see the module doc)."""
+    lengths = packed_lengths(random.Random(seed), histories, longest)
+    counts = [GEOMETRY.num_compressed_blocks(n) for n in lengths]
+    sizes = dict(cu_seqlens=torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32),
+                 cu_compressed=torch.tensor([0] + counts, device=device).cumsum(0).to(torch.int32),
+                 max_length=max(lengths), geometry=GEOMETRY)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    kv_heads = 2
+    tokens, width = sum(lengths), sum(counts)
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device, generator=generator).to(dtype)
+
+    inputs = [rand(tokens, kv_heads * group, dim), rand(tokens, kv_heads, dim), rand(tokens, kv_heads, dim),
+              rand(width, kv_heads, dim)] + ([rand(width, kv_heads, dim)] if compressed else [])
+    kernel_inputs = [x.clone().requires_grad_() for x in inputs]
+    weights = [torch.randn(tokens, kv_heads * group, dim, device=device, generator=generator, dtype=torch.float64)
+               for _ in range(3)]
+
+    def run():
+        outputs = [o for o in blossom_attention_triton_varlen(*kernel_inputs[:4], kernel_inputs[4] if compressed
+                                                              else None, **sizes) if o is not None]
+        grads = torch.autograd.grad(sum((w * o.double()).sum() for w, o in zip(weights, outputs)), kernel_inputs,
+                                    allow_unused=True)
+        return outputs + list(grads)
+
+    first, second = run(), run()
+    bitwise = all(torch.equal(a, b) for a, b in zip(first, second) if a is not None)
+    block_indices = select_blocks_triton_varlen(kernel_inputs[0].detach(), kernel_inputs[3].detach(), **sizes)
+    ref_outputs, ref_grads, agreement = packed_float64_reference(inputs, weights, block_indices, lengths, counts)
+    names = ["selected", "stis", "compressed"][:len(ref_outputs)] + ["dq", "dk", "dv", "dck", "dcv"]
+    errors = {name: relative_error(got, want) for name, got, want in zip(names, first, ref_outputs + ref_grads)
+              if want is not None and want.norm() > 0}
+    return errors, agreement, bitwise, tokens, max(lengths)
 
 
 def tie_case(batch, length, group, dim, dtype, key_tile, seed, device):
@@ -227,6 +313,14 @@ def run_case(case):
         return dict(case, errors=errors, selection_agreement=agreement, bitwise_repeatable=bitwise,
                     passed=max(errors.values()) <= TOLERANCE[dtype] and bitwise, seconds=round(time.time() - start, 2))
     dtype = getattr(torch, case["dtype"])
+    if case["kind"] == "varlen":
+        start = time.time()
+        errors, agreement, bitwise, tokens, longest = varlen_case(
+            case["histories"], case["longest"], case["group"], case["head_dim"], case["compressed"], dtype,
+            case["seed"], case["device"])
+        return dict(case, tokens=tokens, longest=longest, errors=errors, selection_agreement=agreement,
+                    bitwise_repeatable=bitwise, passed=max(errors.values()) <= TOLERANCE[dtype] and bitwise,
+                    seconds=round(time.time() - start, 2))
     if case["kind"] == "ties":
         agreement = tie_case(case["batch"], case["length"], case["group"], case["head_dim"], dtype, case["key_tile"],
                              case["seed"], case["device"])
@@ -246,11 +340,21 @@ def all_cases(seed: int, device: str, limit: int | None) -> list[dict]:
                   seed=seed + length, device=device)
              for length, group, dim in ((300, 2, 16), (1000, 4, 16), (2048, 1, 64), (4100, 8, 32))
              for dtype in ("float32", "bfloat16") for tile in (16, 64)]
-    return rows if limit is None else [r for r in rows if r.get("length", 0) <= limit]
+    rows = rows if limit is None else [r for r in rows if r.get("length", 0) <= limit]
+    rng = random.Random(seed)
+    return rows + [dict(kind="varlen", histories=rng.randint(20, 60), longest=min(4100, limit or 4100), group=group,
+                        head_dim=dim, compressed=compressed, dtype=dtype, seed=seed + 2000 + index, device=device)
+                   for index, (dtype, compressed, group, dim) in enumerate(VARLEN_CASES)]
 
 
 def print_row(row: dict) -> None:
-    if row["kind"] == "kernel":
+    if row["kind"] == "varlen":
+        worst = max(row["errors"], key=row["errors"].get)
+        print(f"{'varlen':>6} {row['histories']:>2} {row['tokens']:>6} {row['longest']:>5} {row['group']:>2} "
+              f"{row['head_dim']:>4} {str(row['compressed'])[0]:>4} {row['dtype']:>9} {row['errors'][worst]:>10.2e} "
+              f"{worst:>10} {row['selection_agreement']:>8.4f} {str(row['bitwise_repeatable']):>7} "
+              f"{str(row['passed']):>5}", flush=True)
+    elif row["kind"] == "kernel":
         worst = max(row["errors"], key=row["errors"].get)
         print(f"{row['batch']:>2} {row['length']:>5} {row['group']:>2} {row['head_dim']:>4} "
               f"{str(row['compressed'])[0]:>4} {row['dtype']:>9} {row['errors'][worst]:>10.2e} {worst:>10} "
@@ -273,8 +377,9 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=8, help="processes sharing the GPU (compiles run in parallel)")
     parser.add_argument("--device", default="cuda", help="cpu runs the kernels under TRITON_INTERPRET=1 (slow)")
-    parser.add_argument("--max_length", type=int, default=None, help="only the cases up to this length")
-    parser.add_argument("--kind", choices=["kernel", "ties", "model"], action="append",
+    parser.add_argument("--max_length", type=int, default=None,
+                        help="only the cases up to this length (varlen cases: the longest history, + < one block)")
+    parser.add_argument("--kind", choices=KINDS, action="append",
                         help="only cases of this kind (repeatable); all kinds by default")
     args = parser.parse_args()
     output = Path(args.output)
@@ -291,8 +396,10 @@ def main():
     print("model rows: L, padding side, dtype, loss error (vs blossom_torch in the same dtype), worst parameter-gradient "
           "error vs blossom_torch in float32, the same for blossom_torch in bf16, pass, worst parameter")
     print("ties rows: B, L, G, D, dtype, key tile, share of queries selecting exactly the reference's tied blocks")
+    print("varlen rows: histories, tokens, longest history, G, D, cmp, dtype, worst err, worst of, sel=f64, bitwise, "
+          "pass")
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        kinds = args.kind or ["kernel", "ties", "model"]
+        kinds = args.kind or KINDS
         chosen = [c for c in all_cases(args.seed, args.device, args.max_length) if c["kind"] in kinds]
         for row in pool.map(run_case, chosen):
             rows.append(row)
