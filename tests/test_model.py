@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from blossomrec_hf import BlossomRecConfig, BlossomRecForSequentialRecommendation
 from blossomrec_hf.model import modeling_blossomrec
 from blossomrec_hf.model.chunked_cross_entropy import chunked_linear_cross_entropy
+from blossomrec_hf.model.history_layout import HistoryLayout
 
 N_ITEMS = 50
 
@@ -61,23 +62,29 @@ def test_every_parameter_receives_a_gradient(overrides):
 @pytest.mark.parametrize("length", [1, 4, 5, 23])
 def test_block_compressor_is_the_published_mlp_over_each_block(length):
     """Each compressed key (value) = MLP(flatten(block's keys + position embeddings)), blocks of 8 with stride 4
-    whose positions before 0 hold zero keys; the module computes it with the position term folded into the bias."""
+    whose positions before 0 hold zero keys; the module computes it with the position term folded into the bias, on
+    packed tokens (here a short history, then one of `length` items)."""
     config = tiny_config()
     compressor = modeling_blossomrec.BlockCompressor(config)
     torch.manual_seed(length)
     for parameter in compressor.parameters():
         torch.nn.init.normal_(parameter)
-    k, v = torch.randn(2, 2, 2, length, config.head_dim, dtype=torch.float64)
     compressor.double()
-    compressed = compressor(k, v)
+    first = 6
+    k, v = torch.randn(2, first + length, 2, config.head_dim, dtype=torch.float64)
+    layout = HistoryLayout.from_inputs(torch.ones(1, first + length, dtype=torch.long), None, n_items=1,
+                                       position_ids=torch.cat([torch.arange(first), torch.arange(length)])[None])
+    blocks = layout.compressed_blocks(block_size=8, stride=4)
+    compressed = compressor(k, v, blocks)
+    assert blocks.cu_seqlens.tolist() == [0, 1, 1 + (length - 1) // 4]
     for index, x in enumerate((k, v)):
-        padded = torch.cat([x.new_zeros(2, 2, 4, config.head_dim), x], dim=2)
+        history = torch.cat([x.new_zeros(4, 2, config.head_dim), x[first:]])
         for w in range((length - 1) // 4):
-            block = padded[:, :, 4 * w:4 * w + 8] + compressor.positions[index]
+            block = history[4 * w:4 * w + 8].transpose(0, 1) + compressor.positions[index]  # [heads, 8, D]
             hidden = torch.relu(block.flatten(-2) @ compressor.hidden_weight[index] + compressor.hidden_bias[index])
             expected = hidden @ compressor.output_weight[index] + compressor.output_bias[index]
-            torch.testing.assert_close(compressed[index][:, :, w], expected)
-        assert compressed[index].shape[2] == max(length - 1, 0) // 4
+            torch.testing.assert_close(compressed[index][1 + w], expected)
+        assert compressed[index].shape[0] == 1 + (length - 1) // 4
 
 
 @pytest.mark.parametrize("attention_type", ["blossom", "dense"])

@@ -2,14 +2,15 @@
 
 Callers give histories padded ([B, L], 0 = padding, on either side) or packed ([B, T] with `position_ids` restarting
 at 0 at each history's first item, as `transformers.DataCollatorWithFlattening` makes them). Either way the model
-computes on the real items only, history after history (`HistoryLayout`): embeddings, projections, feed-forward
-layers and the loss never touch padding. Only attention needs each history as a row; it scatters its queries, keys
-and values into a [histories, longest history] buffer (`pad`) and gathers the result back (`unpad`). Positions,
-block boundaries and causality count from each history's own first item, so no item ever sees padding or another
-history, and scores depend neither on the padding side or amount nor on batch neighbours.
+computes on the real items only, history after history (`HistoryLayout`): embeddings, projections, attention,
+feed-forward layers and the loss never touch padding. Attention reads the histories where they lie, bounded by
+`cu_seqlens` (the varlen convention of flash attention); only the PyTorch fallbacks scatter them into a
+[histories, longest history] buffer (`pad`, `unpad`). Positions, block boundaries and causality count from each
+history's own first item, so no item ever sees padding or another history, and scores depend neither on the padding
+side or amount nor on batch neighbours.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -67,6 +68,7 @@ class HistoryLayout:
     cu_seqlens: torch.Tensor
     max_length: int
     caller_shape: tuple[int, int]
+    _compressed: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_inputs(cls, input_ids, attention_mask, n_items: int, position_ids=None) -> "HistoryLayout":
@@ -142,6 +144,13 @@ class HistoryLayout:
         """Each token's place in the attention buffer, computed once per batch (every layer pads and unpads)."""
         return self.history_of_token * self.max_length + self.positions
 
+    def compressed_blocks(self, block_size: int, stride: int) -> "CompressedBlocks":
+        """Every history's compressed blocks, computed once per batch and block geometry (every layer needs them)."""
+        key = (block_size, stride)
+        if key not in self._compressed:
+            self._compressed[key] = CompressedBlocks.of(self, block_size, stride)
+        return self._compressed[key]
+
     def next_targets(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For each token, the label of the next item of its history ([T]) and whether that is a target (a next item
         exists in the same history and its label is an item id, not 0 or -100)."""
@@ -155,6 +164,40 @@ class HistoryLayout:
         index = self.cu_seqlens[1:, None] - count + torch.arange(count, device=self.lengths.device)[None, :]
         present = index >= self.cu_seqlens[:-1, None]
         return index.clamp(min=0), present
+
+
+@dataclass
+class CompressedBlocks:
+    """The compressed blocks of a batch, history by history, as the attention kernels read them.
+
+    Block w of a history covers its positions (w + 1) * stride - block_size .. (w + 1) * stride - 1 and exists while it
+    ends before the history's last item (`SparseGeometry.num_compressed_blocks`). cu_seqlens [S + 1]: history s's blocks
+    are rows cu_seqlens[s] .. cu_seqlens[s + 1] - 1; token_rows [W, block_size]: the token each block slot covers, -1
+    for positions before the history's first item (zero keys, as published).
+    """
+
+    cu_seqlens: torch.Tensor
+    token_rows: torch.Tensor
+
+    @classmethod
+    def of(cls, layout: HistoryLayout, block_size: int, stride: int) -> "CompressedBlocks":
+        counts = (layout.lengths - 1).clamp(min=0) // stride
+        cu_seqlens = _cumulative(counts)
+        total = int(cu_seqlens[-1])
+        device = counts.device
+        history = torch.repeat_interleave(torch.arange(len(counts), device=device), counts, output_size=total)
+        block = torch.arange(total, device=device) - cu_seqlens[history]
+        positions = (block + 1)[:, None] * stride - block_size + torch.arange(block_size, device=device)[None, :]
+        token_rows = torch.where(positions >= 0, layout.cu_seqlens[history][:, None] + positions, -1)
+        return cls(cu_seqlens=cu_seqlens, token_rows=token_rows)
+
+    def gather(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [T, ...] -> each block's tokens [W, block_size, ...], zeros before a history's first item."""
+        rows = self.token_rows
+        if tokens.shape[0] == 0:
+            return tokens.new_zeros(*rows.shape, *tokens.shape[1:])
+        blocks = tokens[rows.clamp(min=0)]
+        return blocks * (rows >= 0).view(*rows.shape, *([1] * (tokens.dim() - 1))).to(blocks.dtype)
 
 
 def _cumulative(lengths: torch.Tensor) -> torch.Tensor:

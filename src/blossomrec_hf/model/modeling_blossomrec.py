@@ -8,6 +8,7 @@ Layout: callers pass histories padded on either side, or packed with `position_i
 items only, history by history (`history_layout.py`), and returns hidden states in the caller's layout.
 """
 
+import inspect
 import math
 import numbers
 from dataclasses import dataclass
@@ -20,15 +21,21 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
-from .blossom_attention_torch import blossom_attention_torch
-from .blossom_attention_triton import blossom_attention_triton, gated_sum, triton_unavailable_reason
+from .blossom_attention_torch import blossom_attention_torch_varlen
+from .blossom_attention_triton import blossom_attention_triton_varlen, gated_sum, triton_unavailable_reason
 from .fused_cross_entropy import linear_cross_entropy
 from .sampled_softmax import sampled_softmax_loss
 from .strict_loading import check_finite, check_loaded_keys, no_safetensors_message, refuse_pickled_source
 from .configuration_blossomrec import BlossomRecConfig
-from .history_layout import HistoryLayout, check_ids_tensor, check_item_ids
+from .history_layout import CompressedBlocks, HistoryLayout, check_ids_tensor, check_item_ids
 from .rotary_embedding import rotary_tables, rotate_queries_and_keys
 from .sparse_patterns import SparseGeometry
+
+try:  # variable-length flash attention (torch >= 2.10)
+    from torch.nn.attention.varlen import varlen_attn
+    VARLEN_PARAMETERS = frozenset(inspect.signature(varlen_attn).parameters)
+except ImportError:
+    varlen_attn, VARLEN_PARAMETERS = None, frozenset()
 
 IGNORE_INDEX = -100
 
@@ -117,7 +124,36 @@ def dense_attention_eager(q, k, v):
 
 
 DENSE_BACKENDS = {"sdpa": dense_attention_sdpa, "eager": dense_attention_eager}
-BLOSSOM_BACKENDS = {"blossom_torch": blossom_attention_torch, "blossom_triton": blossom_attention_triton}
+BLOSSOM_BACKENDS = {"blossom_torch": blossom_attention_torch_varlen, "blossom_triton": blossom_attention_triton_varlen}
+
+
+def flash_varlen_usable(q: torch.Tensor) -> bool:
+    """Whether torch's variable-length flash attention takes these queries (CUDA, fp16/bf16, flash-capable GPU)."""
+    if varlen_attn is None or q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return sdpa_groups_heads_natively("cuda", q.dtype, q.shape[-1], torch.cuda.get_device_capability(q.device))
+
+
+def causal_varlen_attention(q, k, v, cu_seqlens, max_length: int) -> torch.Tensor:
+    """Causal flash attention over packed histories; torch 2.10 spells causality `is_causal`, later releases
+    `window_size=(-1, 0)`, and grouped heads need `enable_gqa` where it exists (else one kv head per query head)."""
+    options = {"is_causal": True} if "is_causal" in VARLEN_PARAMETERS else {"window_size": (-1, 0)}
+    group = q.shape[1] // k.shape[1]
+    if group > 1 and "enable_gqa" in VARLEN_PARAMETERS:
+        options["enable_gqa"] = True
+    elif group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    cu_seqlens = cu_seqlens.to(torch.int32)
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_length, max_length, **options)
+
+
+def dense_attention_varlen(q, k, v, layout: HistoryLayout, implementation: str) -> torch.Tensor:
+    """Dense causal attention over packed tokens q [T, H, D], k, v [T, Hkv, D] -> [T, H, D]: varlen flash attention
+    where it runs, else each history as a row of a [histories, longest history] buffer."""
+    if implementation == "sdpa" and flash_varlen_usable(q):
+        return causal_varlen_attention(q, k, v, layout.cu_seqlens, layout.max_length)
+    rows = [layout.pad(x).transpose(1, 2) for x in (q, k, v)]
+    return layout.unpad(DENSE_BACKENDS[implementation](*rows).transpose(1, 2))
 
 
 class BlockCompressor(nn.Module):
@@ -131,7 +167,6 @@ class BlockCompressor(nn.Module):
 
     def __init__(self, config: BlossomRecConfig):
         super().__init__()
-        self.geometry = SparseGeometry.from_config(config)
         self.learned = config.use_compressed_branch
         if self.learned:
             block, dim = config.compress_block_size, config.head_dim
@@ -154,30 +189,22 @@ class BlockCompressor(nn.Module):
             nn.init.uniform_(bias, -bound, bound)
         nn.init.normal_(self.positions, std=0.02)
 
-    def blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., L, D] -> [..., W, block, D]: the overlapping blocks, zero keys before position 0."""
-        geometry = self.geometry
-        num_blocks = geometry.num_compressed_blocks(x.shape[-2])
-        if num_blocks == 0:
-            return x.new_zeros(*x.shape[:-2], 0, geometry.compress_block_size, x.shape[-1])
-        padded = F.pad(x, (0, 0, geometry.compress_left_padding, 0))
-        windows = padded.unfold(-2, geometry.compress_block_size, geometry.compress_stride)
-        return windows[..., :num_blocks, :, :].transpose(-1, -2)
-
-    def forward(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """k, v [B, Hkv, L, D] -> compressed keys and values [B, Hkv, W, D] (values None when not learned)."""
+    def forward(self, k: torch.Tensor, v: torch.Tensor, blocks: CompressedBlocks
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """k, v [T, Hkv, D] (tokens, history by history) -> compressed keys and values [W, Hkv, D], one per block of
+        `blocks` (values None when not learned)."""
         if not self.learned:
-            key_blocks = self.blocks(k)
-            ends = self.geometry.compressed_block_ends(key_blocks.shape[2], device=k.device)
-            real_positions = (ends + 1).clamp(max=self.geometry.compress_block_size).to(k.dtype)
-            return key_blocks.sum(dim=-2) / real_positions[:, None], None
-        blocks = self.blocks(torch.stack([k, v]))
-        flat = blocks.reshape(2, -1, blocks.shape[-2] * blocks.shape[-1])
+            real_positions = (blocks.token_rows >= 0).sum(dim=1).clamp(min=1).to(k.dtype)
+            return blocks.gather(k).sum(dim=1) / real_positions[:, None, None], None
+        num_blocks, block_size = blocks.token_rows.shape
+        # [2, W, block, Hkv, D] -> [2, W * Hkv, block * D]: one row per (block, kv head)
+        stacked = torch.stack([blocks.gather(k), blocks.gather(v)]).transpose(2, 3)
+        flat = stacked.reshape(2, num_blocks * k.shape[1], block_size * k.shape[2])
         # (block + positions) @ W + b = block @ W + (positions @ W + b): the position term is one row per MLP
         first_bias = torch.baddbmm(self.hidden_bias[:, None], self.positions.flatten(1)[:, None], self.hidden_weight)
         hidden = torch.relu(torch.baddbmm(first_bias, flat, self.hidden_weight))
         compressed = torch.baddbmm(self.output_bias[:, None], hidden, self.output_weight)
-        keys, values = compressed.view(2, *blocks.shape[1:4], k.shape[-1]).unbind(0)
+        keys, values = compressed.view(2, num_blocks, k.shape[1], k.shape[2]).unbind(0)
         return keys, values
 
 
@@ -206,8 +233,8 @@ class BlossomRecAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, layout: HistoryLayout,
                 rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        """hidden [T, d] (the batch's real items, history by history) -> [T, d]. Each history is a row of the
-        attention buffer [S, heads, longest history, head_dim]; rotary tables are per token ([T, head_dim])."""
+        """hidden [T, d] (the batch's real items, history by history) -> [T, d]. Attention reads each history where it
+        lies ([T, heads, head_dim] bounded by `layout.cu_seqlens`); rotary tables are per token ([T, head_dim])."""
         tokens = hidden.shape[0]
         if layout.num_histories == 0:  # packed input of padding only: nothing to attend
             return self.o_proj(hidden.new_zeros(0, self.num_heads * self.head_dim))
@@ -217,17 +244,21 @@ class BlossomRecAttention(nn.Module):
             q, k = rotate_queries_and_keys(query_key, *rotary, self.num_heads)
         else:
             q, k = query_key.split([self.num_heads, self.num_kv_heads], dim=2)
-        q, k = (layout.pad(x[0]).transpose(1, 2) for x in (q, k))
-        v = layout.pad(v.view(tokens, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        q, k, v = q[0], k[0], v.view(tokens, self.num_kv_heads, self.head_dim)
         implementation = self.config._attn_implementation
         if not self.is_blossom:
-            out = DENSE_BACKENDS[implementation](q, k, v)
+            out = dense_attention_varlen(q, k, v, layout, implementation)
         else:
-            compressed_keys, compressed_values = self.compressor(k, v)
-            branches = BLOSSOM_BACKENDS[implementation](q, k, v, compressed_keys, compressed_values, self.geometry)
-            gate_logits = layout.pad(gate_logits.view(tokens, self.num_heads, self.num_branches))
-            out = gated_sum(gate_logits, branches, fused=implementation == "blossom_triton")
-        return self.o_proj(layout.unpad(out.transpose(1, 2)).reshape(tokens, self.num_heads * self.head_dim))
+            blocks = layout.compressed_blocks(self.geometry.compress_block_size, self.geometry.compress_stride)
+            compressed_keys, compressed_values = self.compressor(k, v, blocks)
+            branches = BLOSSOM_BACKENDS[implementation](
+                q, k, v, compressed_keys, compressed_values, cu_seqlens=layout.cu_seqlens,
+                cu_compressed=blocks.cu_seqlens, max_length=layout.max_length, geometry=self.geometry)
+            # the gated sum takes [batch, heads, length, head_dim]: the tokens as one row
+            rows = [b.unsqueeze(0).transpose(1, 2) for b in branches if b is not None]
+            gate_logits = gate_logits.view(1, tokens, self.num_heads, self.num_branches)
+            out = gated_sum(gate_logits, rows, fused=implementation == "blossom_triton").transpose(1, 2)[0]
+        return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
 
 
 class BlossomRecLayer(nn.Module):
@@ -493,12 +524,12 @@ class BlossomRecForSequentialRecommendation(BlossomRecPreTrainedModel):
             raise ValueError(f"labels have shape {tuple(labels.shape)} but input_ids have shape {tuple(input_shape)}")
         check_item_ids(labels, self.config.n_items, "labels", allowed_extra=(IGNORE_INDEX,))
         targets, predicts = layout.next_targets(labels)
-        rows = predicts.nonzero().flatten()  # one host sync for both selections
-        hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
+        targets = targets.masked_fill(~predicts, IGNORE_INDEX)  # every token stays: no data-dependent shape
         if self.config.loss_type == "sampled":
             return sampled_softmax_loss(hidden, self.item_score_weight, targets, self.config.num_negatives,
-                                        self.config.negative_sampling, self.config.logq_correction)
-        return linear_cross_entropy(hidden, self.item_score_weight, targets)
+                                        self.config.negative_sampling, self.config.logq_correction,
+                                        ignore_index=IGNORE_INDEX)
+        return linear_cross_entropy(hidden, self.item_score_weight, targets, ignore_index=IGNORE_INDEX)
 
     @torch.no_grad()
     def recommend(self, input_ids, attention_mask=None, top_k: int = 10, exclude_history: bool = False,
