@@ -14,7 +14,7 @@ TINY_MODEL = ["--hidden_size", "16", "--num_hidden_layers", "1", "--num_attentio
 
 
 @pytest.fixture(scope="module")
-def benchmark():
+def training_benchmark():
     spec = importlib.util.spec_from_file_location("benchmark_training", REPO_ROOT / "scripts" / "benchmark_training.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclass looks its module up by name
@@ -23,9 +23,9 @@ def benchmark():
     sys.modules.pop(spec.name, None)
 
 
-def test_every_row_is_measured_and_written(benchmark, tmp_path):
+def test_every_row_is_measured_and_written(training_benchmark, tmp_path):
     prefix = tmp_path / "results" / "training_benchmark"
-    result = benchmark.main([
+    result = training_benchmark.main([
         "--datasets", "longtail64", "--device", "cpu", "--data_dir", str(tmp_path / "no_data"),
         "--blossom_implementation", "blossom_torch", *TINY_MODEL,
         "--longtail_users", "30", "--longtail_items", "100",
@@ -60,8 +60,8 @@ def test_every_row_is_measured_and_written(benchmark, tmp_path):
     assert prefix.with_suffix(".png").stat().st_size > 0
 
 
-def test_long_tail_lengths_span_one_to_the_max_length(benchmark):
-    events = benchmark.long_tail_interactions(num_users=2000, max_length=256, num_items=50, seed=0)
+def test_long_tail_lengths_span_one_to_the_max_length(training_benchmark):
+    events = training_benchmark.long_tail_interactions(num_users=2000, max_length=256, num_items=50, seed=0)
     _, counts = np.unique(np.asarray(events["user"], dtype=str), return_counts=True)
     trained = counts - 2  # validation and test targets
     assert trained.min() >= 1 and trained.max() <= 256
@@ -69,10 +69,10 @@ def test_long_tail_lengths_span_one_to_the_max_length(benchmark):
     assert 0.45 < np.mean(trained < 16) < 0.55
 
 
-def test_unknown_dataset_and_missing_files_are_one_line_errors(benchmark, tmp_path, capsys):
+def test_unknown_dataset_and_missing_files_are_one_line_errors(training_benchmark, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        benchmark.main(["--datasets", "imdb", "--device", "cpu"])
+        training_benchmark.main(["--datasets", "imdb", "--device", "cpu"])
     assert "unknown dataset 'imdb'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        benchmark.main(["--datasets", "beauty50", "--device", "cpu", "--data_dir", str(tmp_path)])
+        training_benchmark.main(["--datasets", "beauty50", "--device", "cpu", "--data_dir", str(tmp_path)])
     assert "Beauty.txt (pass --data_dir)" in capsys.readouterr().err
