@@ -61,12 +61,15 @@ from blossomrec_hf.training_args import EvaluationArguments, TrainingArguments, 
 DEFAULT_DATASETS = ["beauty50", "beauty200", "ml100k200", "longtail16k"]
 MODELS = ("blossom", "dense")
 LAYOUTS = ("padded", "packed")
-# name -> (file under --data_dir, max_seq_length, what it is)
+# name -> (file under --data_dir, max_seq_length, windows per batch, what it is); the batch sizes are those of
+# benchmark_quality.py's runs
 REAL_DATASETS = {
-    "beauty50": ("Beauty.txt", 50, "Amazon Beauty"),
-    "beauty200": ("Beauty.txt", 200, "Amazon Beauty"),
-    "ml100k200": ("ml-100k.inter", 200, "MovieLens 100K"),
+    "beauty50": ("Beauty.txt", 50, 256, "Amazon Beauty"),
+    "beauty200": ("Beauty.txt", 200, 256, "Amazon Beauty"),
+    "ml100k200": ("ml-100k.inter", 200, 128, "MovieLens 100K"),
 }
+# the synthetic logs' default batch: this many items (a GPU-sized batch at every length)
+LONG_TAIL_BATCH_ITEMS = 131072
 BEAUTY_FILE = "Beauty.txt"
 
 
@@ -76,18 +79,20 @@ class DatasetSpec:
     max_seq_length: int
     file: str | None  # under --data_dir; None: the synthetic long-tail log
     description: str
+    batch_size: int  # windows per batch unless --per_device_train_batch_size is given
 
 
 def dataset_spec(name: str) -> DatasetSpec:
     """The dataset behind a row name; a ValueError for unknown names."""
     if name in REAL_DATASETS:
-        file, max_seq_length, description = REAL_DATASETS[name]
-        return DatasetSpec(name, max_seq_length, file, description)
+        file, max_seq_length, batch_size, description = REAL_DATASETS[name]
+        return DatasetSpec(name, max_seq_length, file, description, batch_size)
     match = re.fullmatch(r"longtail(\d+)(k?)", name)
     if match and int(match[1]) > 0:
         max_seq_length = int(match[1]) * (1024 if match[2] else 1)
         return DatasetSpec(name, max_seq_length, None,
-                           f"synthetic, trained histories log-uniform over 1..{max_seq_length:,}")
+                           f"synthetic, trained histories log-uniform over 1..{max_seq_length:,}",
+                           max(1, LONG_TAIL_BATCH_ITEMS // (max_seq_length + 1)))
     raise ValueError(f"unknown dataset {name!r}: choose among {', '.join(REAL_DATASETS)} or longtail<N>[k]")
 
 
@@ -136,9 +141,16 @@ def window_lengths(windows, max_seq_length: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------------ configuration
 
 
+def windows_per_batch(spec: DatasetSpec, args) -> int:
+    """The padded batches' size: --per_device_train_batch_size or the dataset's default."""
+    return args.per_device_train_batch_size or spec.batch_size
+
+
 def token_budget(spec: DatasetSpec, args) -> int:
-    """The packed batches' item budget: --max_tokens_per_batch, at least one whole window."""
-    return max(args.max_tokens_per_batch, spec.max_seq_length + 1)
+    """The packed batches' item budget: --max_tokens_per_batch, else train.py's default (the padded batch's
+    capacity, windows x (max length + 1)); at least one whole window."""
+    budget = args.max_tokens_per_batch or windows_per_batch(spec, args) * (spec.max_seq_length + 1)
+    return max(budget, spec.max_seq_length + 1)
 
 
 def implementation(model: str, args) -> str:
@@ -158,7 +170,7 @@ def training_arguments(spec: DatasetSpec, *, model: str, layout: str, args) -> T
     return TrainingArguments(
         output_dir=str(result_path(args.output, ".json").parent),  # nothing is written there: no save, no eval
         max_seq_length=spec.max_seq_length, attention_type=model, attn_implementation=implementation(model, args),
-        per_device_train_batch_size=args.per_device_train_batch_size,
+        per_device_train_batch_size=windows_per_batch(spec, args),
         max_tokens_per_batch=token_budget(spec, args) if layout == "packed" else 0,
         seed=args.seed, dataloader_num_workers=args.dataloader_num_workers)
 
@@ -567,10 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
     parser.add_argument("--data_dir", default="../shared/data", help="folder with Beauty.txt and ml-100k.inter")
-    parser.add_argument("--max_tokens_per_batch", type=int, default=16384,
-                        help="packed batches: items per batch (raised to max length + 1 where that is larger)")
-    parser.add_argument("--per_device_train_batch_size", type=int, default=256,
-                        help="padded batches: windows per batch")
+    parser.add_argument("--max_tokens_per_batch", type=int, default=None,
+                        help="packed batches: items per batch (raised to max length + 1 where that is larger); "
+                             "default as train.py: the padded batch's capacity, windows x (max length + 1)")
+    parser.add_argument("--per_device_train_batch_size", type=int, default=None,
+                        help="padded batches: windows per batch (default: 256 on Beauty, 128 on ML-100K, "
+                             f"{LONG_TAIL_BATCH_ITEMS:,} items' worth on the synthetic logs)")
     parser.add_argument("--warmup_steps", type=int, default=3, help="untimed steps before the timed epoch")
     parser.add_argument("--max_steps", type=int, default=100,
                         help="timed steps per row at most; a longer epoch is extrapolated from them")
@@ -612,7 +626,7 @@ def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[DatasetSp
         parser.error("--device cuda: no CUDA device here")
     for name in ("max_tokens_per_batch", "per_device_train_batch_size", "max_steps", "max_seconds", "longtail_users",
                  "longtail_items"):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive")
     if args.warmup_steps < 0:
         parser.error("--warmup_steps must not be negative")
