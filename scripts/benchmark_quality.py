@@ -1,16 +1,28 @@
 """Train BlossomRec and the dense (SASRec) baseline side by side on real logs and tabulate their test metrics.
 
-Each run is `scripts/train.py` with the settings below, started as its own process (several share one GPU), so the
-numbers are exactly what a user gets from the training script. Prints a table and writes
-`benchmarks/results/quality.json` (or --results).
+Each run is `scripts/train.py` with the settings below, started as its own process (several share one GPU, at most
+--max_parallel at once), so the numbers are exactly what a user gets from the training script. Every run is repeated
+for each of --seeds and each of --layouts (`packed`: train.py's default packed batches; `padded`:
+`--max_tokens_per_batch 0`); run names and output folders are `<run>[-padded]<tag>-seed<S>`.
 
-    python scripts/benchmark_quality.py --runs beauty-blossom beauty-dense ml100k-blossom ml100k-dense
+One seed says little: the table gives, per configuration (run and layout), the mean, standard deviation (ddof=1)
+and standard error over seeds, and for each run packed against padded: the difference of mean NDCG@10 next to its
+standard error, and the packed/padded ratios of training seconds to the best epoch and of items/s. Prints the
+tables, writes them to `benchmarks/results/quality.txt` and everything (each run too) to
+`benchmarks/results/quality.json` (or --results, same stem).
+
+    python scripts/benchmark_quality.py --runs beauty-blossom beauty-dense --seeds 0 1 2 --layouts packed padded
+
+The test (tests/test_benchmark_quality.py) runs it on a tiny synthetic log with tiny model flags in --extra; any
+train.py flag given there comes after the run's own, so it wins.
 """
 
 import argparse
 import json
+import math
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -37,78 +49,225 @@ RUNS = {
     "beauty-blossom-mixed512": BEAUTY + ["--attention_type", "blossom", "--loss_type", "sampled",
                                          "--num_negatives", "512", "--negative_sampling", "mixed"],
 }
+LAYOUTS = {"packed": [], "padded": ["--max_tokens_per_batch", "0"]}
 COLUMNS = ["recall@10", "ndcg@10", "recall@20", "ndcg@20", "mrr@10"]
+# per-run numbers besides the test metrics that are aggregated over seeds: (metrics.json key, table heading, format)
+TRAINING = [("best_epoch", "best epoch", "{:.1f}"), ("train_seconds_to_best", "s to best", "{:.0f}"),
+            ("train_items_per_second", "items/s", "{:.0f}")]
+HEADER = [*COLUMNS, *(heading for _, heading, _ in TRAINING)]
 
 
-def main() -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
-    parser.add_argument("--extra", default="", help="more train.py flags for every run, e.g. '--hidden_dropout_prob 0.5'")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42], help="train.py --seed of each repetition")
+    parser.add_argument("--layouts", nargs="+", default=["packed"], choices=list(LAYOUTS))
+    parser.add_argument("--max_parallel", type=int, default=8, help="training processes running at once (queue)")
+    parser.add_argument("--extra", default="", help="more train.py flags for every run, after the run's own (so they "
+                        "win), e.g. --extra='--hidden_dropout_prob 0.5' (the = lets a single flag through argparse)")
     parser.add_argument("--blossom_backend", default=None, choices=["blossom_torch", "blossom_triton"],
                         help="attn_implementation of the BlossomRec runs (default: the model's choice)")
     parser.add_argument("--tag", default="", help="suffix of the run names and output folders")
     parser.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data"), help="where the logs are")
     parser.add_argument("--output_root", default="outputs/quality")
-    parser.add_argument("--resume", action="store_true", help="continue interrupted runs from their last checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue interrupted runs from their last checkpoint (runs without one start afresh)")
     parser.add_argument("--results", default="benchmarks/results/quality.json")
     parser.add_argument("--time_limit_s", type=float, default=0,
-                        help="send SIGTERM to runs still going after this long (they checkpoint and stop)")
-    args = parser.parse_args()
+                        help="after this long, send SIGTERM to runs still going (they checkpoint and stop) and start "
+                             "no more")
+    args = parser.parse_args(argv)
+    if args.max_parallel < 1:
+        parser.error("--max_parallel must be at least 1")
+    return args
 
-    started, processes = time.time(), {}
+
+def plan(args) -> list[dict]:
+    """One job per run, layout and seed, with its train.py command."""
+    jobs = []
     for name in args.runs:
-        run = f"{name}{args.tag}"
-        output_dir = Path(args.output_root) / run
-        command = [sys.executable, str(REPO / "scripts" / "train.py"),
-                   *(flag.format(data=args.data_dir) for flag in RUNS[name]), *shlex.split(args.extra),
-                   *(["--attn_implementation", args.blossom_backend]
-                     if args.blossom_backend and name.endswith("blossom") else []),
-                   "--output_dir", str(output_dir),
-                   *(["--resume_from_checkpoint", "latest"] if args.resume else ["--overwrite_output_dir"])]
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        log = open(f"{output_dir}.log", "a" if args.resume else "w")
-        print("$", shlex.join(command), flush=True)
-        processes[run] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), output_dir, command)
+        for layout in args.layouts:
+            config = f"{name}{'-padded' if layout == 'padded' else ''}{args.tag}"
+            for seed in args.seeds:
+                output_dir = Path(args.output_root) / f"{config}-seed{seed}"
+                resume = args.resume and any((output_dir / "checkpoints").glob("step-*"))
+                command = [sys.executable, str(REPO / "scripts" / "train.py"),
+                           *(flag.format(data=args.data_dir) for flag in RUNS[name]), *LAYOUTS[layout],
+                           "--seed", str(seed), *shlex.split(args.extra),
+                           *(["--attn_implementation", args.blossom_backend]
+                             if args.blossom_backend and "blossom" in RUNS[name] else []),
+                           "--output_dir", str(output_dir),
+                           *(["--resume_from_checkpoint", "latest"] if resume else ["--overwrite_output_dir"])]
+                jobs.append({"run": f"{config}-seed{seed}", "config": config, "name": name, "layout": layout,
+                             "seed": seed, "output_dir": output_dir, "command": command, "resume": resume})
+    return jobs
 
-    while any(process.poll() is None for process, _, _ in processes.values()):
-        if args.time_limit_s and time.time() - started > args.time_limit_s:
-            for process, _, _ in processes.values():
-                if process.poll() is None:
-                    process.send_signal(signal.SIGTERM)
-            args.time_limit_s = 0
-        time.sleep(2)
 
-    results = {}
-    for run, (process, output_dir, command) in processes.items():
-        metrics_file = output_dir / "metrics.json"
-        if process.returncode != 0 or not metrics_file.exists():
-            results[run] = {"status": f"failed (exit {process.returncode}), see {output_dir}.log",
-                            "command": shlex.join(command)}
+def run_queue(jobs: list[dict], max_parallel: int, time_limit_s: float = 0) -> tuple[dict, set]:
+    """Run the jobs, at most max_parallel at once (all of them at once would not fit one GPU's memory). Returns each
+    run's exit status (None: not started, the time limit came first) and the runs sent SIGTERM at the time limit."""
+    started, waiting, running, returncodes, signalled = time.time(), list(jobs), {}, {}, set()
+    while waiting or running:
+        out_of_time = bool(time_limit_s) and time.time() - started > time_limit_s
+        while waiting and len(running) < max_parallel and not out_of_time:
+            job = waiting.pop(0)
+            job["output_dir"].parent.mkdir(parents=True, exist_ok=True)
+            print("$", shlex.join(job["command"]), flush=True)
+            with open(f"{job['output_dir']}.log", "a" if job["resume"] else "w") as log:
+                running[job["run"]] = subprocess.Popen(job["command"], stdout=log, stderr=subprocess.STDOUT)
+        if out_of_time:
+            returncodes.update((job["run"], None) for job in waiting)
+            waiting = []
+            for run in set(running) - signalled:
+                running[run].send_signal(signal.SIGTERM)
+                signalled.add(run)
+        for run, process in list(running.items()):
+            if process.poll() is not None:
+                returncodes[run] = process.returncode
+                del running[run]
+        time.sleep(0.2)
+    return returncodes, signalled
+
+
+def collect(job: dict, returncode: int | None, signalled: bool) -> dict:
+    """The JSON entry of one run: how it was run, and its metrics.json, or a one-line reason it has none."""
+    entry = {"config": job["config"], "name": job["name"], "layout": job["layout"], "seed": job["seed"],
+             "command": shlex.join(job["command"])}
+    metrics_file = job["output_dir"] / "metrics.json"
+    if returncode is None:
+        return {"status": "not started: --time_limit_s reached (start it with --resume)", **entry}
+    if returncode == 0 and metrics_file.exists():
+        return {"status": "ok", **entry, **json.loads(metrics_file.read_text())}
+    if signalled:
+        return {"status": f"stopped at --time_limit_s (continue with --resume), see {job['output_dir']}.log", **entry}
+    return {"status": f"failed (exit {returncode}), see {job['output_dir']}.log", **entry}
+
+
+def describe(values: list[float]) -> dict:
+    """Mean, sample standard deviation (ddof=1) and standard error of the mean; no spread from a single value."""
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return {"mean": statistics.fmean(values), "std": std, "se": None if std is None else std / math.sqrt(len(values))}
+
+
+def aggregate(results: dict) -> dict:
+    """Per configuration (run and layout), the statistics over its seeds that finished; failed seeds are counted
+    but not averaged, so `n` is what the spread rests on."""
+    groups = {}
+    for entry in results.values():
+        groups.setdefault(entry["config"], []).append(entry)
+    summary = {}
+    for config, entries in groups.items():
+        ok = [e for e in entries if e["status"] == "ok"]
+        if not ok:
             continue
-        metrics = json.loads(metrics_file.read_text())
-        results[run] = {"status": "ok", "command": shlex.join(command), **metrics}
+        summary[config] = {
+            "name": ok[0]["name"], "layout": ok[0]["layout"], "n": len(ok), "seeds": [e["seed"] for e in ok],
+            "failed_seeds": [e["seed"] for e in entries if e["status"] != "ok"],
+            "test": {c: describe([e["test"]["model"][c] for e in ok]) for c in COLUMNS},
+            "popularity": {c: statistics.fmean(e["test"]["popularity"][c] for e in ok) for c in COLUMNS},
+            **{key: describe([e[key] for e in ok]) for key, _, _ in TRAINING}}
+    return summary
 
-    header = ["run", *COLUMNS, "best epoch", "s to best", "items/s"]
-    rows = []
-    for run, result in results.items():
-        if result["status"] != "ok":
-            rows.append([run, result["status"]])
+
+def compare(summary: dict) -> dict:
+    """Packed against padded for each run (and tag) that has both: is the NDCG@10 difference within one standard
+    error of the difference, and how much faster does packing reach the best epoch and push items."""
+    by_pair = {}
+    for stats in summary.values():
+        by_pair.setdefault(stats["name"], {})[stats["layout"]] = stats
+    comparison = {}
+    for name, layouts in by_pair.items():
+        if set(layouts) != {"packed", "padded"}:
             continue
-        test = result["test"]["model"]
-        rows.append([run, *(f"{test[c]:.4f}" for c in COLUMNS), str(result["best_epoch"]),
-                     f"{result['train_seconds_to_best']:.0f}", f"{result['train_items_per_second']:.0f}"])
-        popularity = result["test"]["popularity"]
-        rows.append(["  popularity", *(f"{popularity[c]:.4f}" for c in COLUMNS), "", "", ""])
-    widths = [max(len(row[i]) for row in [header, *rows] if i < len(row)) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)))
+        packed, padded = layouts["packed"], layouts["padded"]
+        a, b = packed["test"]["ndcg@10"], padded["test"]["ndcg@10"]
+        se = math.hypot(a["se"], b["se"]) if a["se"] is not None and b["se"] is not None else None
+        difference = a["mean"] - b["mean"]
+        comparison[name] = {
+            "n_packed": packed["n"], "n_padded": padded["n"],
+            "ndcg@10_packed": a["mean"], "ndcg@10_padded": b["mean"], "ndcg@10_difference": difference,
+            "se_difference": se, "within_one_se": None if se is None else abs(difference) <= se,
+            "seconds_to_best_ratio": _ratio(packed["train_seconds_to_best"]["mean"],
+                                            padded["train_seconds_to_best"]["mean"]),
+            "items_per_second_ratio": _ratio(packed["train_items_per_second"]["mean"],
+                                             padded["train_items_per_second"]["mean"])}
+    return comparison
 
-    results_file = Path(args.results)
-    results_file.parent.mkdir(parents=True, exist_ok=True)
-    previous = json.loads(results_file.read_text()) if results_file.exists() else {}
-    results_file.write_text(json.dumps({**previous, **results}, indent=2))
-    print(f"wrote {results_file}")
-    return 0 if all(r["status"] == "ok" for r in results.values()) else 1
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def _cell(value, pattern: str) -> str:
+    return "n/a" if value is None else pattern.format(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Aligned columns; a short row (a failed run's status) runs on past the columns without widening them."""
+    full = [row for row in [header, *rows] if len(row) == len(header)]
+    widths = [max(len(row[i]) for row in full) for i in range(len(header))]
+    return ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in [header, *rows]]
+
+
+def format_tables(results: dict, summary: dict, comparison: dict) -> str:
+    """The per-run table, the per-configuration statistics (mean, std, se over seeds, popularity beside) and the
+    packed-against-padded block, as printed and written to the .txt."""
+    runs = []
+    for run, entry in results.items():
+        if entry["status"] != "ok":
+            runs.append([run, entry["status"]])
+            continue
+        test = entry["test"]["model"]
+        runs.append([run, *(f"{test[c]:.4f}" for c in COLUMNS),
+                     *(pattern.format(entry[key]) for key, _, pattern in TRAINING)])
+    stats_rows = []
+    for config, stats in summary.items():
+        for statistic in ("mean", "std", "se"):
+            stats_rows.append([config if statistic == "mean" else "", str(stats["n"]) if statistic == "mean" else "",
+                               statistic, *(_cell(stats["test"][c][statistic], "{:.4f}") for c in COLUMNS),
+                               *(_cell(stats[key][statistic], pattern) for key, _, pattern in TRAINING)])
+        stats_rows.append(["  popularity", "", "mean", *(f"{stats['popularity'][c]:.4f}" for c in COLUMNS),
+                           *([""] * len(TRAINING))])
+    compare_rows = [[name, f"{c['ndcg@10_packed']:.4f}", f"{c['ndcg@10_padded']:.4f}",
+                     f"{c['ndcg@10_difference']:+.4f}", _cell(c["se_difference"], "{:.4f}"),
+                     {None: "n/a", True: "yes", False: "no"}[c["within_one_se"]],
+                     _cell(c["seconds_to_best_ratio"], "{:.2f}"), _cell(c["items_per_second_ratio"], "{:.2f}")]
+                    for name, c in comparison.items()]
+    lines = [*_table(["run", *HEADER], runs), "",
+             "over seeds (std: ddof=1; se: std/sqrt(n)):",
+             *_table(["configuration", "n", "stat", *HEADER], stats_rows)]
+    if compare_rows:
+        lines += ["", "packed vs padded (mean NDCG@10; se of the difference: sqrt(se_packed^2 + se_padded^2); "
+                      "ratios packed/padded of the mean):",
+                  *_table(["run", "packed", "padded", "difference", "se", "within 1 se", "s to best", "items/s"],
+                          compare_rows)]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(path: Path, results: dict, summary: dict, comparison: dict, text: str) -> None:
+    """The JSON, merged into what an earlier invocation wrote there (so runs can be done in several goes; an entry of
+    the same name is replaced; a file of the older flat layout, runs only, is kept as runs), and the .txt of this
+    invocation's tables."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    previous = previous if "runs" in previous else {"runs": previous}
+    sections = {"runs": results, "aggregate": summary, "comparison": comparison}
+    path.write_text(json.dumps({key: {**previous.get(key, {}), **new} for key, new in sections.items()}, indent=2))
+    path.with_suffix(".txt").write_text(text)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    jobs = plan(args)
+    returncodes, signalled = run_queue(jobs, args.max_parallel, args.time_limit_s)
+    results = {job["run"]: collect(job, returncodes[job["run"]], job["run"] in signalled) for job in jobs}
+    summary = aggregate(results)
+    comparison = compare(summary)
+    text = format_tables(results, summary, comparison)
+    print(text, end="")
+    write_results(Path(args.results), results, summary, comparison, text)
+    print(f"wrote {args.results} and {Path(args.results).with_suffix('.txt')}")
+    return 0 if all(entry["status"] == "ok" for entry in results.values()) else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,117 @@
+"""scripts/benchmark_quality.py on the CPU: real train.py runs on a tiny synthetic log with tiny model flags in
+--extra (seeds x layouts, statistics over seeds, packed vs padded), a failing run, and the process queue."""
+
+import importlib.util
+import json
+import math
+import random
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+SCRIPT = REPO_ROOT / "scripts" / "benchmark_quality.py"
+TINY = ("--num_train_epochs 2 --max_seq_length 10 --per_device_train_batch_size 16 --hidden_size 16 "
+        "--num_hidden_layers 1 --num_attention_heads 2 --num_key_value_heads 1 --intermediate_size 16")
+TRAINING_KEYS = ["best_epoch", "train_seconds_to_best", "train_items_per_second"]
+
+
+@pytest.fixture(scope="module")
+def quality_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark_quality", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    """A Beauty.txt in the S3Rec layout (`user item item ...`, items in time order): 60 users over 30 items."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # four runs share the CI machine's few cores
+    rng = random.Random(0)
+    lines = [" ".join(str(token) for token in [user, *rng.sample(range(1, 31), rng.randint(5, 10))])
+             for user in range(1, 61)]
+    (tmp_path / "Beauty.txt").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_seeds_and_layouts_are_aggregated_and_compared(quality_benchmark, data_dir, tmp_path, capsys):
+    results = tmp_path / "results" / "quality.json"
+    code = quality_benchmark.main([
+        "--runs", "beauty-blossom", "--seeds", "0", "1", "--layouts", "packed", "padded", "--max_parallel", "4",
+        "--data_dir", str(data_dir), "--output_root", str(tmp_path / "runs"), "--results", str(results),
+        "--extra", TINY])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+
+    written = json.loads(results.read_text())
+    runs = written["runs"]
+    assert set(runs) == {"beauty-blossom-seed0", "beauty-blossom-seed1",
+                         "beauty-blossom-padded-seed0", "beauty-blossom-padded-seed1"}
+    for run, entry in runs.items():
+        assert entry["status"] == "ok", entry
+        assert f"--seed {entry['seed']}" in entry["command"] and run.endswith(f"-seed{entry['seed']}")
+        assert ("--max_tokens_per_batch 0" in entry["command"]) == (entry["layout"] == "padded")
+
+    for config, layout in (("beauty-blossom", "packed"), ("beauty-blossom-padded", "padded")):
+        stats = written["aggregate"][config]
+        members = [e for e in runs.values() if e["config"] == config]
+        assert stats["n"] == 2 and stats["layout"] == layout and sorted(stats["seeds"]) == [0, 1]
+        values = {c: [e["test"]["model"][c] for e in members] for c in quality_benchmark.COLUMNS}
+        values.update({key: [e[key] for e in members] for key in TRAINING_KEYS})
+        for key, numbers in values.items():
+            got = stats["test"][key] if key in quality_benchmark.COLUMNS else stats[key]
+            assert got["mean"] == pytest.approx(statistics.fmean(numbers))
+            assert got["std"] == pytest.approx(statistics.stdev(numbers))
+            assert got["se"] == pytest.approx(statistics.stdev(numbers) / math.sqrt(2))
+
+    packed, padded = written["aggregate"]["beauty-blossom"], written["aggregate"]["beauty-blossom-padded"]
+    comparison = written["comparison"]["beauty-blossom"]
+    difference = packed["test"]["ndcg@10"]["mean"] - padded["test"]["ndcg@10"]["mean"]
+    se = math.sqrt(packed["test"]["ndcg@10"]["se"] ** 2 + padded["test"]["ndcg@10"]["se"] ** 2)
+    assert comparison["ndcg@10_difference"] == pytest.approx(difference)
+    assert comparison["se_difference"] == pytest.approx(se)
+    assert comparison["within_one_se"] == (abs(difference) <= se)
+    assert comparison["seconds_to_best_ratio"] == pytest.approx(
+        packed["train_seconds_to_best"]["mean"] / padded["train_seconds_to_best"]["mean"])
+    assert comparison["items_per_second_ratio"] == pytest.approx(
+        packed["train_items_per_second"]["mean"] / padded["train_items_per_second"]["mean"])
+
+    text = results.with_suffix(".txt").read_text()
+    assert text in printed and "over seeds" in text and "packed vs padded" in text
+
+
+def test_a_failed_run_is_one_line_and_exit_code_1(data_dir, tmp_path):
+    results = tmp_path / "quality.json"
+    finished = subprocess.run(
+        [sys.executable, str(SCRIPT), "--runs", "beauty-dense", "--max_parallel", "1", "--data_dir", str(data_dir),
+         "--output_root", str(tmp_path / "runs"), "--results", str(results), "--extra", "--no_such_flag 1"],
+        capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 1, finished.stdout + finished.stderr
+
+    entry = json.loads(results.read_text())["runs"]["beauty-dense-seed42"]
+    assert entry["status"].startswith("failed (exit ") and "\n" not in entry["status"]
+    assert f"beauty-dense-seed42  {entry['status']}" in finished.stdout.splitlines()
+    assert "no_such_flag" in (tmp_path / "runs" / "beauty-dense-seed42.log").read_text()
+
+
+def _job(tmp_path, name: str, code: str) -> dict:
+    return {"run": name, "output_dir": tmp_path / name, "resume": False, "command": [sys.executable, "-c", code]}
+
+
+def test_the_queue_runs_at_most_max_parallel_and_stops_at_the_time_limit(quality_benchmark, tmp_path):
+    record = ("import time; start = time.time(); time.sleep(0.3); "
+              "open({path!r}, 'w').write(f'{{start}} {{time.time()}}')")
+    jobs = [_job(tmp_path, f"job{i}", record.format(path=str(tmp_path / f"job{i}.times"))) for i in range(3)]
+    jobs.append(_job(tmp_path, "fails", "raise SystemExit(3)"))
+    returncodes, signalled = quality_benchmark.run_queue(jobs, max_parallel=1)
+    assert returncodes == {"job0": 0, "job1": 0, "job2": 0, "fails": 3} and not signalled
+    intervals = sorted(tuple(map(float, (tmp_path / f"job{i}.times").read_text().split())) for i in range(3))
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(intervals, intervals[1:]))
+
+    jobs = [_job(tmp_path, "long", "import time; time.sleep(60)"), _job(tmp_path, "queued", "pass")]
+    returncodes, signalled = quality_benchmark.run_queue(jobs, max_parallel=1, time_limit_s=0.5)
+    assert signalled == {"long"} and returncodes["long"] != 0 and returncodes["queued"] is None
