@@ -1,18 +1,26 @@
 """Speed and memory of BlossomRec attention backends on one GPU: the attention module and a whole training step.
 
 Module: forward + backward of `BlossomRecAttention` (projections, compression MLP and gates included), hidden 128,
-8 heads, 2 kv heads, bf16 autocast, 131,072 tokens per batch (B = 131072 // L): `blossom_triton` vs dense `sdpa` vs
-`blossom_torch`. Median time by `triton.testing.do_bench`; peak memory is the allocator's peak during one step
-minus what was allocated before it. Short steps are bound by the host (Python, autograd and kernel launches), not
-the GPU, so the step is also captured in a CUDA graph and its replay timed: the device-bound time that a training
-loop under CUDA graphs would see. Whole model: one training step (forward, loss, backward, Adam) of
-`BlossomRecForSequentialRecommendation` against the dense model, items per second.
+8 heads, 2 kv heads, bf16 autocast, 131,072 tokens per batch packed as B = 131072 // L histories of length L (the
+layout `scripts/train.py` feeds): `blossom_triton` vs dense `sdpa` vs `blossom_torch`. Peak memory is the
+allocator's peak during one step minus what was allocated before it.
+
+Each step is timed in the modes a training loop can run it (median by `triton.testing.do_bench`):
+- eager: what a plain PyTorch loop gets; short steps are bound by the host (Python, autograd, kernel launches).
+- compiled: `torch.compile` of the module (--compile_mode, default PyTorch's), the step `--torch_compile` runs.
+- graph: the eager step captured in a CUDA graph and replayed, the device-bound time with no host work per step.
+- host: the host's own time to issue one eager step, measured while the GPU is held busy by a sleep kernel so the
+  host never waits for it; a step that synchronises with the device shows up here as a wait on the sleep.
+Whole model: one training step (forward, loss, backward, Adam) of `BlossomRecForSequentialRecommendation` against
+the dense model, items per second, in the same modes.
 
     python scripts/benchmark_attention.py [--lengths 50 200 ...] [--output-dir benchmarks/results]
 """
 
 import argparse
 import json
+import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -20,13 +28,15 @@ import torch
 import triton.testing
 
 from blossomrec_hf import BlossomRecConfig, BlossomRecForSequentialRecommendation
+from blossomrec_hf.model.history_layout import HistoryLayout
 from blossomrec_hf.model.rotary_embedding import rotary_tables
 
 TOKENS = 131072
 LENGTHS = [50, 200, 1024, 4096, 16384, 65536]
-TARGETS = {200: 1.25, 1024: 1.0, 4096: 0.5, 16384: 0.25}
+TARGETS = {200: 1.25, 1024: 1.0, 4096: 0.5, 16384: 0.2}
 SLOW_SECONDS = 20.0
 N_ITEMS = 20000
+MODES = ("eager", "compiled", "graph")
 
 
 def make_config(implementation: str, **overrides) -> BlossomRecConfig:
@@ -38,8 +48,15 @@ def make_config(implementation: str, **overrides) -> BlossomRecConfig:
     return config
 
 
+def packed_histories(length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and position_ids [1, T] of TOKENS // length histories of `length` items, back to back."""
+    batch = TOKENS // length
+    ids = torch.randint(1, N_ITEMS + 1, (1, batch * length), device="cuda")
+    return ids, torch.arange(length, device="cuda").repeat(batch)[None]
+
+
 def measure(step, quick_first: bool):
-    """(median ms, peak extra MiB) of `step`, or a note when it cannot run in reasonable time or memory."""
+    """(median ms, peak extra MiB, note) of `step`, or a note when it cannot run in reasonable time or memory."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
@@ -62,6 +79,19 @@ def measure(step, quick_first: bool):
         return None, None, "out of memory"
 
 
+def host_ms(step, repeats: int = 20) -> float:
+    """Median host time to issue `step` while the GPU is kept busy (see the module docstring)."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time: far longer than any step takes to issue
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
 def graph_ms(step) -> tuple[float | None, str]:
     """Median ms of replaying `step` captured in a CUDA graph (no host work per step), or None and why not."""
     try:
@@ -82,99 +112,142 @@ def graph_ms(step) -> tuple[float | None, str]:
         return None, f"graph capture failed: {type(error).__name__}: {str(error)[:80]}"
 
 
+def compiled_ms(make_step, compile_mode) -> tuple[float | None, str]:
+    """Median ms of the step built around a torch.compile'd callable, or None and why it failed."""
+    try:
+        step = make_step(lambda fn: torch.compile(fn, mode=compile_mode))
+        ms, _, note = measure(step, quick_first=False)
+        return ms, note
+    except Exception as error:  # a compile failure is reported, not fatal
+        torch.cuda.synchronize()
+        return None, f"compile failed: {type(error).__name__}: {str(error)[:120]}"
+
+
 def module_step(implementation: str, length: int):
+    """make_step(wrap) -> the module's forward + backward on a packed batch; `wrap` compiles the module or not."""
     torch.manual_seed(0)
-    batch = TOKENS // length
     config = make_config(implementation)
     # the first attention module of a freshly initialised model (the model's initializer_range, not PyTorch defaults)
     model = BlossomRecForSequentialRecommendation(config)
     model.set_attn_implementation(implementation)
     module = model.model.layers[0].attention.cuda()
-    hidden = torch.randn(batch, length, 128, device="cuda", requires_grad=True)
-    grad = torch.randn(batch, length, 128, device="cuda")
-    rotary = rotary_tables(length, config.head_dim, config.rope_theta, "cuda", torch.float32)
+    ids, position_ids = packed_histories(length)
+    layout = HistoryLayout.from_inputs(ids, None, N_ITEMS, position_ids)
+    hidden = torch.randn(ids.shape[1], 128, device="cuda", requires_grad=True)
+    grad = torch.randn(ids.shape[1], 128, device="cuda")
+    cos, sin = rotary_tables(length, config.head_dim, config.rope_theta, "cuda", torch.float32)
+    rotary = cos[layout.positions], sin[layout.positions]
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):  # no cast cache: graph-capturable
-            out = module(hidden, rotary)
-        out.backward(grad)
+    def make_step(wrap=lambda fn: fn):
+        attention = wrap(module)
 
-    return step, (module, hidden, grad, rotary)
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):  # no cast cache: capturable
+                out = attention(hidden, layout, rotary)
+            out.backward(grad)
+
+        return step
+
+    return make_step
 
 
 def model_step(implementation: str, length: int):
+    """make_step(wrap) -> one training step of the whole model on a packed batch; `wrap` compiles the model or not."""
     torch.manual_seed(0)
-    batch = TOKENS // length
     model = BlossomRecForSequentialRecommendation(make_config(implementation, max_position_embeddings=length)).cuda()
     model.set_attn_implementation(implementation)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    ids = torch.randint(1, N_ITEMS + 1, (batch, length), device="cuda")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
+    ids, position_ids = packed_histories(length)
 
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
+    def make_step(wrap=lambda fn: fn):
+        forward = wrap(model)
 
-    return step, (model, optimizer, ids)
+        def step():
+            optimizer.zero_grad(set_to_none=False)  # gradients stay in place: capturable
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                loss = forward(ids, position_ids=position_ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+
+        return step
+
+    return make_step
 
 
-def run_module_table(lengths, with_reference: bool = True):
+def time_modes(make_step, *, quick_first: bool, compile_mode, modes) -> dict:
+    """One implementation at one length: eager ms / peak MiB / host ms, then the compiled and graph modes."""
+    step = make_step()
+    ms, mib, note = measure(step, quick_first=quick_first)
+    entry = {"ms": ms, "peak_mib": mib, "note": note, "host_ms": host_ms(step) if ms is not None and not note else None}
+    if ms is not None and "graph" in modes:
+        entry["graph_ms"], entry["graph_note"] = graph_ms(step)
+    if ms is not None and "compiled" in modes:
+        entry["compiled_ms"], entry["compiled_note"] = compiled_ms(make_step, compile_mode)
+    return entry
+
+
+def add_ratios(row: dict, dense: str, others) -> None:
+    """Each implementation's time per mode and memory over the dense one's, in place."""
+    for implementation in others:
+        entry = row[implementation]
+        for key, ratio in (("ms", "time_ratio"), ("graph_ms", "graph_time_ratio"),
+                           ("compiled_ms", "compiled_time_ratio"), ("peak_mib", "memory_ratio")):
+            if entry.get(key) is not None and row[dense].get(key):
+                entry[ratio] = entry[key] / row[dense][key]
+
+
+def fmt(value, spec):
+    return format(value, spec) if value is not None else "-"
+
+
+def run_module_table(lengths, *, with_reference: bool, compile_mode, modes):
     rows = []
-    print(f"{'L':>6} {'B':>5} | {'sdpa ms':>8} {'MiB':>7} | {'triton ms':>9} {'MiB':>7} {'t/dense':>7} {'m/dense':>7} "
-          f"{'target':>6} | {'graph sdpa':>10} {'graph triton':>12} {'t/dense':>7} | {'torch ms':>9} {'MiB':>7} "
-          f"{'t/dense':>7}")
+    print(f"{'L':>6} {'B':>5} | {'impl':>14} {'eager ms':>9} {'host ms':>8} {'compiled':>9} {'graph':>8} "
+          f"{'MiB':>7} | {'eager/d':>7} {'comp/d':>7} {'graph/d':>7} {'mem/d':>6} {'target':>6}")
     for length in lengths:
-        row = {"length": length, "batch": TOKENS // length}
-        for implementation in ("sdpa", "blossom_triton") + (("blossom_torch",) if with_reference else ()):
-            step, keep = module_step(implementation, length)
-            ms, mib, note = measure(step, quick_first=implementation == "blossom_torch")
-            row[implementation] = {"ms": ms, "peak_mib": mib, "note": note}
-            if implementation != "blossom_torch" and ms is not None:
-                row[implementation]["graph_ms"], row[implementation]["graph_note"] = graph_ms(step)
-            del step, keep
-        dense = row["sdpa"]
-        row.setdefault("blossom_torch", {"ms": None, "peak_mib": None, "note": "not run"})
-        for implementation in ("blossom_triton", "blossom_torch"):
-            entry = row[implementation]
-            if entry["ms"] is not None and dense["ms"]:
-                entry["time_ratio"] = entry["ms"] / dense["ms"]
-                entry["memory_ratio"] = entry["peak_mib"] / dense["peak_mib"]
-            if entry.get("graph_ms") and dense.get("graph_ms"):
-                entry["graph_time_ratio"] = entry["graph_ms"] / dense["graph_ms"]
-        row["target_time_ratio"] = TARGETS.get(length)
+        row = {"length": length, "batch": TOKENS // length, "target_time_ratio": TARGETS.get(length)}
+        implementations = ("sdpa", "blossom_triton") + (("blossom_torch",) if with_reference else ())
+        for implementation in implementations:
+            reference = implementation == "blossom_torch"
+            row[implementation] = time_modes(module_step(implementation, length), quick_first=reference,
+                                             compile_mode=compile_mode, modes=() if reference else modes)
+        add_ratios(row, "sdpa", implementations[1:])
         rows.append(row)
-        tri, ref = row["blossom_triton"], row["blossom_torch"]
-
-        def fmt(value, spec):
-            return format(value, spec) if value is not None else "-"
-
-        print(f"{length:>6} {row['batch']:>5} | {fmt(dense['ms'], '8.3f')} {fmt(dense['peak_mib'], '7.0f')} | "
-              f"{fmt(tri['ms'], '9.3f')} {fmt(tri['peak_mib'], '7.0f')} {fmt(tri.get('time_ratio'), '7.2f')} "
-              f"{fmt(tri.get('memory_ratio'), '7.2f')} {fmt(row['target_time_ratio'], '6.2f')} | "
-              f"{fmt(dense.get('graph_ms'), '10.3f')} {fmt(tri.get('graph_ms'), '12.3f')} "
-              f"{fmt(tri.get('graph_time_ratio'), '7.2f')} | "
-              f"{fmt(ref['ms'], '9.3f')} {fmt(ref['peak_mib'], '7.0f')} {fmt(ref.get('time_ratio'), '7.2f')} "
-              f"{ref['note']} {dense.get('graph_note', '')} {tri.get('graph_note', '')}", flush=True)
+        for implementation in implementations:
+            e = row[implementation]
+            print(f"{length:>6} {row['batch']:>5} | {implementation:>14} {fmt(e['ms'], '9.3f')} "
+                  f"{fmt(e['host_ms'], '8.3f')} {fmt(e.get('compiled_ms'), '9.3f')} {fmt(e.get('graph_ms'), '8.3f')} "
+                  f"{fmt(e['peak_mib'], '7.0f')} | {fmt(e.get('time_ratio'), '7.2f')} "
+                  f"{fmt(e.get('compiled_time_ratio'), '7.2f')} {fmt(e.get('graph_time_ratio'), '7.2f')} "
+                  f"{fmt(e.get('memory_ratio'), '6.2f')} {fmt(row['target_time_ratio'], '6.2f')} "
+                  f"{e['note']} {e.get('compiled_note', '')} {e.get('graph_note', '')}", flush=True)
     return rows
 
 
-def run_model_table(lengths):
+def run_model_table(lengths, *, compile_mode, modes):
     rows = []
-    print(f"\n{'L':>6} {'B':>5} | {'dense ms':>8} {'items/s':>10} | {'triton ms':>9} {'items/s':>10} {'ratio':>6}")
+    print(f"\n{'L':>6} {'B':>5} | {'impl':>14} {'eager ms':>9} {'host ms':>8} {'host %':>6} {'compiled':>9} "
+          f"{'graph':>8} {'items/s':>10} | {'eager/d':>7} {'comp/d':>7} {'graph/d':>7}")
     for length in lengths:
         row = {"length": length, "batch": TOKENS // length}
         for implementation in ("sdpa", "blossom_triton"):
-            step, keep = model_step(implementation, length)
-            ms, mib, note = measure(step, quick_first=False)
-            row[implementation] = {"ms": ms, "peak_mib": mib, "items_per_s": TOKENS // length * length / ms * 1e3}
-            del step, keep
-        row["items_per_s_ratio"] = row["blossom_triton"]["items_per_s"] / row["sdpa"]["items_per_s"]
+            entry = time_modes(model_step(implementation, length), quick_first=False, compile_mode=compile_mode,
+                               modes=modes)
+            if entry["ms"] is not None:
+                entry["items_per_s"] = TOKENS // length * length / entry["ms"] * 1e3
+                entry["host_share"] = entry["host_ms"] / entry["ms"] if entry["host_ms"] is not None else None
+            row[implementation] = entry
+        add_ratios(row, "sdpa", ("blossom_triton",))
         rows.append(row)
-        print(f"{length:>6} {row['batch']:>5} | {row['sdpa']['ms']:>8.2f} {row['sdpa']['items_per_s']:>10.3g} | "
-              f"{row['blossom_triton']['ms']:>9.2f} {row['blossom_triton']['items_per_s']:>10.3g} "
-              f"{row['items_per_s_ratio']:>6.2f}", flush=True)
+        for implementation in ("sdpa", "blossom_triton"):
+            e = row[implementation]
+            share = e.get("host_share")
+            print(f"{length:>6} {row['batch']:>5} | {implementation:>14} {fmt(e['ms'], '9.3f')} "
+                  f"{fmt(e['host_ms'], '8.3f')} {fmt(share * 100 if share is not None else None, '6.1f')} "
+                  f"{fmt(e.get('compiled_ms'), '9.3f')} {fmt(e.get('graph_ms'), '8.3f')} "
+                  f"{fmt(e.get('items_per_s'), '10.3g')} | {fmt(e.get('time_ratio'), '7.2f')} "
+                  f"{fmt(e.get('compiled_time_ratio'), '7.2f')} {fmt(e.get('graph_time_ratio'), '7.2f')} "
+                  f"{e['note']} {e.get('compiled_note', '')} {e.get('graph_note', '')}", flush=True)
     return rows
 
 
@@ -185,22 +258,40 @@ def plot(rows, path: Path):
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for implementation, style in (("sdpa", "k-o"), ("blossom_triton", "b-s"), ("blossom_torch", "r-^")):
-        points = [(r["length"], r[implementation]["ms"], r[implementation]["peak_mib"]) for r in rows
-                  if r[implementation]["ms"] is not None]
+    for implementation, color in (("sdpa", "k"), ("blossom_triton", "b"), ("blossom_torch", "r")):
+        for key, style, label in (("ms", "-o", "eager"), ("compiled_ms", "--s", "compiled"), ("graph_ms", ":^", "graph")):
+            points = [(r["length"], r[implementation][key]) for r in rows
+                      if implementation in r and r[implementation].get(key) is not None]
+            if points:
+                axes[0].plot(*zip(*points), color + style, label=f"{implementation} {label}")
+        points = [(r["length"], r[implementation]["peak_mib"]) for r in rows
+                  if implementation in r and r[implementation]["peak_mib"] is not None]
         if points:
-            axes[0].plot([p[0] for p in points], [p[1] for p in points], style, label=implementation)
-            axes[1].plot([p[0] for p in points], [p[2] for p in points], style, label=implementation)
+            axes[1].plot(*zip(*points), color + "-o", label=implementation)
     for axis, label in zip(axes, ("forward + backward, ms", "peak extra memory, MiB")):
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
-        axis.set_xlabel("sequence length L (131,072 tokens per batch)")
+        axis.set_xlabel("history length L (131,072 tokens per batch)")
         axis.set_ylabel(label)
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend()
+        axis.legend(fontsize=7)
     figure.suptitle("BlossomRec attention module on one GPU (bf16 autocast, d=128, 8 heads, 2 kv heads)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+
+
+class Tee:
+    """Standard output that is also kept, for the .txt copy of the tables."""
+
+    def __init__(self, stream):
+        self.stream, self.lines = stream, []
+
+    def write(self, text):
+        self.lines.append(text)
+        return self.stream.write(text)
+
+    def flush(self):
+        self.stream.flush()
 
 
 def main():
@@ -209,14 +300,23 @@ def main():
     parser.add_argument("--model-lengths", type=int, nargs="*", default=[200, 4096])
     parser.add_argument("--output-dir", default="benchmarks/results")
     parser.add_argument("--skip-reference", action="store_true", help="leave out blossom_torch (slow)")
+    parser.add_argument("--modes", nargs="*", default=list(MODES[1:]), choices=MODES[1:],
+                        help="modes timed besides eager")
+    parser.add_argument("--compile_mode", default=None, help="torch.compile mode of the compiled column")
     args = parser.parse_args()
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    module_rows = run_module_table(args.lengths, with_reference=not args.skip_reference)
-    model_rows = run_model_table(args.model_lengths)
+    tee = Tee(sys.stdout)
+    sys.stdout = tee
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
+          f"python {' '.join(sys.argv)}")
+    module_rows = run_module_table(args.lengths, with_reference=not args.skip_reference,
+                                   compile_mode=args.compile_mode, modes=args.modes)
+    model_rows = run_model_table(args.model_lengths, compile_mode=args.compile_mode, modes=args.modes)
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                  tokens_per_batch=TOKENS, module=module_rows, model=model_rows)
+                  tokens_per_batch=TOKENS, compile_mode=args.compile_mode, module=module_rows, model=model_rows)
     (output / "attention_benchmark.json").write_text(json.dumps(result, indent=1))
+    (output / "attention_benchmark.txt").write_text("".join(tee.lines))
     plot(module_rows, output / "attention_benchmark.png")
 
 
