@@ -5,7 +5,9 @@ varlen convention of flash attention) and reads them where they lie: no history 
 as `blossom_attention_torch_varlen`; `blossom_attention_triton` is the [B, H, L, D] form of the same kernels (every
 row one history of length L). Two forward launches (compressed branch + top-n block selection; selected blocks + own
 block + STIS) and four backward launches, none with atomics, so gradients are bitwise reproducible run to run
-(deterministic mode is always on).
+(deterministic mode is always on). Forward and backward are custom operators (custom_ops.py), so
+torch.compile(fullgraph=True) traces through them: the forward also returns the softmax statistics and the selected
+blocks, which the backward operator takes as arguments.
 
 Triton is optional: without it the model refuses this backend. Shapes or devices the kernels do not cover (a
 geometry other than compress_stride == selection_block_size with compress_block_size a multiple of it, head dims
@@ -19,6 +21,7 @@ import warnings
 import torch
 
 from .blossom_attention_torch import blossom_attention_torch_varlen
+from .custom_ops import define_op
 from .sparse_patterns import SparseGeometry
 
 try:
@@ -45,6 +48,7 @@ TUNING = dict(forward_rows=64, forward_keys=64, forward_keys_long=128, long_from
               dkdv_keys=64, sparse_chunk_elements=8192, compressed_forward_warps=2, compressed_forward_long_warps=4,
               sparse_forward_warps=4, dq_warps=4, sparse_dkdv_warps=2, compressed_dkdv_warps=4)
 _warned: set[str] = set()
+Tensor = torch.Tensor
 
 
 def triton_unavailable_reason() -> str | None:
@@ -197,57 +201,108 @@ def _sparse_forward(plan: _Plan, q, k, v, block_indices):
     return o_sel, o_stis, lse_sel, lse_stis
 
 
-class _BlossomAttention(torch.autograd.Function):
-    """q, k, v, ck, cv dense token-major ([T or Wt, heads, D] contiguous); cv may be None."""
+def _no_rows(x: Tensor) -> Tensor:
+    """An empty [0, ...] stand-in for a result that does not exist (an operator cannot return None)."""
+    return x.new_empty(0, *x.shape[1:])
 
-    @staticmethod
-    def forward(ctx, q, k, v, ck, cv, plan: _Plan):
-        oc, lse_c, block_indices, sort_keys = _compressed_forward(plan, q, ck, cv, sort_keys=True)
-        o_sel, o_stis, lse_sel, lse_stis = _sparse_forward(plan, q, k, v, block_indices)
-        ctx.plan = plan
-        ctx.has_compressed = cv is not None
-        saved = [q, k, v, ck, block_indices, sort_keys, o_sel, o_stis, lse_sel, lse_stis]
-        if cv is not None:
-            saved += [cv, oc, lse_c]
-        ctx.save_for_backward(*saved)
-        return (o_sel, o_stis, oc) if cv is not None else (o_sel, o_stis)
 
-    @staticmethod
-    def backward(ctx, do_sel, do_stis, do_c=None):
-        plan: _Plan = ctx.plan
-        q, k, v, ck, block_indices, sort_keys, o_sel, o_stis, lse_sel, lse_stis = ctx.saved_tensors[:10]
-        do_sel, do_stis = do_sel.contiguous(), do_stis.contiguous()
-        delta_sel, delta_stis = torch.empty_like(lse_sel), torch.empty_like(lse_sel)
-        if ctx.has_compressed:
-            cv, oc, lse_c = ctx.saved_tensors[10:]
-            do_c = do_c.contiguous()
-            delta_c = torch.empty_like(lse_c)
-        else:  # placeholders the kernel never reads (HAS_CV=False)
-            cv, oc, do_c, lse_c, delta_c = ck, o_sel, do_sel, lse_sel, delta_sel
-        dq = torch.empty_like(q)
-        backward_dq[plan.sparse_grid()](
-            Q=q, K=k, V=v, BIDX=block_indices, OS=o_sel, OT=o_stis, DOS=do_sel, DOT=do_stis, LSES=lse_sel,
-            LSET=lse_stis, DELS=delta_sel, DELT=delta_stis, CK=ck, CV=cv, OC=oc, DOC=do_c, LSEC=lse_c, DELC=delta_c,
-            DQ=dq, CU_COMPRESSED=plan.cu_compressed, sm_scale=plan.sm_scale, **plan.common, **plan.stis,
-            **plan.gather, HAS_CV=ctx.has_compressed, BW=plan.dq_keys, num_warps=TUNING["dq_warps"],
+def _forward(q: Tensor, k: Tensor, v: Tensor, ck: Tensor, cv: Tensor | None, cu_seqlens: Tensor,
+             cu_compressed: Tensor, max_length: int, compress_block_size: int, compress_stride: int,
+             selection_block_size: int, num_selected_blocks: int,
+             stis_window: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Selected, STIS and compressed outputs [T, H, D] (compressed [0, H, D] without cv: an operator cannot return
+    None), then what the backward reads, returned so that the backward operator can take it: the base-2 lse [T, H] of
+    each branch, the block indices [T, Hkv, n] and their sort keys. q, k, v, ck, cv dense token-major ([T or Wt,
+    heads, D] contiguous); the geometry comes as its fields (an operator takes no dataclass)."""
+    geometry = SparseGeometry(compress_block_size, compress_stride, selection_block_size, num_selected_blocks,
+                              stis_window)
+    plan = _Plan(q, k, cu_seqlens, cu_compressed, max_length, geometry)
+    oc, lse_c, block_indices, sort_keys = _compressed_forward(plan, q, ck, cv, sort_keys=True)
+    o_sel, o_stis, lse_sel, lse_stis = _sparse_forward(plan, q, k, v, block_indices)
+    return o_sel, o_stis, _no_rows(q) if oc is None else oc, lse_sel, lse_stis, lse_c, block_indices, sort_keys
+
+
+def _forward_fake(q, k, v, ck, cv, cu_seqlens, cu_compressed, max_length, compress_block_size, compress_stride,
+                  selection_block_size, num_selected_blocks, stis_window):
+    tokens, heads, _ = q.shape
+    selection = (tokens, k.shape[1], num_selected_blocks)
+    return (torch.empty_like(q), torch.empty_like(q), _no_rows(q) if cv is None else torch.empty_like(q),
+            *(q.new_empty(tokens, heads, dtype=torch.float32) for _ in range(3)),
+            q.new_empty(selection, dtype=torch.int32), q.new_empty(selection, dtype=torch.int64))
+
+
+def _backward_impl(q: Tensor, k: Tensor, v: Tensor, ck: Tensor, cv: Tensor | None, cu_seqlens: Tensor,
+                   cu_compressed: Tensor, o_sel: Tensor, o_stis: Tensor, oc: Tensor, lse_sel: Tensor,
+                   lse_stis: Tensor, lse_c: Tensor, block_indices: Tensor, sort_keys: Tensor, do_sel: Tensor,
+                   do_stis: Tensor, do_c: Tensor, max_length: int, compress_block_size: int, compress_stride: int,
+                   selection_block_size: int, num_selected_blocks: int,
+                   stis_window: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv, dck, dcv from the forward operator's inputs, outputs and output gradients (dck and dcv [0, Hkv, D]
+    without cv: the selection is not differentiable)."""
+    geometry = SparseGeometry(compress_block_size, compress_stride, selection_block_size, num_selected_blocks,
+                              stis_window)
+    plan = _Plan(q, k, cu_seqlens, cu_compressed, max_length, geometry)
+    has_compressed = cv is not None
+    do_sel, do_stis = do_sel.contiguous(), do_stis.contiguous()
+    delta_sel, delta_stis = torch.empty_like(lse_sel), torch.empty_like(lse_sel)
+    if has_compressed:
+        do_c = do_c.contiguous()
+        delta_c = torch.empty_like(lse_c)
+    else:  # placeholders the kernel never reads (HAS_CV=False)
+        cv, oc, do_c, lse_c, delta_c = ck, o_sel, do_sel, lse_sel, delta_sel
+    dq = torch.empty_like(q)
+    backward_dq[plan.sparse_grid()](
+        Q=q, K=k, V=v, BIDX=block_indices, OS=o_sel, OT=o_stis, DOS=do_sel, DOT=do_stis, LSES=lse_sel,
+        LSET=lse_stis, DELS=delta_sel, DELT=delta_stis, CK=ck, CV=cv, OC=oc, DOC=do_c, LSEC=lse_c, DELC=delta_c,
+        DQ=dq, CU_COMPRESSED=plan.cu_compressed, sm_scale=plan.sm_scale, **plan.common, **plan.stis,
+        **plan.gather, HAS_CV=has_compressed, BW=plan.dq_keys, num_warps=TUNING["dq_warps"],
+    )
+    offsets, queries = _selection_csr(sort_keys, plan)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    sparse_backward_dkdv[plan.sparse_grid()](
+        Q=q, K=k, V=v, DOS=do_sel, DOT=do_stis, LSES=lse_sel, LSET=lse_stis, DELS=delta_sel, DELT=delta_stis,
+        CSR_OFFSETS=offsets, CSR_QUERIES=queries, DK=dk, DV=dv, T=plan.tokens, sm_scale=plan.sm_scale,
+        **plan.common, **plan.stis, QC=plan.csr_chunk, num_warps=TUNING["sparse_dkdv_warps"],
+    )
+    if not has_compressed:
+        return dq, dk, dv, _no_rows(ck), _no_rows(ck)
+    dck, dcv = torch.empty_like(ck), torch.empty_like(cv)
+    if plan.num_compressed:
+        compressed_backward_dkdv[plan.compressed_grid()](
+            Q=q, CK=ck, CV=cv, DOC=do_c, LSEC=lse_c, DELC=delta_c, DCK=dck, DCV=dcv,
+            CU_COMPRESSED=plan.cu_compressed, sm_scale=plan.sm_scale, **plan.common, BM=plan.dkdv_tile[0],
+            BW=plan.dkdv_tile[1], num_warps=TUNING["compressed_dkdv_warps"],
         )
-        offsets, queries = _selection_csr(sort_keys, plan)
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
-        sparse_backward_dkdv[plan.sparse_grid()](
-            Q=q, K=k, V=v, DOS=do_sel, DOT=do_stis, LSES=lse_sel, LSET=lse_stis, DELS=delta_sel, DELT=delta_stis,
-            CSR_OFFSETS=offsets, CSR_QUERIES=queries, DK=dk, DV=dv, T=plan.tokens, sm_scale=plan.sm_scale,
-            **plan.common, **plan.stis, QC=plan.csr_chunk, num_warps=TUNING["sparse_dkdv_warps"],
-        )
-        if not ctx.has_compressed:
-            return dq, dk, dv, None, None, None
-        dck, dcv = torch.empty_like(ck), torch.empty_like(cv)
-        if plan.num_compressed:
-            compressed_backward_dkdv[plan.compressed_grid()](
-                Q=q, CK=ck, CV=cv, DOC=do_c, LSEC=lse_c, DELC=delta_c, DCK=dck, DCV=dcv,
-                CU_COMPRESSED=plan.cu_compressed, sm_scale=plan.sm_scale, **plan.common, BM=plan.dkdv_tile[0],
-                BW=plan.dkdv_tile[1], num_warps=TUNING["compressed_dkdv_warps"],
-            )
-        return dq, dk, dv, dck, dcv, None
+    return dq, dk, dv, dck, dcv
+
+
+def _backward_fake(q, k, v, ck, cv, *_):
+    compressed = (_no_rows(ck), _no_rows(ck)) if cv is None else (torch.empty_like(ck), torch.empty_like(cv))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), *compressed
+
+
+def _setup_context(ctx, inputs, output):
+    """Saves the tensors the backward operator takes (inputs, then outputs) and its int arguments; the lse are
+    statistics, not results: no gradient flows back through them."""
+    ctx.save_for_backward(*inputs[:7], *output)
+    ctx.sizes = inputs[7:]
+    ctx.has_compressed = inputs[4] is not None
+    ctx.mark_non_differentiable(*output[3:6])
+
+
+def _backward(ctx, do_sel, do_stis, do_c, *_):
+    dq, dk, dv, dck, dcv = _BACKWARD(*ctx.saved_tensors, do_sel, do_stis, do_c, *ctx.sizes)
+    compressed = (dck, dcv) if ctx.has_compressed else (None, None)
+    return dq, dk, dv, *compressed, None, None, *[None] * len(ctx.sizes)  # no gradient for bounds and sizes
+
+
+_BACKWARD = define_op("blossom_attention_backward", _backward_impl, _backward_fake)
+_FORWARD = define_op("blossom_attention_forward", _forward, _forward_fake, _backward, _setup_context)
+
+
+def _geometry_fields(geometry: SparseGeometry) -> tuple[int, int, int, int, int]:
+    return (geometry.compress_block_size, geometry.compress_stride, geometry.selection_block_size,
+            geometry.num_selected_blocks, geometry.stis_window)
 
 
 def _compute_dtype(*tensors) -> torch.dtype:
@@ -281,9 +336,8 @@ def blossom_attention_triton_varlen(q, k, v, ck, cv, *, cu_seqlens, cu_compresse
                                               max_length=max_length, geometry=geometry)
     dtype = _compute_dtype(*(t for t in (q, k, v, ck, cv) if t is not None))
     operands = [_dense(t, dtype) if t is not None else None for t in (q, k, v, ck, cv)]
-    plan = _Plan(operands[0], operands[1], cu_seqlens, cu_compressed, max_length, geometry)
-    outputs = _BlossomAttention.apply(*operands, plan)
-    return outputs[0], outputs[1], (outputs[2] if cv is not None else None)
+    o_sel, o_stis, oc = _FORWARD(*operands, cu_seqlens, cu_compressed, max_length, *_geometry_fields(geometry))[:3]
+    return o_sel, o_stis, (oc if cv is not None else None)
 
 
 def _as_tokens(x: torch.Tensor) -> torch.Tensor:

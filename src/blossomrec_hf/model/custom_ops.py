@@ -1,4 +1,5 @@
-"""The package's PyTorch custom operators (the fused loss and RoPE): one library, named after the code it runs.
+"""The package's PyTorch custom operators (the fused loss, RoPE and BlossomRec attention): one library, named after
+the code it runs.
 
 Custom operators are opaque to torch.compile: it traces their fake implementations (shapes and dtypes only) and
 calls the real ones, so a compiled training step keeps the Triton kernels and needs no graph break. They run with
@@ -19,7 +20,8 @@ from pathlib import Path
 import torch
 
 OPERATOR_FILES = ("custom_ops.py", "chunked_cross_entropy.py", "fused_cross_entropy.py",
-                  "triton_cross_entropy_kernels.py", "rotary_embedding.py", "triton_rotary_kernels.py")
+                  "triton_cross_entropy_kernels.py", "rotary_embedding.py", "triton_rotary_kernels.py",
+                  "blossom_attention_triton.py", "triton_blossom_kernels.py", "sparse_patterns.py")
 LIBRARY = "blossomrec_" + hashlib.sha256(
     b"".join((Path(__file__).parent / name).read_bytes() for name in OPERATOR_FILES)).hexdigest()[:12]
 
