@@ -1,14 +1,15 @@
-"""The fused BlossomRec attention as PyTorch custom operators: torch.library.opcheck of the forward and the backward
-operator, and torch.compile(fullgraph=True) of the varlen attention, forward and backward, bitwise equal to eager.
-Triton runs through its interpreter here; the kernels' numerics are tested in test_attention_varlen.py.
+"""The fused BlossomRec attention and gated sum as PyTorch custom operators: torch.library.opcheck of each forward
+and backward operator, and torch.compile(fullgraph=True) of the varlen attention (alone, then followed by the gated
+sum, as the model calls them), forward and backward, bitwise equal to eager. Triton runs through its interpreter
+here; the kernels' numerics are tested in test_attention_varlen.py and test_attention_triton.py.
 """
 
 import pytest
 import torch
 
 from blossomrec_hf.model import blossom_attention_triton
-from blossomrec_hf.model.blossom_attention_triton import blossom_attention_triton_varlen
-from test_attention_varlen import GEOMETRY, packed_inputs, run, split, weights_for
+from blossomrec_hf.model.blossom_attention_triton import blossom_attention_triton_varlen, gated_sum
+from test_attention_varlen import GEOMETRY, HEADS, packed_inputs, run, split, weights_for
 from triton_support import requires_triton
 
 pytestmark = requires_triton
@@ -59,3 +60,78 @@ def test_compiled_attention_matches_eager(compressed):
             assert len(got[0]) == (3 if compressed else 2)
             for a, b in zip(got[0] + got[1], want[0] + want[1]):
                 assert (a is None and b is None) or torch.equal(a, b)
+
+
+def gate_inputs(num_branches: int, dtype: torch.dtype, tokens: int = 11, dim: int = 16, seed: int = 0):
+    """As the model passes them: gate logits [1, T, H, n], columns of a wider projection (a strided view), and the
+    branches [1, H, T, D], transposed views of token rows [T, H, D]; all needing gradients."""
+    generator = torch.Generator().manual_seed(seed)
+    projection = torch.randn(tokens, 5 + HEADS * num_branches, generator=generator).to(dtype).requires_grad_()
+    logits = projection[:, 5:].view(1, tokens, HEADS, num_branches)
+    branches = [torch.randn(tokens, HEADS, dim, generator=generator).to(dtype).unsqueeze(0).transpose(1, 2)
+                .requires_grad_() for _ in range(num_branches)]
+    return logits, branches
+
+
+@pytest.mark.parametrize("num_branches", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_gated_sum_forward_and_backward(num_branches, dtype):
+    logits, branches = gate_inputs(num_branches, dtype)
+    arguments = (logits, *branches, *[None] * (3 - num_branches))
+    torch.library.opcheck(blossom_attention_triton._GATED_FORWARD, arguments)
+    with torch.no_grad():
+        out = blossom_attention_triton._GATED_FORWARD(*arguments)
+    # a contiguous [1, H, T, D] output gradient, where the output is a view of [1, T, H, D] memory
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    tensors = [None if x is None else x.detach() for x in arguments]
+    torch.library.opcheck(blossom_attention_triton._GATED_BACKWARD, (*tensors, dout))
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_compiled_attention_then_gated_sum_matches_eager(compressed):
+    """The model's order: branches of the varlen attention, then their gated sum with logits from a projection's
+    columns; one graph (fullgraph), compiled once with dynamic shapes for two packings; outputs and gradients of every
+    leaf bitwise equal to eager."""
+
+    def attention_then_gates(projection, ck, cv, gate_projection, cu_seqlens, cu_compressed, max_length):
+        branches = blossom_attention_triton_varlen(*split(projection), ck, cv, cu_seqlens=cu_seqlens,
+                                                   cu_compressed=cu_compressed, max_length=max_length,
+                                                   geometry=GEOMETRY)
+        rows = [b.unsqueeze(0).transpose(1, 2) for b in branches if b is not None]
+        logits = gate_projection[:, 5:].view(1, projection.shape[0], HEADS, len(rows))
+        return gated_sum(logits, rows, fused=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attention_then_gates, fullgraph=True, dynamic=True, backend="inductor")
+    num_branches = 3 if compressed else 2
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for lengths in ([5, 37, 20, 9], [40, 3, 20]):
+            leaves, sizes = packed_inputs(lengths, compressed, torch.float32, seed=len(lengths))
+            generator = torch.Generator().manual_seed(len(lengths))
+            gate_projection = torch.randn(sum(lengths), 5 + HEADS * num_branches, generator=generator,
+                                          requires_grad=True)
+            weights = weights_for(lengths, seed=1)[0].float().transpose(0, 1)[None]  # [1, H, T, D]
+            results = []
+            for function in (compiled, attention_then_gates):
+                out = function(*(leaves + [None])[:3], gate_projection, *sizes.values())
+                # no dck without cv: the selection is not differentiable
+                results.append([out, *torch.autograd.grad((weights * out).sum(), leaves + [gate_projection],
+                                                          allow_unused=True)])
+            for got, want in zip(*results):
+                assert (got is None and want is None) or torch.equal(got, want)
+
+
+@pytest.mark.parametrize("num_branches", [2, 3])
+def test_compiled_plain_gated_sum_needs_no_graph_break(num_branches):
+    """The PyTorch path (fused=False) compiles as one graph too, with dynamic shapes; inductor fuses its arithmetic,
+    so results match eager to rounding."""
+    torch._dynamo.reset()
+    compiled = torch.compile(gated_sum, fullgraph=True, dynamic=True, backend="inductor")
+    for tokens in (11, 6):
+        logits, branches = gate_inputs(num_branches, torch.float32, tokens=tokens, seed=tokens)
+        got, want = (function(logits, branches + [None], fused=False) for function in (compiled, gated_sum))
+        torch.testing.assert_close(got, want)
+        dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(2))
+        for a, b in zip(torch.autograd.grad(got, [logits, *branches], dout),
+                        torch.autograd.grad(want, [logits, *branches], dout)):
+            torch.testing.assert_close(a, b)

@@ -380,47 +380,99 @@ def select_blocks_triton(q, ck, geometry: SparseGeometry) -> torch.Tensor:
 GATED_ROWS = 128
 
 
-class _GatedSum(torch.autograd.Function):
-    """out[b, h, l] = sum_i sigmoid(logits[b, l, h, i]) * branch_i[b, h, l] in one pass (and one pass back)."""
+def _gate_rows(logits: Tensor) -> Tensor:
+    """The kernels read logits [B, L, H, n] with any batch and position strides, each position's H x n gates dense."""
+    return logits if logits.stride(3) == 1 and logits.stride(2) == logits.shape[3] else logits.contiguous()
 
-    @staticmethod
-    def forward(ctx, logits, *branches):
-        batch, heads, length, dim = branches[0].shape
-        dtype = torch.result_type(logits, branches[0])
-        out = torch.empty(batch, length, heads, dim, dtype=dtype, device=logits.device).transpose(1, 2)
-        padded = list(branches) + [branches[0]] * (3 - len(branches))
-        n_rows = batch * length * heads
-        gated_sum_forward[(triton.cdiv(n_rows, GATED_ROWS),)](
-            logits, *padded, out, logits.stride(0), logits.stride(1), *(s for b in padded for s in _strides(b)),
-            *_strides(out), n_rows, length, H=heads, NB=len(branches), D=dim, BLOCK_D=_pow2(dim), ROWS=GATED_ROWS,
-        )
-        ctx.save_for_backward(logits, *branches)
-        return out
 
-    @staticmethod
-    def backward(ctx, dout):
-        logits, *branches = ctx.saved_tensors
-        batch, heads, length, dim = branches[0].shape
-        dout = _row_major(dout)
-        dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        grads = [torch.empty_strided(b.shape, b.stride(), dtype=b.dtype, device=b.device) for b in branches]
-        padded = list(branches) + [branches[0]] * (3 - len(branches))
-        padded_grads = grads + [grads[0]] * (3 - len(grads))
-        n_rows = batch * length * heads
-        gated_sum_backward[(triton.cdiv(n_rows, GATED_ROWS),)](
-            logits, dlogits, dout, *padded, *padded_grads, logits.stride(0), logits.stride(1), *_strides(dout),
-            *(s for b in padded for s in _strides(b)), n_rows, length, H=heads, NB=len(branches), D=dim,
-            BLOCK_D=_pow2(dim), ROWS=GATED_ROWS,
-        )
-        return (dlogits, *grads)
+def _gated_branches(o0: Tensor, o1: Tensor, o2: Tensor | None) -> list[Tensor]:
+    return [_row_major(o) for o in (o0, o1, o2) if o is not None]
+
+
+def _named_strides(prefix: str, x: Tensor) -> dict[str, int]:
+    """The kernel's stride arguments of a [B, H, L, D] tensor: prefix + b, h, l."""
+    return dict(zip((prefix + "b", prefix + "h", prefix + "l"), _strides(x)))
+
+
+def _gated_launch(kernel, logits: Tensor, branches: list[Tensor], **arguments) -> None:
+    """One gated-sum kernel over the (batch, position, head) rows of the branches [B, H, L, D]; without a third
+    branch the first stands in for it (NB=2: never read). `arguments` are the kernel's own pointers and strides."""
+    batch, heads, length, dim = branches[0].shape
+    padded = branches + [branches[0]] * (3 - len(branches))
+    n_rows = batch * length * heads
+    kernel[(triton.cdiv(n_rows, GATED_ROWS),)](
+        LOGITS=logits, O0=padded[0], O1=padded[1], O2=padded[2], slb=logits.stride(0), sll=logits.stride(1),
+        **_named_strides("so0", padded[0]), **_named_strides("so1", padded[1]), **_named_strides("so2", padded[2]),
+        **arguments, n_rows=n_rows, L=length, H=heads, NB=len(branches), D=dim, BLOCK_D=_pow2(dim), ROWS=GATED_ROWS,
+    )
+
+
+def _gated_output(logits: Tensor, o0: Tensor) -> Tensor:
+    """[B, H, L, D] in the operands' promoted dtype: a view of [B, L, H, D] memory (the attention's token rows)."""
+    batch, heads, length, dim = o0.shape
+    dtype = torch.promote_types(logits.dtype, o0.dtype)
+    return torch.empty(batch, length, heads, dim, dtype=dtype, device=logits.device).transpose(1, 2)
+
+
+def _gated_forward(logits: Tensor, o0: Tensor, o1: Tensor, o2: Tensor | None) -> Tensor:
+    """out[b, h, l] = sum_i sigmoid(logits[b, l, h, i]) * o_i[b, h, l] in one pass; o2 is None for two branches."""
+    logits, branches = _gate_rows(logits), _gated_branches(o0, o1, o2)
+    out = _gated_output(logits, o0)
+    _gated_launch(gated_sum_forward, logits, branches, OUT=out, **_named_strides("sout", out))
+    return out
+
+
+def _gated_forward_fake(logits, o0, o1, o2):
+    return _gated_output(logits, o0)
+
+
+def _gated_grads(logits: Tensor, o0: Tensor, o1: Tensor, o2: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+    """Empty gradients: the logits' contiguous [B, L, H, n], each branch's with the strides the kernel reads it by."""
+    dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    return dlogits, [torch.empty_strided(b.shape, b.stride(), dtype=b.dtype, device=b.device)
+                     for b in _gated_branches(o0, o1, o2)]
+
+
+def _gated_backward_impl(logits: Tensor, o0: Tensor, o1: Tensor, o2: Tensor | None,
+                         dout: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of the logits and of each branch in one pass; the third is [0, H, L, D] when o2 is None (an
+    operator cannot return None)."""
+    logits, branches = _gate_rows(logits), _gated_branches(o0, o1, o2)
+    dout = _row_major(dout)
+    dlogits, grads = _gated_grads(logits, o0, o1, o2)
+    padded = grads + [grads[0]] * (3 - len(grads))
+    _gated_launch(gated_sum_backward, logits, branches, DLOGITS=dlogits, DOUT=dout, DO0=padded[0], DO1=padded[1],
+                  DO2=padded[2], **_named_strides("sd", dout))
+    return dlogits, *grads, *([] if o2 is not None else [_no_rows(o0)])
+
+
+def _gated_backward_fake(logits, o0, o1, o2, dout):
+    dlogits, grads = _gated_grads(logits, o0, o1, o2)
+    return dlogits, *grads, *([] if o2 is not None else [_no_rows(o0)])
+
+
+def _gated_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+    ctx.has_third = inputs[3] is not None
+
+
+def _gated_backward(ctx, dout):
+    dlogits, d0, d1, d2 = _GATED_BACKWARD(*ctx.saved_tensors, dout)
+    return dlogits, d0, d1, (d2 if ctx.has_third else None)
+
+
+_GATED_BACKWARD = define_op("gated_sum_backward", _gated_backward_impl, _gated_backward_fake)
+_GATED_FORWARD = define_op("gated_sum_forward", _gated_forward, _gated_forward_fake, _gated_backward,
+                           _gated_setup_context)
 
 
 def gated_sum(gate_logits: torch.Tensor, branches, fused: bool = True) -> torch.Tensor:
     """sum_i sigmoid(gate_logits[..., i]) * branch_i: logits [B, L, H, n_branches], branches [B, H, L, D].
 
-    With `fused`, one Triton pass each way where the kernels run (same device rules); plain PyTorch otherwise.
-    The logits may be a strided view (e.g. columns of the attention's input projection) whose last two dims are
-    contiguous.
+    With `fused`, one Triton pass each way where the kernels run (same device rules): a custom operator
+    (custom_ops.py), forward and backward, so torch.compile(fullgraph=True) traces through it; plain PyTorch
+    otherwise. The logits may be a strided view (e.g. columns of the attention's input projection) whose last two dims
+    are contiguous.
     """
     branches = [b for b in branches if b is not None]
     heads, num_branches = gate_logits.shape[2:]
@@ -430,4 +482,4 @@ def gated_sum(gate_logits: torch.Tensor, branches, fused: bool = True) -> torch.
     if not usable:
         weights = torch.sigmoid(gate_logits).permute(0, 2, 1, 3).unsqueeze(-1)
         return sum(weights[..., i, :] * branch for i, branch in enumerate(branches))
-    return _GatedSum.apply(gate_logits, *branches)
+    return _GATED_FORWARD(gate_logits, *branches, *([None] if len(branches) == 2 else []))
