@@ -66,9 +66,10 @@ def selection_scores(probs: torch.Tensor, query_positions: torch.Tensor, seq_len
     first, last = geometry.compressed_to_selection_span(group_probs.shape[-1], device=probs.device)
     scores = group_probs.new_zeros(*group_probs.shape[:-1], num_blocks)
     for step in range(geometry.max_selection_span):
+        # blocks whose span ends before this step add exact zeros to a block in range: no data-dependent shape
         target = first + step
         in_span = target <= last
-        scores.index_add_(-1, target[in_span], group_probs[..., in_span])
+        scores.index_add_(-1, target.clamp(max=num_blocks - 1), group_probs * in_span)
     own_block = query_positions // geometry.selection_block_size
     selectable = torch.arange(num_blocks, device=probs.device)[None, :] < own_block[:, None]
     return scores.masked_fill(~selectable, float("-inf"))
@@ -167,16 +168,21 @@ def blossom_attention_torch(q, k, v, ck, cv, geometry: SparseGeometry, query_chu
 
 
 def _varlen_buffer_index(cu_seqlens: torch.Tensor, num_rows: int, width: int) -> torch.Tensor:
-    """Where each row of a packed tensor goes in a [S * width] buffer: history * width + position (no host sync)."""
+    """Where each row of a packed tensor goes in a [S * width + 1] buffer: history * width + position (no host sync);
+    rows past cu_seqlens[-1] (the unused rows of a static number of compressed blocks) go to the last, spare slot."""
     cu_seqlens = cu_seqlens.long()
+    histories = cu_seqlens.shape[0] - 1
     rows = torch.arange(num_rows, device=cu_seqlens.device)
     history = torch.searchsorted(cu_seqlens[1:], rows, right=True)
-    return history * width + rows - cu_seqlens[history]
+    inside = history < histories
+    history = history.clamp(max=max(histories - 1, 0))
+    return torch.where(inside, history * width + rows - cu_seqlens[history], histories * width)
 
 
 def _pad_varlen(x: torch.Tensor, index: torch.Tensor, num_histories: int, width: int) -> torch.Tensor:
     """Packed rows [N, heads, D] -> [S, heads, width, D], each history from column 0, zeros after its end."""
-    buffer = x.new_zeros(num_histories * width, *x.shape[1:]).index_put((index,), x)
+    size = num_histories * width
+    buffer = x.new_zeros(size + 1, *x.shape[1:]).index_put((index,), x)[:size]
     return buffer.view(num_histories, width, *x.shape[1:]).transpose(1, 2)
 
 
@@ -191,10 +197,10 @@ def blossom_attention_torch_varlen(q, k, v, ck, cv, *, cu_seqlens, cu_compressed
 
     q [T, H, D] and k, v [T, Hkv, D] hold S histories back to back, history s in rows cu_seqlens[s] ..
     cu_seqlens[s + 1] - 1; its compressed keys/values are rows cu_compressed[s] .. cu_compressed[s + 1] - 1 of
-    ck, cv [Wt, Hkv, D]. max_length >= the longest history. Each history becomes a row of a [S, max_length] buffer for
-    `blossom_attention_torch`: exact, because positions count from a history's first token and no query sees a
-    position after its own, so no real query sees the zeros after its history's end (or after its last compressed
-    block); the padding rows' own outputs are dropped.
+    ck, cv [Wt, Hkv, D] (rows past cu_compressed[-1] are ignored). max_length >= the longest history. Each history
+    becomes a row of a [S, max_length] buffer for `blossom_attention_torch`: exact, because positions count from a
+    history's first token and no query sees a position after its own, so no real query sees the zeros after its
+    history's end (or after its last compressed block); the padding rows' own outputs are dropped.
     """
     histories = cu_seqlens.shape[0] - 1
     width = geometry.num_compressed_blocks(max_length)

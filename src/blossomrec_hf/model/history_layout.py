@@ -8,16 +8,32 @@ feed-forward layers and the loss never touch padding. Attention reads the histor
 [histories, longest history] buffer (`pad`, `unpad`). Positions, block boundaries and causality count from each
 history's own first item, so no item ever sees padding or another history, and scores depend neither on the padding
 side or amount nor on batch neighbours.
+
+Static layouts (`torch.compile`): while compiling, the layout takes every position of the input as a token (padding
+included, placed after its history's items), so that no shape depends on the data and nothing waits for the device.
+Padded input [B, L] keeps one history of width L per row; packed input gives its histories either as `cu_seqlens`
+with a host-side `max_length` (what a collator of fixed-size batches computes, the `cu_seq_lens_q` / `max_length_q`
+of Transformers' flash-attention kwargs: one compiled graph for every batch) or only as `position_ids` (then up to T
+histories of up to T items, the token count T being the only static bound). Padding tokens are computed but never
+seen by an item: they follow their history's items, and the loss, the caller-layout output and the per-history rows
+leave them out. Input checks that read the data run only in eager mode.
 """
 
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch
 
 
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
 def check_item_ids(ids: torch.Tensor, n_items: int, name: str, allowed_extra: tuple[int, ...] = ()) -> None:
-    """Raise a ValueError naming the first id outside [0, n_items] (and its row) instead of an indexing assert."""
+    """Raise a ValueError naming the first id outside [0, n_items] (and its row) instead of an indexing assert.
+
+    It reads the data, so it checks nothing while compiling (a compiled step never waits for the device)."""
+    if _compiling():
+        return
     bad = (ids < 0) | (ids > n_items)
     for value in allowed_extra:
         bad &= ids != value
@@ -54,11 +70,15 @@ def check_ids_tensor(ids, name: str) -> None:
 
 @dataclass
 class HistoryLayout:
-    """The real items of a batch as one flat token list, history by history.
+    """The tokens of a batch as one flat list, history by history.
 
     token_index [T]: where each token sits in the caller's [B, L] input (flattened); positions [T]: its position in its
-    history; history_of_token [T]; lengths [S] and cu_seqlens [S + 1] of the S histories; max_length: the longest
-    (the width of the attention buffer). Padded input gives one history per row (S = B, empty rows included).
+    history; history_of_token [T]; lengths [S] and cu_seqlens [S + 1] of the S histories; max_length: a bound on the
+    longest (the width of the attention buffer). Padded input gives one history per row (S = B, empty rows included).
+
+    Dynamic layouts (eager) hold only the items; static layouts (compiling, or given `cu_seqlens`) hold every position
+    and say which tokens are items (`items` [T]) and how many items each history has (`item_counts` [S]); each
+    history's items come first. `uniform_length`: every history is this long (static padded input).
     """
 
     token_index: torch.Tensor
@@ -68,16 +88,32 @@ class HistoryLayout:
     cu_seqlens: torch.Tensor
     max_length: int
     caller_shape: tuple[int, int]
-    _compressed: dict = field(default_factory=dict, repr=False, compare=False)
+    items: torch.Tensor | None = None
+    item_counts: torch.Tensor | None = None
+    uniform_length: int | None = None
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_inputs(cls, input_ids, attention_mask, n_items: int, position_ids=None) -> "HistoryLayout":
+    def from_inputs(cls, input_ids, attention_mask, n_items: int, position_ids=None, cu_seqlens=None,
+                    max_length=None) -> "HistoryLayout":
+        """The layout of padded input, or of packed input (`position_ids`, and optionally `cu_seqlens` [S + 1] with
+        `max_length`, an int >= the longest history). Static while compiling or with `cu_seqlens`, else dynamic."""
         check_ids_tensor(input_ids, "input_ids")
+        checking = not _compiling()
         check_item_ids(input_ids, n_items, "input_ids")
-        real = _real_items(input_ids, attention_mask)
+        real = _real_items(input_ids, attention_mask, check=checking)
+        if position_ids is not None:
+            position_ids = _checked_position_ids(position_ids, input_ids.shape)
+        if cu_seqlens is not None:
+            return cls._from_boundaries(real, cu_seqlens, max_length, position_ids, check=checking)
+        if max_length is not None:
+            raise ValueError("max_length_q is given without cu_seq_lens_q: pass both (the histories' boundaries and "
+                             "a bound on their length) or neither")
+        if not checking:
+            return cls._static_padded(real) if position_ids is None else cls._static_packed(real, position_ids)
         if position_ids is None:
             return cls._from_padded(real)
-        return cls._from_packed(real, _checked_position_ids(position_ids, input_ids.shape))
+        return cls._from_packed(real, position_ids)
 
     @classmethod
     def _from_padded(cls, real: torch.Tensor) -> "HistoryLayout":
@@ -116,9 +152,78 @@ class HistoryLayout:
                    lengths=lengths, cu_seqlens=_cumulative(lengths),
                    max_length=max(int(lengths.max()) if num_histories else 0, 1), caller_shape=tuple(real.shape))
 
+    @classmethod
+    def _static_padded(cls, real: torch.Tensor) -> "HistoryLayout":
+        """Every row one history of width L: its items first (in order), then its padding."""
+        batch, length = real.shape
+        device = real.device
+        order = torch.argsort((~real).to(torch.uint8), dim=1, stable=True)
+        rows = torch.arange(batch, device=device)
+        return cls(token_index=(rows[:, None] * length + order).flatten(),
+                   positions=torch.arange(length, device=device).repeat(batch),
+                   history_of_token=rows.repeat_interleave(length), lengths=torch.full_like(rows, length),
+                   cu_seqlens=torch.arange(batch + 1, device=device) * length, max_length=length,
+                   caller_shape=(batch, length), items=real.gather(1, order).flatten(), item_counts=real.sum(dim=1),
+                   uniform_length=length)
+
+    @classmethod
+    def _static_packed(cls, real: torch.Tensor, position_ids: torch.Tensor) -> "HistoryLayout":
+        """Packed input known only by its position_ids: a history starts at each position 0 (and each row), so
+        there are at most T of them, of at most T tokens; histories past the last one are empty."""
+        flat_real = real.flatten()
+        total = flat_real.shape[0]
+        device = real.device
+        index = torch.arange(total, device=device)
+        starts = (position_ids.flatten() == 0) | (index % real.shape[1] == 0)
+        history_of_token = torch.cumsum(starts.long(), 0) - 1
+        lengths = torch.zeros(total, dtype=torch.long, device=device).index_add(0, history_of_token,
+                                                                                 torch.ones_like(history_of_token))
+        cu_seqlens = _cumulative(lengths)
+        return cls(token_index=index, positions=index - cu_seqlens[history_of_token],
+                   history_of_token=history_of_token, lengths=lengths, cu_seqlens=cu_seqlens, max_length=total,
+                   caller_shape=tuple(real.shape), items=flat_real,
+                   item_counts=torch.zeros_like(lengths).index_add(0, history_of_token, flat_real.long()))
+
+    @classmethod
+    def _from_boundaries(cls, real: torch.Tensor, cu_seqlens, max_length, position_ids, check: bool
+                         ) -> "HistoryLayout":
+        """Packed input with its histories' boundaries cu_seqlens [S + 1] (over the flattened input, ending at its
+        size) and a bound `max_length` on their length, as a collator computes them on the host."""
+        total = real.numel()
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2 or \
+                cu_seqlens.dtype not in ID_DTYPES:
+            raise ValueError(f"cu_seq_lens_q must be a 1-d torch.long or torch.int32 tensor of at least 2 boundaries, "
+                             f"got {_describe(cu_seqlens)}")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length_q must be a positive int (a bound on the histories' length, known on the "
+                             f"host), got {max_length!r}")
+        cu_seqlens = cu_seqlens.to(device=real.device, dtype=torch.long)
+        flat_real = real.flatten()
+        index = torch.arange(total, device=real.device)
+        history_of_token = torch.searchsorted(cu_seqlens[1:], index, right=True)
+        positions = index - cu_seqlens[history_of_token.clamp(max=cu_seqlens.shape[0] - 2)]
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        if check:
+            _check_boundaries(cu_seqlens, lengths, max_length, total, flat_real, positions, position_ids)
+        else:  # a history longer than max_length would overrun the attention buffer
+            torch._assert_async((lengths <= max_length).all(), "a history is longer than max_length_q")
+        return cls(token_index=index, positions=positions, history_of_token=history_of_token, lengths=lengths,
+                   cu_seqlens=cu_seqlens, max_length=max_length, caller_shape=tuple(real.shape), items=flat_real,
+                   item_counts=torch.zeros_like(lengths).index_add(0, history_of_token, flat_real.long()))
+
     @property
     def num_histories(self) -> int:
         return self.lengths.shape[0]
+
+    @property
+    def is_static(self) -> bool:
+        return self.items is not None
+
+    def longest_history(self) -> int:
+        """The most items of a history (eager only: a static layout counts them on the device)."""
+        if self.item_counts is None:
+            return self.max_length if self.num_histories else 0
+        return int(self.item_counts.max()) if self.num_histories else 0
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Caller layout [B, L, ...] -> tokens [T, ...]."""
@@ -126,30 +231,42 @@ class HistoryLayout:
 
     def to_caller(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens [T, ...] -> caller layout [B, L, ...]; padding positions are zeros."""
+        if self.items is not None:
+            tokens = tokens.where(self.items.view(-1, *([1] * (tokens.dim() - 1))), 0)
         out = tokens.new_zeros(self.caller_shape[0] * self.caller_shape[1], *tokens.shape[1:])
         return out.index_put((self.token_index,), tokens).view(*self.caller_shape, *tokens.shape[1:])
 
     def pad(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens [T, ...] -> [S, max_length, ...], each history from column 0, zeros after its end."""
         out = tokens.new_zeros(self.num_histories * self.max_length, *tokens.shape[1:])
-        out = out.index_put((self._buffer_index,), tokens)
+        out = out.index_put((self._buffer_index(),), tokens)
         return out.view(self.num_histories, self.max_length, *tokens.shape[1:])
 
     def unpad(self, padded: torch.Tensor) -> torch.Tensor:
         """[S, max_length, ...] -> tokens [T, ...]."""
-        return padded.flatten(0, 1)[self._buffer_index]
+        return padded.flatten(0, 1)[self._buffer_index()]
 
-    @cached_property
     def _buffer_index(self) -> torch.Tensor:
         """Each token's place in the attention buffer, computed once per batch (every layer pads and unpads)."""
-        return self.history_of_token * self.max_length + self.positions
+        if "buffer_index" not in self._cache:
+            self._cache["buffer_index"] = self.history_of_token * self.max_length + self.positions
+        return self._cache["buffer_index"]
 
     def compressed_blocks(self, block_size: int, stride: int) -> "CompressedBlocks":
         """Every history's compressed blocks, computed once per batch and block geometry (every layer needs them)."""
-        key = (block_size, stride)
-        if key not in self._compressed:
-            self._compressed[key] = CompressedBlocks.of(self, block_size, stride)
-        return self._compressed[key]
+        key = ("compressed", block_size, stride)
+        if key not in self._cache:
+            self._cache[key] = CompressedBlocks.of(self, block_size, stride)
+        return self._cache[key]
+
+    def compressed_capacity(self, stride: int) -> int | None:
+        """Static layouts: a bound on the batch's compressed blocks known without reading the data (exact when every
+        history has the same length); None for dynamic layouts (they count them)."""
+        if not self.is_static:
+            return None
+        if self.uniform_length is not None:
+            return self.num_histories * (max(self.uniform_length - 1, 0) // stride)
+        return self.token_index.shape[0] // stride  # sum of (length - 1) // stride <= T // stride
 
     def next_targets(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For each token, the label of the next item of its history ([T]) and whether that is a target (a next item
@@ -157,11 +274,14 @@ class HistoryLayout:
         token_labels = self.tokens(labels)
         following = torch.cat([token_labels[1:], token_labels[:1].new_zeros(min(1, len(token_labels)))])
         has_next = self.positions < self.lengths[self.history_of_token] - 1
+        if self.items is not None:  # static: the next token may be padding
+            has_next = has_next & torch.cat([self.items[1:], self.items[:1].new_zeros(1)])
         return following, has_next & (following > 0)
 
     def last_tokens(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token indices of each history's last `count` items ([S, count]) and which of them exist."""
-        index = self.cu_seqlens[1:, None] - count + torch.arange(count, device=self.lengths.device)[None, :]
+        ends = self.cu_seqlens[1:] if self.item_counts is None else self.cu_seqlens[:-1] + self.item_counts
+        index = ends[:, None] - count + torch.arange(count, device=self.lengths.device)[None, :]
         present = index >= self.cu_seqlens[:-1, None]
         return index.clamp(min=0), present
 
@@ -173,23 +293,32 @@ class CompressedBlocks:
     Block w of a history covers its positions (w + 1) * stride - block_size .. (w + 1) * stride - 1 and exists while it
     ends before the history's last item (`SparseGeometry.num_compressed_blocks`). cu_seqlens [S + 1]: history s's blocks
     are rows cu_seqlens[s] .. cu_seqlens[s + 1] - 1; token_rows [W, block_size]: the token each block slot covers, -1
-    for positions before the history's first item (zero keys, as published).
+    for positions before the history's first item (zero keys, as published). Static layouts give W rows from a bound
+    known on the host (`HistoryLayout.compressed_capacity`): `valid` [W] then says which rows are blocks (rows past
+    cu_seqlens[-1] are not, and cover no token); None when every row is.
     """
 
     cu_seqlens: torch.Tensor
     token_rows: torch.Tensor
+    valid: torch.Tensor | None = None
 
     @classmethod
     def of(cls, layout: HistoryLayout, block_size: int, stride: int) -> "CompressedBlocks":
         counts = (layout.lengths - 1).clamp(min=0) // stride
         cu_seqlens = _cumulative(counts)
-        total = int(cu_seqlens[-1])
+        capacity = layout.compressed_capacity(stride)
+        total = int(cu_seqlens[-1]) if capacity is None else capacity
         device = counts.device
-        history = torch.repeat_interleave(torch.arange(len(counts), device=device), counts, output_size=total)
-        block = torch.arange(total, device=device) - cu_seqlens[history]
+        rows = torch.arange(total, device=device)
+        # each row's history (searchsorted rather than repeat_interleave: no host sync, and rows past the end are
+        # allowed); those rows get the last history and no token
+        history = torch.searchsorted(cu_seqlens[1:], rows, right=True).clamp(max=len(counts) - 1)
+        block = rows - cu_seqlens[history]
         positions = (block + 1)[:, None] * stride - block_size + torch.arange(block_size, device=device)[None, :]
-        token_rows = torch.where(positions >= 0, layout.cu_seqlens[history][:, None] + positions, -1)
-        return cls(cu_seqlens=cu_seqlens, token_rows=token_rows)
+        valid = None if capacity is None else rows < cu_seqlens[-1]
+        covered = positions >= 0 if valid is None else (positions >= 0) & valid[:, None]
+        token_rows = torch.where(covered, layout.cu_seqlens[history][:, None] + positions, -1)
+        return cls(cu_seqlens=cu_seqlens, token_rows=token_rows, valid=valid)
 
     def gather(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [T, ...] -> each block's tokens [W, block_size, ...], zeros before a history's first item."""
@@ -199,22 +328,30 @@ class CompressedBlocks:
         blocks = tokens[rows.clamp(min=0)]
         return blocks * (rows >= 0).view(*rows.shape, *([1] * (tokens.dim() - 1))).to(blocks.dtype)
 
+    def only_valid(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """Compressed keys or values [W, ...] with rows that are no block zeroed, and no gradient through them
+        (whatever an attention backend writes there)."""
+        if x is None or self.valid is None:
+            return x
+        return x.where(self.valid.view(-1, *([1] * (x.dim() - 1))), 0)
+
 
 def _cumulative(lengths: torch.Tensor) -> torch.Tensor:
     return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
 
 
-def _real_items(input_ids: torch.Tensor, attention_mask) -> torch.Tensor:
-    """bool [B, L]: which positions hold an item (not padding), checked against the attention mask if given."""
+def _real_items(input_ids: torch.Tensor, attention_mask, check: bool = True) -> torch.Tensor:
+    """bool [B, L]: which positions hold an item (not padding), checked against the attention mask if given (the
+    checks that read the data only with `check`)."""
     if attention_mask is None:
         return input_ids != 0
     if tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape "
                          f"{tuple(input_ids.shape)}")
-    if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+    if check and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (item)")
     real = attention_mask.bool()
-    if bool((real & (input_ids == 0)).any()):
+    if check and bool((real & (input_ids == 0)).any()):
         row = int((real & (input_ids == 0)).nonzero()[0, 0])
         raise ValueError(f"attention_mask marks the padding id 0 as an item in row {row}")
     return real
@@ -227,3 +364,29 @@ def _checked_position_ids(position_ids, shape) -> torch.Tensor:
     if tuple(position_ids.shape) != tuple(shape):
         raise ValueError(f"position_ids have shape {tuple(position_ids.shape)} but input_ids have shape {tuple(shape)}")
     return position_ids.long()
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def _check_boundaries(cu_seqlens, lengths, max_length: int, total: int, items, positions, position_ids) -> None:
+    """Eager checks of packed boundaries: they cover the input exactly, in order, within max_length; each history
+    is its items, then padding (an all-padding history fills a fixed-size batch); position_ids agree."""
+    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total or bool((lengths < 0).any()):
+        raise ValueError(f"cu_seq_lens_q must rise from 0 to the number of tokens ({total}), got "
+                         f"{cu_seqlens.tolist() if cu_seqlens.numel() <= 16 else 'other boundaries'}")
+    longest = int(lengths.max())
+    if longest > max_length:
+        raise ValueError(f"max_length_q={max_length} but a history of cu_seq_lens_q has {longest} tokens")
+    item_after_padding = items[1:] & ~items[:-1] & (positions[1:] > 0)
+    if bool(item_after_padding.any()):
+        index = int(item_after_padding.nonzero()[0]) + 1
+        raise ValueError(f"the item at token {index} follows padding inside its history (cu_seq_lens_q): each "
+                         f"history holds its items first, padding only after them")
+    if position_ids is not None and not torch.equal(position_ids.flatten(), positions):
+        index = int((position_ids.flatten() != positions).nonzero()[0])
+        raise ValueError(f"position_ids at token {index} is {int(position_ids.flatten()[index])}, but cu_seq_lens_q "
+                         f"puts it at position {int(positions[index])} of its history")

@@ -6,6 +6,13 @@ transformers installed.
 
 Layout: callers pass histories padded on either side, or packed with `position_ids`; the model computes on their real
 items only, history by history (`history_layout.py`), and returns hidden states in the caller's layout.
+
+torch.compile: `torch.compile(model, fullgraph=True)` traces the whole forward and backward with no host sync and no
+data-dependent shape: while compiling, the layout is static (every input position is a token; padding is computed but
+never seen by an item nor counted) and the checks that read the data are left out. Packed batches of a fixed size
+should pass their histories' boundaries (`cu_seq_lens_q`, a tensor [S + 1]) and a bound on their length
+(`max_length_q`, an int), as `DataCollatorWithFlattening(return_flash_attn_kwargs=True)` or this package's static
+collators give them: then every batch has the same shapes, one graph serves them all, and CUDA graphs can replay it.
 """
 
 import inspect
@@ -250,7 +257,7 @@ class BlossomRecAttention(nn.Module):
             out = dense_attention_varlen(q, k, v, layout, implementation)
         else:
             blocks = layout.compressed_blocks(self.geometry.compress_block_size, self.geometry.compress_stride)
-            compressed_keys, compressed_values = self.compressor(k, v, blocks)
+            compressed_keys, compressed_values = map(blocks.only_valid, self.compressor(k, v, blocks))
             branches = BLOSSOM_BACKENDS[implementation](
                 q, k, v, compressed_keys, compressed_values, cu_seqlens=layout.cu_seqlens,
                 cu_compressed=blocks.cu_seqlens, max_length=layout.max_length, geometry=self.geometry)
@@ -387,20 +394,16 @@ class BlossomRecModel(BlossomRecPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.item_embeddings = value
 
-    def encode(self, input_ids, attention_mask=None, position_ids=None) -> tuple[HistoryLayout, list[torch.Tensor]]:
-        """Check the histories and encode their real items: the layout and the hidden states of every token
+    def encode(self, input_ids, attention_mask=None, position_ids=None, cu_seq_lens_q=None, max_length_q=None
+               ) -> tuple[HistoryLayout, list[torch.Tensor]]:
+        """Check the histories and encode their tokens: the layout and the hidden states of every token
         ([embeddings, layer 1, ..., layer N], each [T, d])."""
-        layout = HistoryLayout.from_inputs(input_ids, attention_mask, self.config.n_items, position_ids)
+        layout = HistoryLayout.from_inputs(input_ids, attention_mask, self.config.n_items, position_ids,
+                                           cu_seq_lens_q, max_length_q)
         hidden = self.item_embeddings(layout.tokens(input_ids))
         rotary = None
         if self.position_embeddings is not None:
-            if layout.max_length > self.config.max_position_embeddings:
-                raise ValueError(
-                    f"histories of length {layout.max_length} exceed max_position_embeddings="
-                    f"{self.config.max_position_embeddings} of this absolute-position model; keep the most recent "
-                    f"{self.config.max_position_embeddings} items"
-                )
-            hidden = hidden + self.position_embeddings(layout.positions)
+            hidden = hidden + self.position_embeddings(self._absolute_positions(layout))
         else:
             cos, sin = rotary_tables(max(layout.max_length, 1), self.config.head_dim, self.config.rope_theta,
                                      hidden.device, hidden.dtype)
@@ -410,19 +413,53 @@ class BlossomRecModel(BlossomRecPreTrainedModel):
             states.append(layer(states[-1], layout, rotary))
         return layout, states
 
+    def _absolute_positions(self, layout: HistoryLayout) -> torch.Tensor:
+        """Each token's row of the position table; a history longer than the table is an error (eager), a device
+        assertion (compiling). Padding tokens of a static layout may lie past the table: they take its last row."""
+        limit = self.config.max_position_embeddings
+        if not torch.compiler.is_compiling():
+            longest = layout.longest_history()
+            if longest > limit:
+                raise ValueError(
+                    f"histories of length {longest} exceed max_position_embeddings={limit} of this absolute-position "
+                    f"model; keep the most recent {limit} items")
+        elif layout.is_static:
+            torch._assert_async(((layout.positions < limit) | ~layout.items).all(),
+                                "a history exceeds max_position_embeddings of this absolute-position model")
+        return layout.positions.clamp(max=limit - 1) if layout.is_static else layout.positions
+
     def caller_hidden_states(self, layout: HistoryLayout, states, output_hidden_states):
         """Every layer's states in the caller's layout when asked for (argument, else config), else None."""
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         return tuple(layout.to_caller(s) for s in states) if output_hidden_states else None
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, output_hidden_states=None, return_dict=None):
-        layout, states = self.encode(input_ids, attention_mask, position_ids)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, output_hidden_states=None, return_dict=None,
+                cu_seq_lens_q=None, max_length_q=None, cu_seq_lens_k=None, max_length_k=None):
+        """Hidden states of padded input, or of packed input (`position_ids`, optionally with the flash-attention
+        kwargs `cu_seq_lens_q` [S + 1] and `max_length_q`, as in `BlossomRecForSequentialRecommendation.forward`)."""
+        boundaries = _packed_boundaries(cu_seq_lens_q, max_length_q, cu_seq_lens_k, max_length_k)
+        layout, states = self.encode(input_ids, attention_mask, position_ids, *boundaries)
         output = BlossomRecModelOutput(
             last_hidden_state=layout.to_caller(states[-1]),
             hidden_states=self.caller_hidden_states(layout, states, output_hidden_states),
         )
         return output if return_dict is not False else output.to_tuple()
+
+
+def _packed_boundaries(cu_seq_lens_q, max_length_q, cu_seq_lens_k, max_length_k) -> tuple:
+    """The histories' boundaries and length bound of packed input, from Transformers' flash-attention kwargs: this is
+    self-attention, so the key-side ones, if given, must be the query-side ones."""
+    if cu_seq_lens_k is not None:
+        same = cu_seq_lens_k is cu_seq_lens_q or (
+            isinstance(cu_seq_lens_q, torch.Tensor) and isinstance(cu_seq_lens_k, torch.Tensor)
+            and (torch.compiler.is_compiling() or (cu_seq_lens_k.shape == cu_seq_lens_q.shape
+                                                   and torch.equal(cu_seq_lens_k.to(cu_seq_lens_q), cu_seq_lens_q))))
+        if not same:
+            raise ValueError("cu_seq_lens_k must equal cu_seq_lens_q: BlossomRec attends within each history")
+    if max_length_k is not None and max_length_k != max_length_q:
+        raise ValueError(f"max_length_k={max_length_k!r} must equal max_length_q={max_length_q!r}")
+    return cu_seq_lens_q, max_length_q
 
 
 def _count_argument(value, name: str, minimum: int, maximum: int | None = None) -> int:
@@ -476,6 +513,10 @@ class BlossomRecForSequentialRecommendation(BlossomRecPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        max_length_q: int | None = None,
+        cu_seq_lens_k: torch.Tensor | None = None,
+        max_length_k: int | None = None,
     ) -> SequentialRecommenderOutput | tuple:
         """Next-item scores and, with `labels`, the next-item loss.
 
@@ -486,9 +527,19 @@ class BlossomRecForSequentialRecommendation(BlossomRecPreTrainedModel):
             item of the same history (never across histories); 0 and -100 are ignored.
         logits_to_keep: 0 = scores at every position ([B, L, n_items + 1]); k > 0 = scores after each history's last
             k items ([histories, k, n_items + 1]; one history per row of padded input).
+        cu_seq_lens_q, max_length_q: packed input's histories as Transformers' flash-attention kwargs (what
+            `DataCollatorWithFlattening(return_flash_attn_kwargs=True)` gives): boundaries [S + 1] over the flattened
+            input, from 0 to its size, and an int >= the longest history. Histories may be empty or all padding (a
+            batch filled to a fixed size); each holds its items first. With them no shape depends on the data, so
+            `torch.compile` needs one graph for batches of one size. `cu_seq_lens_k` / `max_length_k` must equal them.
         """
         logits_to_keep = _count_argument(logits_to_keep, "logits_to_keep", minimum=0)
-        layout, states = self.model.encode(input_ids, attention_mask, position_ids)
+        boundaries = _packed_boundaries(cu_seq_lens_q, max_length_q, cu_seq_lens_k, max_length_k)
+        if logits_to_keep > 0 and position_ids is not None and boundaries[0] is None \
+                and torch.compiler.is_compiling():
+            raise ValueError("compiled packed input with logits_to_keep needs cu_seq_lens_q and max_length_q: the "
+                             "number of histories (rows of the output) must not depend on the data")
+        layout, states = self.model.encode(input_ids, attention_mask, position_ids, *boundaries)
         last = states[-1]
 
         loss = None
@@ -533,27 +584,39 @@ class BlossomRecForSequentialRecommendation(BlossomRecPreTrainedModel):
 
     @torch.no_grad()
     def recommend(self, input_ids, attention_mask=None, top_k: int = 10, exclude_history: bool = False,
-                  position_ids=None):
+                  position_ids=None, cu_seq_lens_q=None, max_length_q=None):
         """The `top_k` best next items for each history (in eval mode), optionally leaving out items already seen:
-        [B, top_k] for padded input, [histories, top_k] for packed input (`position_ids`)."""
+        [B, top_k] for padded input, [histories, top_k] for packed input (`position_ids`, optionally with
+        `cu_seq_lens_q` and `max_length_q` as in `forward`). Compiled (`torch.compile(model.recommend)`), it checks
+        nothing that needs the data: empty histories and too few candidates then give -inf scores."""
         top_k = _count_argument(top_k, "top_k", minimum=1, maximum=self.config.n_items)
         was_training = self.training
-        self.eval()
+        if was_training:  # (a model already in eval mode is left alone: nothing for a compiled call to trace)
+            self.eval()
         try:
-            layout, states = self.model.encode(input_ids, attention_mask, position_ids)
+            layout, states = self.model.encode(input_ids, attention_mask, position_ids, cu_seq_lens_q, max_length_q)
         finally:
-            self.train(was_training)
-        empty = (layout.lengths == 0).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(f"cannot recommend for empty histories (rows {empty} hold only padding)")
+            if was_training:
+                self.train()
+        checking = not torch.compiler.is_compiling()
+        if checking:
+            empty = ((layout.lengths if layout.item_counts is None else layout.item_counts) == 0).nonzero()
+            if len(empty):
+                raise ValueError(f"cannot recommend for empty histories (rows {empty.flatten().tolist()} hold only "
+                                 f"padding)")
         scores = self.score(self.last_items_hidden(states[-1], layout, 1))[:, 0].float()
         scores[:, 0] = float("-inf")
         if exclude_history:
-            scores[layout.history_of_token, layout.tokens(input_ids).long()] = float("-inf")
+            seen = layout.tokens(input_ids).long()
+            if layout.is_static:  # padding tokens are in the layout: they exclude column 0 (already -inf) only
+                seen = seen.where(layout.items, 0)
+            scores[layout.history_of_token, seen] = float("-inf")
         best_scores, best_items = scores.topk(top_k, dim=-1)
-        short = torch.isinf(best_scores).any(dim=-1).nonzero().flatten().tolist()
-        if short:
-            raise ValueError(f"rows {short} have fewer than top_k={top_k} items outside their history; lower top_k")
+        if checking:
+            short = torch.isinf(best_scores).any(dim=-1).nonzero().flatten().tolist()
+            if short:
+                raise ValueError(f"rows {short} have fewer than top_k={top_k} items outside their history; lower "
+                                 f"top_k")
         return RecommendationOutput(item_ids=best_items, scores=best_scores)
 
 

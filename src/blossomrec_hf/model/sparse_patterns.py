@@ -49,10 +49,15 @@ class SparseGeometry:
         return (torch.arange(num_blocks, device=device) + 1) * self.compress_stride - 1
 
     def compressed_to_selection_span(self, num_blocks: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """First and last selection block that each compressed block overlaps (its importance flows to all of them)."""
-        ends = self.compressed_block_ends(num_blocks, device)
-        starts = (ends + 1 - self.compress_block_size).clamp(min=0)
-        return starts // self.selection_block_size, ends // self.selection_block_size
+        """First and last selection block that each compressed block overlaps (its importance flows to all of them).
+
+        Computed on the host, so that under torch.compile they are constants: inductor fails to simplify indices
+        derived on the device from an arange by clamping and flooring (torch 2.13, "vr must not be None")."""
+        ends = [(block + 1) * self.compress_stride - 1 for block in range(num_blocks)]
+        first = [max(end + 1 - self.compress_block_size, 0) // self.selection_block_size for end in ends]
+        last = [end // self.selection_block_size for end in ends]
+        return (torch.tensor(first, dtype=torch.long, device=device),
+                torch.tensor(last, dtype=torch.long, device=device))
 
     @property
     def max_selection_span(self) -> int:
