@@ -55,6 +55,49 @@ def test_packed_collator_matches_the_flattening_convention():
     assert batch["num_targets"] == 5
 
 
+def test_static_packed_batches_fill_the_budget_and_a_fixed_number_of_histories():
+    """--torch_compile's packed batches: the windows, then padding histories (id 0, labels -100, at most a window
+    long) up to the budget, then empty histories up to the number every batch of the sampler fits in."""
+    batch = PackedTrainingCollator(max_seq_length=3, static_shape=(14, 6))([{"input_ids": [5, 6, 7]},
+                                                                            {"input_ids": [1, 2, 3, 4, 9]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 2, 3, 4, 9] + [0] * 7]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 3, 4, 9] + [-100] * 7]
+    assert batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 7, 11, 14, 14, 14] and batch["max_length_q"] == 4
+    assert batch["num_targets"] == 5
+    with pytest.raises(ValueError, match="exceed the batch's 3 histories"):
+        PackedTrainingCollator(max_seq_length=3, static_shape=(14, 3))([{"input_ids": [5, 6, 7]}])
+
+    lengths = heavy_tailed_lengths()
+    sampler = TokenBudgetBatchSampler(lengths, max_tokens=256, seed=3)
+    num_tokens, num_histories = sampler.static_shape(max_length=51)
+    collator = PackedTrainingCollator(max_seq_length=50, static_shape=(num_tokens, num_histories))
+    shapes = {(tuple(b["input_ids"].shape), tuple(b["cu_seq_lens_q"].shape))
+              for b in (collator([{"input_ids": [1] * lengths[i]} for i in batch]) for batch in sampler)}
+    assert shapes == {((1, 256), (num_histories + 1,))}
+    assert num_histories == max(len(b) + -(-(256 - sum(lengths[i] for i in b)) // 51) for b in sampler)
+
+
+def test_static_padded_and_evaluation_batches_have_one_shape():
+    from datasets import Dataset
+
+    from blossomrec_hf.batching import EvaluationCollator, TrainingCollator, evaluation_dataloader
+
+    batch = TrainingCollator(max_seq_length=3, num_rows=3)([{"input_ids": [5, 6]}, {"input_ids": [1, 2, 3, 4, 9]}])
+    assert batch["input_ids"].tolist() == [[0, 0, 5, 6], [2, 3, 4, 9], [0, 0, 0, 0]]
+    assert batch["num_targets"] == 4
+    split = Dataset.from_dict({"user": list("abcde"), "history": [[1, 2], [3] * 7, [4], [5, 6, 7], [8] * 3],
+                               "target": [1, 2, 3, 4, 5]})
+    loader = evaluation_dataloader(split, EvaluationCollator(5), max_seq_length=5, max_tokens=6, max_histories=2,
+                                   static_shapes=True)
+    batches = list(loader)  # users' histories of 2 | 5 (7 cut to 5), 1 | 3, 3 items
+    assert {tuple(b["input_ids"].shape) for b in batches} == {(1, 6)}  # the most items of a batch
+    assert [b["cu_seq_lens_q"].tolist() for b in batches] == [[0, 2, 6], [0, 5, 6], [0, 3, 6]]
+    assert batches[0]["input_ids"].tolist() == [[1, 2, 0, 0, 0, 0]]  # then a padding history of 4
+    assert [b["targets"].tolist() for b in batches] == [[1], [2, 3], [4, 5]]
+
+
 def test_packed_training_resumes_to_the_uninterrupted_run(tmp_path):
     """--max_tokens_per_batch: a run stopped by SIGTERM (at step 7, via the trainer) and resumed ends as the run that was
     never stopped: the epoch order lives in the token-budget sampler and is restored with the epoch."""

@@ -2,6 +2,13 @@
 
 Shared by ``scripts/train.py`` and ``scripts/evaluate.py``. Rows are plain mappings (a ``datasets.Dataset`` row, or
 a dict), so nothing here needs the ``datasets`` library itself.
+
+Static shapes (``--torch_compile``): every batch of a loader then has the same shapes, so one compiled graph (and
+one CUDA graph) serves them all. A packed batch is filled to its token budget with padding histories (id 0, labels
+-100, at most ``max_length`` tokens each) and to a fixed number of histories with empty ones, and carries its
+histories' boundaries as Transformers' flash-attention kwargs: ``cu_seq_lens_q`` (int32 [S + 1]) and
+``max_length_q`` (an int, known here on the host, so the model never reads it from the device). A padded batch is
+filled to its full size with all-padding rows, each row as wide as a window.
 """
 
 from __future__ import annotations
@@ -16,15 +23,17 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 PADDING_ID = 0
 
 
-def left_pad(sequences: Sequence[Sequence[int]], max_length: int | None = None) -> torch.Tensor:
+def left_pad(sequences: Sequence[Sequence[int]], max_length: int | None = None, *, width: int | None = None,
+             rows: int | None = None) -> torch.Tensor:
     """Stack id lists into ``[B, L]``, keeping the last ``max_length`` ids of each and padding on the left with 0.
 
-    ``L`` is the longest (truncated) sequence of the batch, so short batches stay short.
+    ``L`` is the longest (truncated) sequence of the batch, so short batches stay short; ``width`` and ``rows`` fix
+    the shape instead (at least that wide, at least that many rows: the extra rows are all padding).
     """
     if max_length is not None:
         sequences = [sequence[-max_length:] if max_length > 0 else [] for sequence in sequences]
-    width = max((len(sequence) for sequence in sequences), default=0)
-    batch = torch.full((len(sequences), max(width, 1)), PADDING_ID, dtype=torch.long)
+    longest = max((len(sequence) for sequence in sequences), default=0)
+    batch = torch.full((max(len(sequences), rows or 0), max(longest, width or 0, 1)), PADDING_ID, dtype=torch.long)
     for row, sequence in enumerate(sequences):
         if len(sequence):
             batch[row, batch.shape[1] - len(sequence):] = torch.as_tensor(sequence, dtype=torch.long)
@@ -32,13 +41,19 @@ def left_pad(sequences: Sequence[Sequence[int]], max_length: int | None = None) 
 
 
 class TrainingCollator:
-    """Batches of training windows: ``input_ids = labels = window`` (the model shifts labels by one itself)."""
+    """Batches of training windows: ``input_ids = labels = window`` (the model shifts labels by one itself).
 
-    def __init__(self, max_seq_length: int):
+    ``num_rows``: static shapes, every batch ``[num_rows, max_seq_length + 1]`` (short batches get all-padding rows).
+    """
+
+    def __init__(self, max_seq_length: int, num_rows: int | None = None):
         self.window_length = max_seq_length + 1
+        self.num_rows = num_rows
 
     def __call__(self, rows: Sequence[Mapping]) -> dict:
-        input_ids = left_pad([row["input_ids"] for row in rows], self.window_length)
+        static = self.num_rows is not None
+        input_ids = left_pad([row["input_ids"] for row in rows], self.window_length,
+                             width=self.window_length if static else None, rows=self.num_rows)
         return {
             "input_ids": input_ids,
             "labels": input_ids.clone(),
@@ -56,19 +71,62 @@ def pack(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor
     return input_ids[None], position_ids[None]
 
 
+def static_history_lengths(lengths: Sequence[int], num_tokens: int, num_histories: int,
+                           max_length: int) -> list[int]:
+    """The histories of a packed batch of fixed size: ``lengths``, then padding histories of at most ``max_length``
+    tokens up to ``num_tokens`` tokens, then empty ones up to ``num_histories`` histories."""
+    tail = num_tokens - sum(lengths)
+    if tail < 0 or any(length > max_length for length in lengths):
+        raise ValueError(f"histories of lengths {list(lengths)} do not fit a batch of {num_tokens} tokens of "
+                         f"histories of at most {max_length}")
+    filled = [*lengths, *[max_length] * (tail // max_length), *([tail % max_length] if tail % max_length else [])]
+    if len(filled) > num_histories:
+        raise ValueError(f"{len(lengths)} histories and {len(filled) - len(lengths)} padding histories exceed the "
+                         f"batch's {num_histories} histories")
+    return filled + [0] * (num_histories - len(filled))
+
+
+def static_num_histories(batches: Sequence[Sequence[int]], num_tokens: int, max_length: int) -> int:
+    """The fewest histories per batch that every batch (the lengths of its histories) fits in with its padding
+    histories (`static_history_lengths`)."""
+    return max((len(lengths) + -(-(num_tokens - sum(lengths)) // max_length) for lengths in batches), default=1)
+
+
+def pack_static(sequences: Sequence[Sequence[int]], num_tokens: int, num_histories: int, max_length: int) -> dict:
+    """`pack` filled to a fixed size (`static_history_lengths`): ``input_ids``, ``position_ids`` [1, num_tokens], and
+    the flash-attention kwargs ``cu_seq_lens_q`` (int32 [num_histories + 1]) and ``max_length_q``."""
+    lengths = static_history_lengths([len(sequence) for sequence in sequences], num_tokens, num_histories, max_length)
+    input_ids = torch.zeros(num_tokens, dtype=torch.long)
+    items = [item for sequence in sequences for item in sequence]
+    input_ids[:len(items)] = torch.as_tensor(items, dtype=torch.long)
+    position_ids = torch.cat([torch.arange(length) for length in lengths])
+    cu_seq_lens = torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32)
+    return {"input_ids": input_ids[None], "position_ids": position_ids[None], "cu_seq_lens_q": cu_seq_lens,
+            "max_length_q": max_length}
+
+
 class PackedTrainingCollator:
     """Batches of training windows packed into one row (`pack`), with ``labels`` -100 at each window's first item, so
-    that no target crosses from one window into the next. No padding anywhere."""
+    that no target crosses from one window into the next. No padding anywhere.
 
-    def __init__(self, max_seq_length: int):
+    ``static_shape=(num_tokens, num_histories)``: every batch filled to that size (`pack_static`, padding labelled
+    -100), with the flash-attention kwargs."""
+
+    def __init__(self, max_seq_length: int, static_shape: tuple[int, int] | None = None):
         self.window_length = max_seq_length + 1
+        self.static_shape = static_shape
 
     def __call__(self, rows: Sequence[Mapping]) -> dict:
         windows = [list(row["input_ids"])[-self.window_length:] for row in rows]
+        num_targets = sum(len(window) for window in windows) - len(windows)
+        if self.static_shape is not None:
+            batch = pack_static(windows, *self.static_shape, self.window_length)
+            items = batch["input_ids"] != PADDING_ID
+            batch["labels"] = batch["input_ids"].masked_fill((batch["position_ids"] == 0) | ~items, -100)
+            return {**batch, "num_targets": num_targets}
         input_ids, position_ids = pack(windows)
         labels = input_ids.masked_fill(position_ids == 0, -100)
-        return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels,
-                "num_targets": input_ids.shape[1] - len(windows)}
+        return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "num_targets": num_targets}
 
 
 class TokenBudgetBatchSampler(Sampler[list[int]]):
@@ -83,6 +141,7 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, lengths: Sequence[int], max_tokens: int, seed: int):
+        self.max_tokens = max_tokens
         lengths = np.asarray(lengths, dtype=np.int64)
         if len(lengths) and lengths.max() > max_tokens:
             raise ValueError(f"--max_tokens_per_batch {max_tokens} is smaller than the longest training window "
@@ -107,6 +166,13 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def static_shape(self, max_length: int) -> tuple[int, int]:
+        """(tokens, histories) that every batch fits in, filled with padding histories of at most ``max_length``: the
+        same for every epoch, since the cuts depend only on the lengths."""
+        sorted_lengths = self.lengths[self.by_length].tolist()
+        batches = [sorted_lengths[start:end] for start, end in self.cuts]
+        return self.max_tokens, static_num_histories(batches, self.max_tokens, max_length)
 
     def __len__(self) -> int:
         return len(self.cuts)
@@ -161,24 +227,29 @@ class EvaluationCollator:
     Gives the histories' last ``max_seq_length`` items packed (`pack`: ``input_ids`` and ``position_ids`` [1, T]),
     ``targets`` and ``user_index`` [S]; with ``exclude_history`` also ``history_items`` (each whole history,
     left-padded with 0) so the ranking can drop already-seen items; with a ``negative_sampler`` also ``candidates``
-    (the sampled negatives the target is ranked against).
+    (the sampled negatives the target is ranked against). ``static_shape=(num_tokens, num_histories)``: the model's
+    input filled to that size (`pack_static`); the batch's users are its first histories.
     """
 
     def __init__(self, max_seq_length: int, *, exclude_history: bool = False,
-                 negative_sampler: NegativeSampler | None = None):
+                 negative_sampler: NegativeSampler | None = None, static_shape: tuple[int, int] | None = None):
         self.max_seq_length = max_seq_length
         self.exclude_history = exclude_history
         self.negative_sampler = negative_sampler
+        self.static_shape = static_shape
 
     def __call__(self, rows: Sequence[Mapping]) -> dict:
         histories = [row["history"] for row in rows]
-        input_ids, position_ids = pack([list(history)[-self.max_seq_length:] for history in histories])
-        batch = {
-            "input_ids": input_ids,
-            "position_ids": position_ids,
+        recent = [list(history)[-self.max_seq_length:] for history in histories]
+        if self.static_shape is not None:
+            batch = pack_static(recent, *self.static_shape, self.max_seq_length)
+        else:
+            input_ids, position_ids = pack(recent)
+            batch = {"input_ids": input_ids, "position_ids": position_ids}
+        batch.update({
             "targets": torch.as_tensor([row["target"] for row in rows], dtype=torch.long),
             "user_index": torch.as_tensor([row["index"] for row in rows], dtype=torch.long),
-        }
+        })
         if self.exclude_history:
             batch["history_items"] = left_pad(histories)
         if self.negative_sampler is not None:
@@ -247,15 +318,18 @@ def _private_generator(seed: int) -> torch.Generator:
 
 
 def training_dataloader(windows, max_seq_length: int, batch_size: int, seed: int, num_workers: int = 0,
-                        max_tokens_per_batch: int | None = None) -> DataLoader:
+                        max_tokens_per_batch: int | None = None, static_shapes: bool = False) -> DataLoader:
     """Shuffled batches of training windows (column ``input_ids``), reproducible from ``seed`` and the epoch: packed
-    batches of at most ``max_tokens_per_batch`` items, or else padded batches of ``batch_size`` windows."""
+    batches of at most ``max_tokens_per_batch`` items, or else padded batches of ``batch_size`` windows; with
+    ``static_shapes`` every batch of the same shape (the module docstring says how)."""
     if max_tokens_per_batch:
         lengths = [min(len(window), max_seq_length + 1) for window in windows["input_ids"]]
+        sampler = TokenBudgetBatchSampler(lengths, max_tokens_per_batch, seed)
         return DataLoader(
             windows,
-            batch_sampler=TokenBudgetBatchSampler(lengths, max_tokens_per_batch, seed),
-            collate_fn=PackedTrainingCollator(max_seq_length),
+            batch_sampler=sampler,
+            collate_fn=PackedTrainingCollator(
+                max_seq_length, sampler.static_shape(max_seq_length + 1) if static_shapes else None),
             num_workers=num_workers,
             generator=_private_generator(seed),
         )
@@ -263,7 +337,7 @@ def training_dataloader(windows, max_seq_length: int, batch_size: int, seed: int
         windows,
         batch_size=batch_size,
         sampler=EpochShuffleSampler(len(windows), seed),
-        collate_fn=TrainingCollator(max_seq_length),
+        collate_fn=TrainingCollator(max_seq_length, batch_size if static_shapes else None),
         num_workers=num_workers,
         generator=_private_generator(seed),
     )
@@ -271,10 +345,16 @@ def training_dataloader(windows, max_seq_length: int, batch_size: int, seed: int
 
 def evaluation_dataloader(split, collator: EvaluationCollator, *, max_seq_length: int, max_tokens: int,
                           max_histories: int, process_index: int = 0, num_processes: int = 1,
-                          num_workers: int = 0) -> DataLoader:
+                          num_workers: int = 0, static_shapes: bool = False) -> DataLoader:
     """This process's share of the evaluation batches (`evaluation_batches`, dealt round-robin): every row lands in
-    exactly one process, with no padding rows or duplicates."""
+    exactly one process, with no padding rows or duplicates. ``static_shapes``: the collator fills every batch to
+    the size that every batch of every process fits in (the most tokens of a batch)."""
     lengths = [min(len(history), max_seq_length) for history in split["history"]]
-    batches = evaluation_batches(lengths, max_tokens, max_histories)[process_index::num_processes]
+    batches = evaluation_batches(lengths, max_tokens, max_histories)
+    if static_shapes:
+        batch_lengths = [[lengths[index] for index in batch] for batch in batches]
+        num_tokens = max(max(sum(batch) for batch in batch_lengths), 1)
+        collator.static_shape = (num_tokens, static_num_histories(batch_lengths, num_tokens, max_seq_length))
+    batches = batches[process_index::num_processes]
     return DataLoader(IndexedRows(split), batch_sampler=batches, collate_fn=collator, num_workers=num_workers,
                       generator=_private_generator(0))

@@ -78,10 +78,15 @@ def collect_ranks(score_fn: ScoreFunction, dataloader, accelerator, num_users: i
 
 def model_score_function(model) -> ScoreFunction:
     """Next-item scores ``[S, n_items + 1]`` after each history's last item, from
-    ``model(input_ids, position_ids=..., logits_to_keep=1)`` (packed batches; padded ones without ``position_ids``)."""
+    ``model(input_ids, position_ids=..., logits_to_keep=1)`` (packed batches; padded ones without ``position_ids``).
+    Batches of static shape (``cu_seq_lens_q``, ``max_length_q``) hold the users' histories first: their rows are
+    kept, the padding histories' dropped."""
     def score(batch: dict) -> torch.Tensor:
-        output = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), logits_to_keep=1)
-        return output.logits[:, -1]
+        static = {name: batch[name] for name in ("cu_seq_lens_q", "max_length_q") if name in batch}
+        output = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), logits_to_keep=1,
+                       **static)
+        scores = output.logits[:, -1]
+        return scores[:len(batch["targets"])] if static else scores
     return score
 
 
@@ -109,12 +114,15 @@ def popularity_score_function(popularity: torch.Tensor) -> ScoreFunction:
 class RankingEvaluator:
     """Evaluates models on one leave-one-out split (rows ``user``, ``history``, ``target``) with one protocol.
 
+    ``static_shapes``: every batch the model sees has the same shapes (for a compiled model: one graph), the
+    histories filled with padding histories to the size of the largest batch.
+
     The popularity baseline is computed once per evaluator, since it does not change during training.
     """
 
     def __init__(self, split, train_split, *, n_items: int, max_seq_length: int, accelerator, batch_size: int = 256,
                  mode: str = "full", exclude_history: bool = False, seed: int = 0, ks: Iterable[int] = DEFAULT_KS,
-                 max_tokens_per_forward: int = MAX_TOKENS_PER_FORWARD):
+                 max_tokens_per_forward: int = MAX_TOKENS_PER_FORWARD, static_shapes: bool = False):
         if mode not in EVALUATION_MODES:
             raise ValueError(f"unknown evaluation mode {mode!r}; choose one of {', '.join(EVALUATION_MODES)}")
         if len(split) == 0:
@@ -130,7 +138,7 @@ class RankingEvaluator:
         self.dataloader = evaluation_dataloader(
             split, collator, max_seq_length=max_seq_length, max_tokens=max_tokens_per_forward,
             max_histories=batch_size, process_index=accelerator.process_index,
-            num_processes=accelerator.num_processes)
+            num_processes=accelerator.num_processes, static_shapes=static_shapes)
         self.popularity = item_popularity(train_split, n_items)
         self._popularity_metrics: dict[str, float] | None = None
 
