@@ -21,7 +21,8 @@ from blossomrec_hf.data import DataWarning, ItemVocabulary, one_line_data_warnin
 from blossomrec_hf.errors import InputErrors, user_input_errors
 from blossomrec_hf.evaluation import MAX_TOKENS_PER_FORWARD, RankingEvaluator
 from blossomrec_hf.metrics import format_metrics_table
-from blossomrec_hf.training_args import DataArguments, EvaluationArguments
+from blossomrec_hf.training.trainer import compile_model
+from blossomrec_hf.training_args import DataArguments, EvaluationArguments, check_torch_compile_arguments
 
 
 @dataclass
@@ -37,12 +38,24 @@ class EvaluateArguments:
     max_tokens_per_forward: int = field(default=MAX_TOKENS_PER_FORWARD, metadata={
         "help": "history items per evaluation batch: histories are packed, and a batch (one model forward) ends "
                 "before this many items or --per_device_eval_batch_size users"})
+    torch_compile: bool = field(default=False, metadata={
+        "help": "compile the model's forward with torch.compile(fullgraph=True), on batches of one static shape"})
+    torch_compile_backend: str | None = field(default=None, metadata={
+        "help": "torch.compile backend (default: inductor); setting it turns --torch_compile on"})
+    torch_compile_mode: str | None = field(default=None, metadata={
+        "help": "torch.compile mode (default: None); setting it turns --torch_compile on"})
+
+    def __post_init__(self):
+        if self.torch_compile_backend is not None or self.torch_compile_mode is not None:
+            self.torch_compile = True
 
 
 def main():
     one_line_data_warnings()
     parser = HfArgumentParser([EvaluateArguments, DataArguments, EvaluationArguments])
     args, data_args, eval_args = parser.parse_args_into_dataclasses()
+    with user_input_errors("arguments"):
+        check_torch_compile_arguments(args)
     accelerator = Accelerator()
     transformers_logging.disable_progress_bar()
     if not accelerator.is_main_process:  # every process reads the data: its warnings are printed once
@@ -66,10 +79,14 @@ def main():
                                      max_seq_length=max_seq_length, accelerator=accelerator,
                                      batch_size=eval_args.per_device_eval_batch_size, mode=eval_args.eval_mode,
                                      exclude_history=eval_args.exclude_history, seed=eval_args.eval_seed,
-                                     max_tokens_per_forward=args.max_tokens_per_forward)
+                                     max_tokens_per_forward=args.max_tokens_per_forward,
+                                     static_shapes=args.torch_compile)
     errors.exit_if_any(accelerator)
 
-    metrics = {"model": evaluator.evaluate_model(model.to(accelerator.device)),
+    model = model.to(accelerator.device)
+    if args.torch_compile:
+        compile_model(model, args)
+    metrics = {"model": evaluator.evaluate_model(model),
                "popularity": evaluator.evaluate_popularity()}
     if accelerator.is_main_process:
         print(f"{args.split} split, {eval_args.eval_mode} ranking"

@@ -4,6 +4,7 @@
     accelerate launch -q scripts/train.py --dataset ../shared/data/Beauty.txt --max_seq_length 50
     accelerate launch -q --multi_gpu --num_processes 2 scripts/train.py ...  # same run on two GPUs
     accelerate launch -q scripts/train.py --resume_from_checkpoint latest    # continue an interrupted run
+    accelerate launch -q scripts/train.py --torch_compile                    # compiled steps, batches of one shape
 
 The best model by validation NDCG@10 is saved in ``output_dir`` (``save_pretrained``: safetensors and remote code,
 plus the item vocabulary, ``training_args.json``, ``metrics.json`` and ``training_curves.png``);

@@ -103,10 +103,24 @@ class TrainingArguments:
     report_to: Literal["none", "tensorboard"] = field(default="none", metadata={
         "help": "also log to TensorBoard, under output_dir/runs (needs pip install -e \".[tensorboard]\")"})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    torch_compile: bool = field(default=False, metadata={
+        "help": "compile the model with torch.compile(fullgraph=True): the training step (forward and backward) and "
+                "the evaluation forward, on batches of static shapes (packed batches filled to the token budget, "
+                "padded ones to the batch size), so one graph serves every batch"})
+    torch_compile_backend: str | None = field(default=None, metadata={
+        "help": "torch.compile backend (default: inductor); setting it turns --torch_compile on"})
+    torch_compile_mode: str | None = field(default=None, metadata={
+        "help": "torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune or "
+                "max-autotune-no-cudagraphs (default: None, torch's default); setting it turns --torch_compile on"})
     push_to_hub: bool = field(default=False, metadata={"help": "upload the best model to --hub_model_id at the end"})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository, e.g. org/blossomrec-beauty"})
     config_overrides: str | None = field(default=None, metadata={
         "help": "model config fields as key=value,key=value (same fields as the --<field> flags)"})
+
+    def __post_init__(self):
+        # As in Transformers: naming a backend or mode asks for compilation.
+        if self.torch_compile_backend is not None or self.torch_compile_mode is not None:
+            self.torch_compile = True
 
     @property
     def tokens_per_batch(self) -> int:
@@ -166,6 +180,7 @@ def parse_training_arguments(argv: list[str] | None = None):
         if training_args.tokens_per_batch < 0:
             raise ValueError(f"--max_tokens_per_batch must be >= 0 (0 = padded batches), got "
                              f"{training_args.max_tokens_per_batch}")
+        check_torch_compile_arguments(training_args)
         if training_args.push_to_hub and not training_args.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id org/name")
         # Accelerate would only warn and log nothing.
@@ -173,6 +188,23 @@ def parse_training_arguments(argv: list[str] | None = None):
             raise ValueError('--report_to tensorboard needs TensorBoard, which is not installed: '
                              'pip install -e ".[tensorboard]"')
     return data_args, eval_args, training_args, {**overrides, **flags}
+
+
+TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def check_torch_compile_arguments(args: TrainingArguments) -> None:
+    """A ValueError naming the flag for a torch.compile mode or backend that torch does not know."""
+    if args.torch_compile_mode is not None and args.torch_compile_mode not in TORCH_COMPILE_MODES:
+        raise ValueError(f"--torch_compile_mode must be one of {', '.join(TORCH_COMPILE_MODES)}, got "
+                         f"{args.torch_compile_mode!r}")
+    if args.torch_compile_backend is not None:
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if args.torch_compile_backend not in backends:
+            raise ValueError(f"--torch_compile_backend must be one of {', '.join(sorted(backends))}, got "
+                             f"{args.torch_compile_backend!r}")
 
 
 def build_model_config(training_args: TrainingArguments, overrides: dict, n_items: int) -> BlossomRecConfig:

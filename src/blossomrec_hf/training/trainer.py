@@ -2,6 +2,11 @@
 
 A step is split so that each later change has one place: ``compute_loss`` (batch -> loss), ``training_step``
 (forward, backward, optimizer step) and ``_after_optimizer_step`` (log, evaluate, checkpoint as due).
+
+``--torch_compile`` compiles the model in place (``nn.Module.compile``, so parameter names, checkpoints and
+``unwrap_model`` stay as they are) with ``fullgraph=True``: the forward and backward of the training step and the
+evaluation forward, each one graph with no host sync. The data loaders then give batches of static shapes, so the
+graphs are compiled once, not once per batch size.
 """
 
 from __future__ import annotations
@@ -109,11 +114,25 @@ def describe_run(data_args, args, config, num_processes: int) -> dict:
             "num_processes": num_processes, **model}
 
 
-def ranking_evaluator(accelerator, data, split: str, max_seq_length: int, eval_args) -> RankingEvaluator:
+def ranking_evaluator(accelerator, data, split: str, max_seq_length: int, eval_args,
+                      static_shapes: bool = False) -> RankingEvaluator:
     return RankingEvaluator(data.splits[split], data.splits["train"], n_items=data.vocab.n_items,
                             max_seq_length=max_seq_length, accelerator=accelerator,
                             batch_size=eval_args.per_device_eval_batch_size, mode=eval_args.eval_mode,
-                            exclude_history=eval_args.exclude_history, seed=eval_args.eval_seed)
+                            exclude_history=eval_args.exclude_history, seed=eval_args.eval_seed,
+                            static_shapes=static_shapes)
+
+
+def compile_model(model, args) -> None:
+    """``--torch_compile``: compile ``model`` in place, the whole forward as one graph (and its backward)."""
+    model.compile(fullgraph=True, backend=args.torch_compile_backend or "inductor", mode=args.torch_compile_mode)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has captured in this process (each distinct shape or mode of a step is one)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def optimizer_groups(model, weight_decay: float) -> list[dict]:
@@ -133,12 +152,17 @@ class Trainer:
         model = BlossomRecForSequentialRecommendation(config)
         # Evaluation scores an unprepared float32 copy: bf16 scores would tie often, and ties favour the target.
         self.eval_model = copy.deepcopy(model).to(accelerator.device)
+        if args.torch_compile:
+            compile_model(model, args)
+            compile_model(self.eval_model, args)
         with user_input_errors("arguments", accelerator):
             dataloader = training_dataloader(windows, args.max_seq_length, args.per_device_train_batch_size, args.seed,
-                                             args.dataloader_num_workers, args.tokens_per_batch)
+                                             args.dataloader_num_workers, args.tokens_per_batch,
+                                             static_shapes=args.torch_compile)
         # the epoch's order lives in the token-budget batch sampler, or in the sampler of padded batches
         self.sampler = dataloader.batch_sampler if args.tokens_per_batch else dataloader.sampler
-        self.evaluators = {split: ranking_evaluator(accelerator, data, split, args.max_seq_length, eval_args)
+        self.evaluators = {split: ranking_evaluator(accelerator, data, split, args.max_seq_length, eval_args,
+                                                    static_shapes=args.torch_compile)
                            for split in ("validation", "test")}
         optimizer = torch.optim.AdamW(optimizer_groups(model, args.weight_decay), lr=args.learning_rate)
         self.model, self.optimizer, self.dataloader = accelerator.prepare(model, optimizer, dataloader)
@@ -166,9 +190,9 @@ class Trainer:
             f"{self.total_steps} steps of {self.steps_per_epoch} per epoch")
 
     def compute_loss(self, batch: dict) -> torch.Tensor:
-        """The training loss of one batch."""
-        return self.model(input_ids=batch["input_ids"], labels=batch["labels"],
-                          position_ids=batch.get("position_ids")).loss
+        """The training loss of one batch (static batches also give their histories' boundaries)."""
+        return self.model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"),
+                          cu_seq_lens_q=batch.get("cu_seq_lens_q"), max_length_q=batch.get("max_length_q")).loss
 
     def training_step(self, batch: dict) -> bool:
         """Forward and backward on one batch, and the optimizer step where gradient accumulation allows one; returns
@@ -316,6 +340,8 @@ class Trainer:
               f"validation at step {self.state.best_step}, {self.state.best_train_seconds:.1f} s of training:")
         print(format_metrics_table({name: results["test"]["model"], "popularity": results["test"]["popularity"]}))
         print(f"saved to {self.output_dir}")
+        if self.args.torch_compile:
+            print(f"torch.compile: {compiled_graphs()} graphs captured (training step and evaluation)")
         print(f"training curves: {plot}" if plot else
               'training curves not drawn: matplotlib is not installed (pip install -e ".[plot]")')
         if self.args.push_to_hub:
