@@ -15,6 +15,7 @@ from torch._dynamo.utils import counters
 
 from blossomrec_hf import BlossomRecConfig, BlossomRecForSequentialRecommendation
 from blossomrec_hf.batching import PackedTrainingCollator, TrainingCollator, training_dataloader
+from triton_support import requires_triton
 
 N_ITEMS = 60
 # windows as a data loader gives them: several lengths, one longer than a selection block several times over
@@ -101,6 +102,32 @@ def test_a_static_batch_is_the_packed_batch(name):
         scores = model(**{key: value for key, value in static.items() if key != "labels"}, logits_to_keep=1).logits
         expected = model(packed["input_ids"], position_ids=packed["position_ids"], logits_to_keep=1).logits
     torch.testing.assert_close(scores[:len(WINDOWS)], expected, rtol=1e-5, atol=1e-5)
+
+
+@requires_triton
+@pytest.mark.parametrize("layout", ["packed", "static"])
+def test_the_triton_attention_compiles_into_the_step(layout):
+    """blossom_triton (here through Triton's interpreter): its custom operators take the layout's cu_seqlens and a
+    host int max_length, so the compiled step is one graph equal to eager; static batches also hand it compressed
+    rows past cu_compressed[-1] (a host-side bound), which must get no gradient."""
+    config = BlossomRecConfig(n_items=N_ITEMS, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              num_key_value_heads=1, intermediate_size=32, hidden_dropout_prob=0.0,
+                              compress_block_size=16, compress_stride=16, selection_block_size=16,
+                              num_selected_blocks=2, stis_window=2, attn_implementation="blossom_triton")
+    torch.manual_seed(0)
+    model = BlossomRecForSequentialRecommendation(config)
+    windows = [[(3 * window + item) % N_ITEMS + 1 for item in range(length)]
+               for window, length in enumerate([5, 40, 2, 38])]
+    rows = [{"input_ids": window} for window in windows]
+    batch = PackedTrainingCollator(39, static_shape=(100, 6) if layout == "static" else None)(rows)
+    batch.pop("num_targets")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    assert_same_step(step(model, batch, compiled), step(model, batch))
+    assert counters["stats"]["unique_graphs"] == 1
+    if layout == "static":  # the same as the packed batch: the spare compressed rows change nothing
+        packed = PackedTrainingCollator(39)(rows)
+        packed.pop("num_targets")
+        assert_same_step(step(model, batch), step(model, packed))
 
 
 def test_compiled_recommend_equals_eager():
