@@ -103,10 +103,17 @@ def sdpa_groups_heads_natively(device_type: str, dtype: torch.dtype, head_dim: i
     return head_dim % 8 == 0 and head_dim <= 256 and (capability is None or capability[0] >= 8)
 
 
+@torch.compiler.assume_constant_result
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """A CUDA device's compute capability; torch.compile takes it as a constant (Dynamo does not fold
+    torch.cuda.get_device_capability itself)."""
+    return torch.cuda.get_device_capability(device)
+
+
 def dense_attention_sdpa(q, k, v):
     group = q.shape[1] // k.shape[1]
     if group > 1:
-        capability = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None
+        capability = cuda_capability(q.device) if q.device.type == "cuda" else None
         if sdpa_groups_heads_natively(q.device.type, q.dtype, q.shape[-1], capability):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         # one key/value head per query head (linear memory) lets the memory-efficient kernel run
@@ -138,7 +145,7 @@ def flash_varlen_usable(q: torch.Tensor) -> bool:
     """Whether torch's variable-length flash attention takes these queries (CUDA, fp16/bf16, flash-capable GPU)."""
     if varlen_attn is None or q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
         return False
-    return sdpa_groups_heads_natively("cuda", q.dtype, q.shape[-1], torch.cuda.get_device_capability(q.device))
+    return sdpa_groups_heads_natively("cuda", q.dtype, q.shape[-1], cuda_capability(q.device))
 
 
 def causal_varlen_attention(q, k, v, cu_seqlens, max_length: int) -> torch.Tensor:
