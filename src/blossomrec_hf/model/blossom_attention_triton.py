@@ -266,7 +266,8 @@ def _backward_impl(q: Tensor, k: Tensor, v: Tensor, ck: Tensor, cv: Tensor | Non
     )
     if not has_compressed:
         return dq, dk, dv, _no_rows(ck), _no_rows(ck)
-    dck, dcv = torch.empty_like(ck), torch.empty_like(cv)
+    # zeros: rows past cu_compressed[-1] (a static batch's spare rows) are not written by the kernel
+    dck, dcv = torch.zeros_like(ck), torch.zeros_like(cv)
     if plan.num_compressed:
         compressed_backward_dkdv[plan.compressed_grid()](
             Q=q, CK=ck, CV=cv, DOC=do_c, LSEC=lse_c, DELC=delta_c, DCK=dck, DCV=dcv,
@@ -326,7 +327,8 @@ def _dense(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def blossom_attention_triton_varlen(q, k, v, ck, cv, *, cu_seqlens, cu_compressed, max_length, geometry):
     """All BlossomRec branches over packed histories: (selected, stis, compressed) outputs, each [T, H, D];
     compressed is None if cv is. Same arguments as `blossom_attention_torch_varlen`; cu_seqlens and cu_compressed
-    (int32 or int64, on q's device) must end at T and Wt. Never syncs with the host: grids are sized from
+    (int32 or int64, on q's device) end at T and at most at Wt (static batches keep spare compressed rows, which
+    get zero gradients). Never syncs with the host: grids are sized from
     `max_length`, and each program reads its history's bounds."""
     reason = fallback_reason(q, k, ck, geometry)
     if reason is not None:
