@@ -48,11 +48,14 @@ def make_config(implementation: str, **overrides) -> BlossomRecConfig:
     return config
 
 
-def packed_histories(length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids and position_ids [1, T] of TOKENS // length histories of `length` items, back to back."""
+def packed_histories(length: int) -> dict:
+    """input_ids and position_ids [1, T] of TOKENS // length histories of `length` items, back to back, with their
+    boundaries (the flash-attention kwargs train.py's collator passes, so no step derives them on the device)."""
     batch = TOKENS // length
-    ids = torch.randint(1, N_ITEMS + 1, (1, batch * length), device="cuda")
-    return ids, torch.arange(length, device="cuda").repeat(batch)[None]
+    return dict(input_ids=torch.randint(1, N_ITEMS + 1, (1, batch * length), device="cuda"),
+                position_ids=torch.arange(length, device="cuda").repeat(batch)[None],
+                cu_seq_lens_q=torch.arange(0, batch * length + 1, length, device="cuda", dtype=torch.int32),
+                max_length_q=length)
 
 
 def measure(step, quick_first: bool):
@@ -131,10 +134,12 @@ def module_step(implementation: str, length: int):
     model = BlossomRecForSequentialRecommendation(config)
     model.set_attn_implementation(implementation)
     module = model.model.layers[0].attention.cuda()
-    ids, position_ids = packed_histories(length)
-    layout = HistoryLayout.from_inputs(ids, None, N_ITEMS, position_ids)
-    hidden = torch.randn(ids.shape[1], 128, device="cuda", requires_grad=True)
-    grad = torch.randn(ids.shape[1], 128, device="cuda")
+    batch = packed_histories(length)
+    layout = HistoryLayout.from_inputs(batch["input_ids"], None, N_ITEMS, batch["position_ids"],
+                                       batch["cu_seq_lens_q"], batch["max_length_q"])
+    tokens = batch["input_ids"].shape[1]
+    hidden = torch.randn(tokens, 128, device="cuda", requires_grad=True)
+    grad = torch.randn(tokens, 128, device="cuda")
     cos, sin = rotary_tables(length, config.head_dim, config.rope_theta, "cuda", torch.float32)
     rotary = cos[layout.positions], sin[layout.positions]
 
@@ -157,7 +162,7 @@ def model_step(implementation: str, length: int):
     model = BlossomRecForSequentialRecommendation(make_config(implementation, max_position_embeddings=length)).cuda()
     model.set_attn_implementation(implementation)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
-    ids, position_ids = packed_histories(length)
+    batch = packed_histories(length)
 
     def make_step(wrap=lambda fn: fn):
         forward = wrap(model)
@@ -165,7 +170,7 @@ def model_step(implementation: str, length: int):
         def step():
             optimizer.zero_grad(set_to_none=False)  # gradients stay in place: capturable
             with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-                loss = forward(ids, position_ids=position_ids, labels=ids).loss
+                loss = forward(**batch, labels=batch["input_ids"]).loss
             loss.backward()
             optimizer.step()
 
