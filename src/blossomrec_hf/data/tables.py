@@ -17,6 +17,7 @@ import numpy as np
 
 try:
     import datasets
+    from datasets.fingerprint import generate_random_fingerprint
 except ImportError:  # the GPU machine has no `datasets`
     datasets = None
 
@@ -98,7 +99,9 @@ def make_table(columns: dict):
     """A ``datasets.Dataset`` (or a ``ColumnTable`` without ``datasets``) from numpy / ``Ragged`` columns."""
     if datasets is None:
         return ColumnTable(columns)
-    return datasets.Dataset(to_arrow(columns))
+    # A random fingerprint, not a hash of the contents: hashing pickles the whole table (0.7 s per 5M events, and it
+    # failed on the GPU machine's dill/pyarrow pair) and buys nothing for a table that lives in memory.
+    return datasets.Dataset(to_arrow(columns), fingerprint=generate_random_fingerprint())
 
 
 def make_table_dict(tables: dict):
