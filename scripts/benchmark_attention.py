@@ -9,10 +9,11 @@ Each step is timed in the modes a training loop can run it (median by `triton.te
 - eager: what a plain PyTorch loop gets; short steps are bound by the host (Python, autograd, kernel launches).
 - compiled: `torch.compile` of the module (--compile_mode, default PyTorch's), the step `--torch_compile` runs.
 - graph: the eager step captured in a CUDA graph and replayed, the device-bound time with no host work per step.
-- host: the host's own time to issue one eager step, measured while the GPU is held busy by a sleep kernel so the
-  host never waits for it; a step that synchronises with the device shows up here as a wait on the sleep.
+- host: the host's own time to issue one eager step (ten issued back to back while a sleep kernel holds the GPU, so
+  the host never waits for it); a step that synchronises with the device shows up here as a wait on the sleep.
 Whole model: one training step (forward, loss, backward, Adam) of `BlossomRecForSequentialRecommendation` against
-the dense model, items per second, in the same modes.
+the dense model, items per second, in the same modes. No dropout anywhere (a CUDA graph capture that fails part-way
+would leave the random generator unusable for the rows after it).
 
     python scripts/benchmark_attention.py [--lengths 50 200 ...] [--output-dir benchmarks/results]
 """
@@ -40,8 +41,9 @@ MODES = ("eager", "compiled", "graph")
 
 
 def make_config(implementation: str, **overrides) -> BlossomRecConfig:
+    # no dropout: a CUDA graph capture that fails part-way would leave the random generator unusable
     fields = dict(n_items=N_ITEMS, hidden_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-                  intermediate_size=256, attention_type="dense" if implementation in ("sdpa", "eager") else "blossom")
+                  intermediate_size=256, hidden_dropout_prob=0.0, attention_type="dense" if implementation in ("sdpa", "eager") else "blossom")
     fields.update(overrides)
     config = BlossomRecConfig(**fields)
     config._attn_implementation = implementation
@@ -82,16 +84,18 @@ def measure(step, quick_first: bool):
         return None, None, "out of memory"
 
 
-def host_ms(step, repeats: int = 20) -> float:
-    """Median host time to issue `step` while the GPU is kept busy (see the module docstring)."""
+def host_ms(step, steps: int = 10, repeats: int = 3) -> float:
+    """The host's own time per step: `steps` steps issued back to back while a sleep kernel holds the GPU (so the
+    host never waits for it), median over `repeats`. A step that synchronises waits for the sleep and shows here."""
     times = []
     for _ in range(repeats):
         torch.cuda.synchronize()
-        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time: far longer than any step takes to issue
+        torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU time: far longer than issuing the steps takes
         start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1e3)
-    torch.cuda.synchronize()
+        for _ in range(steps):
+            step()
+        times.append((time.perf_counter() - start) * 1e3 / steps)
+        torch.cuda.synchronize()
     return statistics.median(times)
 
 
