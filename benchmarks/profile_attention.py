@@ -53,13 +53,13 @@ def host_profile(step, repeat: int = 20, rows: int = 25) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 16384])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[200, 4096])
     parser.add_argument("--implementation", default="blossom_triton")
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--host", action="store_true", help="also profile the host side (Python) of a step")
     args = parser.parse_args()
     for length in args.lengths:
-        step, keep = module_step(args.implementation, length)
+        step = module_step(args.implementation, length)()
         averages = cuda_profile(step)
         print(f"\n== {args.implementation} L={length}: CUDA ms per step, by kernel")
         events = sorted(averages, key=lambda e: -e.device_time_total)
@@ -71,7 +71,7 @@ def main():
         print(f"{wall:8.3f}        wall time per step (do_bench); above the CUDA total = the GPU waits for launches")
         if args.host:
             print(host_profile(step))
-        del step, keep
+        del step
 
 
 if __name__ == "__main__":
