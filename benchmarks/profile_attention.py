@@ -57,11 +57,14 @@ def main():
     parser.add_argument("--implementation", default="blossom_triton")
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--host", action="store_true", help="also profile the host side (Python) of a step")
+    parser.add_argument("--compiled", action="store_true",
+                        help="profile the torch.compile'd module as well (kernel lists side by side in the output)")
     args = parser.parse_args()
-    for length in args.lengths:
-        step = module_step(args.implementation, length)()
+    for length, compiled in [(length, c) for length in args.lengths for c in (False, True) if c <= args.compiled]:
+        make_step = module_step(args.implementation, length)
+        step = make_step(torch.compile) if compiled else make_step()
         averages = cuda_profile(step)
-        print(f"\n== {args.implementation} L={length}: CUDA ms per step, by kernel")
+        print(f"\n== {args.implementation} L={length}{' compiled' if compiled else ''}: CUDA ms per step, by kernel")
         events = sorted(averages, key=lambda e: -e.device_time_total)
         total = sum(e.device_time_total for e in events) / 5 / 1e3
         for event in events[:args.rows]:
