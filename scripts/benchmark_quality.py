@@ -13,6 +13,19 @@ tables, writes them to `benchmarks/results/quality.txt` and everything (each run
 
     python scripts/benchmark_quality.py --runs beauty-blossom beauty-dense --seeds 0 1 2 --layouts packed padded
 
+The paper's ablation table (issue 14) on Beauty and ML-100K: `--table ablation` runs `{beauty,ml100k}-{blossom,
+ltis,stis,nogate,nocomp,dense}` (BlossomRec; LTIS only: selected blocks, own block and compressed branch; STIS only;
+without the gate: every branch weighted 0.5; without the compressed branch; dense causal attention) and adds a block
+with NDCG@10 and HR@10 (mean +- std over seeds), training seconds to the best epoch and peak memory:
+
+    python scripts/benchmark_quality.py --table ablation --seeds 0 1 2 --results benchmarks/results/ablation.json
+
+Peak memory: train.py's metrics.json does not record it, so this script measures each run from outside: the GPU
+memory of the run's process as nvidia-smi reports it (sampled every second; CUDA context and the allocator's cache
+included, so above what tensors need; n/a where nvidia-smi lists no processes, e.g. in some containers), and the peak
+resident memory of the process (its rusage). A `peak_gpu_memory_mib` in metrics.json (e.g. the trainer's
+torch.cuda.max_memory_allocated() / 2**20) would be used instead of the nvidia-smi sample.
+
 The test (tests/test_benchmark_quality.py) runs it on a tiny synthetic log with tiny model flags in --extra; any
 train.py flag given there comes after the run's own, so it wins.
 """
@@ -20,7 +33,9 @@ train.py flag given there comes after the run's own, so it wins.
 import argparse
 import json
 import math
+import os
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -49,17 +64,43 @@ RUNS = {
     "beauty-blossom-mixed512": BEAUTY + ["--attention_type", "blossom", "--loss_type", "sampled",
                                          "--num_negatives", "512", "--negative_sampling", "mixed"],
 }
+DEFAULT_RUNS = list(RUNS)
+# The paper's ablations (BlossomRecConfig fields): a variant's flags after the dataset's. blossom and dense are the runs
+# above.
+ABLATIONS = {
+    "blossom": ["--attention_type", "blossom"],
+    "ltis": ["--attention_type", "blossom", "--blossom_branches", "ltis"],
+    "stis": ["--attention_type", "blossom", "--blossom_branches", "stis"],
+    "nogate": ["--attention_type", "blossom", "--gate_type", "fixed"],
+    "nocomp": ["--attention_type", "blossom", "--use_compressed_branch", "false"],
+    "dense": ["--attention_type", "dense"],
+}
+ABLATION_DESCRIPTIONS = {"blossom": "BlossomRec", "ltis": "LTIS only", "stis": "STIS only",
+                         "nogate": "without the gate (0.5 each)", "nocomp": "without the compressed branch",
+                         "dense": "dense (SASRec)"}
+ABLATION_DATASETS = {"beauty": BEAUTY, "ml100k": ML100K}
+RUNS.update({f"{dataset}-{variant}": flags + ABLATIONS[variant]
+             for dataset, flags in ABLATION_DATASETS.items() for variant in ABLATIONS})
+ABLATION_RUNS = [f"{dataset}-{variant}" for dataset in ABLATION_DATASETS for variant in ABLATIONS]
+TABLES = {"default": DEFAULT_RUNS, "ablation": ABLATION_RUNS}
 LAYOUTS = {"packed": [], "padded": ["--max_tokens_per_batch", "0"]}
 COLUMNS = ["recall@10", "ndcg@10", "recall@20", "ndcg@20", "mrr@10"]
 # per-run numbers besides the test metrics that are aggregated over seeds: (metrics.json key, table heading, format)
+# (peak memory: measured by this script unless metrics.json has it; None where it could not be measured)
 TRAINING = [("best_epoch", "best epoch", "{:.1f}"), ("train_seconds_to_best", "s to best", "{:.0f}"),
-            ("train_items_per_second", "items/s", "{:.0f}")]
+            ("train_items_per_second", "items/s", "{:.0f}"), ("peak_gpu_memory_mib", "peak GPU MiB", "{:.0f}"),
+            ("peak_rss_mib", "peak RSS MiB", "{:.0f}")]
+GPU_POLL_S = 1.0
 HEADER = [*COLUMNS, *(heading for _, heading, _ in TRAINING)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--runs", nargs="+", default=None, choices=list(RUNS),
+                        help="runs to train (default: those of --table)")
+    parser.add_argument("--table", default="default", choices=list(TABLES),
+                        help="default: BlossomRec and dense on both logs and the loss variants on Beauty; ablation: "
+                             f"the paper's ablation table ({' '.join(ABLATION_RUNS)}) and its summary block")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42], help="train.py --seed of each repetition")
     parser.add_argument("--layouts", nargs="+", default=["packed"], choices=list(LAYOUTS))
     parser.add_argument("--max_parallel", type=int, default=8, help="training processes running at once (queue)")
@@ -79,6 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.max_parallel < 1:
         parser.error("--max_parallel must be at least 1")
+    if args.runs is None:
+        args.runs = list(TABLES[args.table])
     return args
 
 
@@ -103,10 +146,47 @@ def plan(args) -> list[dict]:
     return jobs
 
 
+def gpu_memory_by_process() -> dict[int, float]:
+    """MiB of GPU memory used by each process, as nvidia-smi lists them ({} without nvidia-smi or processes)."""
+    if shutil.which("nvidia-smi") is None:
+        return {}
+    try:
+        query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+        listing = subprocess.run(query, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    used = {}
+    for line in listing.splitlines():
+        pid, _, mib = line.partition(",")
+        try:
+            used[int(pid)] = used.get(int(pid), 0.0) + float(mib)
+        except ValueError:
+            continue
+    return used
+
+
+def _reap(process: subprocess.Popen) -> tuple[int, float | None] | None:
+    """The exit status and peak resident memory (MiB) of a finished process, None while it runs. (Reaped with wait4
+    for its rusage; one that Popen reaped already, e.g. in send_signal, has no peak memory.)"""
+    if process.returncode is not None:
+        return process.returncode, None
+    try:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+    except ChildProcessError:  # reaped elsewhere
+        return process.wait(), None
+    if pid == 0:
+        return None
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, usage.ru_maxrss / 1024  # Linux: KiB
+
+
 def run_queue(jobs: list[dict], max_parallel: int, time_limit_s: float = 0) -> tuple[dict, set]:
     """Run the jobs, at most max_parallel at once (all of them at once would not fit one GPU's memory). Returns each
-    run's exit status (None: not started, the time limit came first) and the runs sent SIGTERM at the time limit."""
+    run's exit status (None: not started, the time limit came first) and the runs sent SIGTERM at the time limit.
+    Each finished job gets its process's peak memory: `peak_rss_mib` and, where nvidia-smi lists it,
+    `peak_gpu_memory_mib` (sampled every GPU_POLL_S seconds)."""
     started, waiting, running, returncodes, signalled = time.time(), list(jobs), {}, {}, set()
+    by_run, polled = {job["run"]: job for job in jobs}, 0.0
     while waiting or running:
         out_of_time = bool(time_limit_s) and time.time() - started > time_limit_s
         while waiting and len(running) < max_parallel and not out_of_time:
@@ -121,9 +201,16 @@ def run_queue(jobs: list[dict], max_parallel: int, time_limit_s: float = 0) -> t
             for run in set(running) - signalled:
                 running[run].send_signal(signal.SIGTERM)
                 signalled.add(run)
+        if running and time.time() - polled >= GPU_POLL_S:
+            polled, used = time.time(), gpu_memory_by_process()
+            for run, process in running.items():
+                if process.pid in used:
+                    job = by_run[run]
+                    job["peak_gpu_memory_mib"] = max(job.get("peak_gpu_memory_mib") or 0.0, used[process.pid])
         for run, process in list(running.items()):
-            if process.poll() is not None:
-                returncodes[run] = process.returncode
+            finished = _reap(process)
+            if finished is not None:
+                returncodes[run], by_run[run]["peak_rss_mib"] = finished
                 del running[run]
         time.sleep(0.2)
     return returncodes, signalled
@@ -137,14 +224,19 @@ def collect(job: dict, returncode: int | None, signalled: bool) -> dict:
     if returncode is None:
         return {"status": "not started: --time_limit_s reached (start it with --resume)", **entry}
     if returncode == 0 and metrics_file.exists():
-        return {"status": "ok", **entry, **json.loads(metrics_file.read_text())}
+        measured = {key: job.get(key) for key in ("peak_gpu_memory_mib", "peak_rss_mib")}
+        return {"status": "ok", **entry, **measured, **json.loads(metrics_file.read_text())}
     if signalled:
         return {"status": f"stopped at --time_limit_s (continue with --resume), see {job['output_dir']}.log", **entry}
     return {"status": f"failed (exit {returncode}), see {job['output_dir']}.log", **entry}
 
 
-def describe(values: list[float]) -> dict:
-    """Mean, sample standard deviation (ddof=1) and standard error of the mean; no spread from a single value."""
+def describe(values: list[float | None]) -> dict:
+    """Mean, sample standard deviation (ddof=1) and standard error of the mean; no spread from a single value. Values
+    that could not be measured (None) are left out; none at all gives None throughout."""
+    values = [value for value in values if value is not None]
+    if not values:
+        return {"mean": None, "std": None, "se": None}
     std = statistics.stdev(values) if len(values) > 1 else None
     return {"mean": statistics.fmean(values), "std": std, "se": None if std is None else std / math.sqrt(len(values))}
 
@@ -165,7 +257,7 @@ def aggregate(results: dict) -> dict:
             "failed_seeds": [e["seed"] for e in entries if e["status"] != "ok"],
             "test": {c: describe([e["test"]["model"][c] for e in ok]) for c in COLUMNS},
             "popularity": {c: statistics.fmean(e["test"]["popularity"][c] for e in ok) for c in COLUMNS},
-            **{key: describe([e[key] for e in ok]) for key, _, _ in TRAINING}}
+            **{key: describe([e.get(key) for e in ok]) for key, _, _ in TRAINING}}
     return summary
 
 
@@ -194,8 +286,28 @@ def compare(summary: dict) -> dict:
     return comparison
 
 
-def _ratio(a: float, b: float) -> float | None:
-    return a / b if b else None
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def ablation_rows(summary: dict) -> list[list[str]]:
+    """The ablation block: one row per configuration of an ablation run (`<dataset>-<variant>`, any layout or tag),
+    datasets in turn, variants in the paper's order."""
+    rows = []
+    for dataset in ABLATION_DATASETS:
+        for variant, description in ABLATION_DESCRIPTIONS.items():
+            for config, stats in summary.items():
+                if stats["name"] != f"{dataset}-{variant}":
+                    continue
+                rows.append([config, description, str(stats["n"]),
+                             *(_mean_std(stats["test"][c]) for c in ("ndcg@10", "recall@10")),
+                             *(_cell(stats[key]["mean"], pattern) for key, _, pattern in TRAINING
+                               if key in ("train_seconds_to_best", "peak_gpu_memory_mib", "peak_rss_mib"))])
+    return rows
+
+
+def _mean_std(stats: dict) -> str:
+    return f"{stats['mean']:.4f}" + ("" if stats["std"] is None else f" +- {stats['std']:.4f}")
 
 
 def _cell(value, pattern: str) -> str:
@@ -219,7 +331,7 @@ def format_tables(results: dict, summary: dict, comparison: dict) -> str:
             continue
         test = entry["test"]["model"]
         runs.append([run, *(f"{test[c]:.4f}" for c in COLUMNS),
-                     *(pattern.format(entry[key]) for key, _, pattern in TRAINING)])
+                     *(_cell(entry.get(key), pattern) for key, _, pattern in TRAINING)])
     stats_rows = []
     for config, stats in summary.items():
         for statistic in ("mean", "std", "se"):
@@ -236,6 +348,11 @@ def format_tables(results: dict, summary: dict, comparison: dict) -> str:
     lines = [*_table(["run", *HEADER], runs), "",
              "over seeds (std: ddof=1; se: std/sqrt(n)):",
              *_table(["configuration", "n", "stat", *HEADER], stats_rows)]
+    ablation = ablation_rows(summary)
+    if ablation:
+        lines += ["", "ablations (test split; mean +- std over seeds; s to best and peak memory: means):",
+                  *_table(["configuration", "variant", "n", "NDCG@10", "HR@10", "s to best", "peak GPU MiB",
+                           "peak RSS MiB"], ablation)]
     if compare_rows:
         lines += ["", "packed vs padded (mean NDCG@10; se of the difference: sqrt(se_packed^2 + se_padded^2); "
                       "ratios packed/padded of the mean):",

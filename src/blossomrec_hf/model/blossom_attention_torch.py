@@ -132,39 +132,47 @@ def selected_attention(q, k, v, block_indices, geometry: SparseGeometry) -> torc
     return out.flatten(1, 2).to(q.dtype)
 
 
-def blossom_attention_torch(q, k, v, ck, cv, geometry: SparseGeometry, query_chunk: int = QUERY_CHUNK):
+def blossom_attention_torch(q, k, v, ck, cv, geometry: SparseGeometry, query_chunk: int = QUERY_CHUNK, *,
+                            selected: bool = True, stis: bool = True):
     """All BlossomRec branches: (selected, stis, compressed) outputs, each [B, H, L, D]; compressed is None if cv is.
 
     Block selection is not differentiable (top-n indices); gradients reach ck through the compressed branch.
+    Ablations leave branches out, and their output is None: `selected=False` skips the block selection and the fine
+    LTIS branch (ck is then read only for the compressed branch, and may be None without cv), `stis=False` STIS.
     """
     batch, heads, seq_len, dim = q.shape
     kv_heads = k.shape[1]
     qg = _grouped(_compute(q), kv_heads)
-    keys, values, compressed_keys = _compute(k), _compute(v), _compute(ck)
+    scores_blocks = selected or cv is not None
+    keys, values = _compute(k), _compute(v)
+    compressed_keys = _compute(ck) if scores_blocks else None
     compressed_values = _compute(cv) if cv is not None else None
-    selected, stis, compressed = [], [], []
+    selected_parts, stis_parts, compressed = [], [], []
     for start in range(0, seq_len, query_chunk):
         positions = torch.arange(start, min(seq_len, start + query_chunk), device=q.device)
         q_chunk = qg[:, :, :, start:start + len(positions)]
 
-        probs = compressed_probabilities(q_chunk, compressed_keys, positions, geometry)
+        if scores_blocks:
+            probs = compressed_probabilities(q_chunk, compressed_keys, positions, geometry)
         if compressed_values is not None:
             compressed.append(torch.einsum("bhgcw,bhwd->bhgcd", probs, compressed_values))
-        with torch.no_grad():
-            scores = selection_scores(probs, positions, seq_len, geometry)
-            block_indices = top_blocks(scores, geometry.num_selected_blocks)
-
-        key_positions, valid = selected_keys(block_indices, positions, geometry)
-        selected.append(attend_gathered(q_chunk, gather_positions(keys, key_positions),
-                                        gather_positions(values, key_positions), valid))
-        key_positions, valid = stis_keys(positions, seq_len, geometry)
-        stis.append(attend_gathered(q_chunk, gather_positions(keys, key_positions),
-                                    gather_positions(values, key_positions), valid))
+        if selected:
+            with torch.no_grad():
+                scores = selection_scores(probs, positions, seq_len, geometry)
+                block_indices = top_blocks(scores, geometry.num_selected_blocks)
+            key_positions, valid = selected_keys(block_indices, positions, geometry)
+            selected_parts.append(attend_gathered(q_chunk, gather_positions(keys, key_positions),
+                                                  gather_positions(values, key_positions), valid))
+        if stis:
+            key_positions, valid = stis_keys(positions, seq_len, geometry)
+            stis_parts.append(attend_gathered(q_chunk, gather_positions(keys, key_positions),
+                                              gather_positions(values, key_positions), valid))
 
     def merge(parts):
         return torch.cat(parts, dim=3).reshape(batch, heads, seq_len, dim).to(q.dtype)
 
-    return merge(selected), merge(stis), (merge(compressed) if cv is not None else None)
+    return (merge(selected_parts) if selected else None, merge(stis_parts) if stis else None,
+            merge(compressed) if cv is not None else None)
 
 
 def _varlen_buffer_index(cu_seqlens: torch.Tensor, num_rows: int, width: int) -> torch.Tensor:
@@ -191,9 +199,10 @@ def _unpad_varlen(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(0, 1)[index]
 
 
-def blossom_attention_torch_varlen(q, k, v, ck, cv, *, cu_seqlens, cu_compressed, max_length, geometry):
+def blossom_attention_torch_varlen(q, k, v, ck, cv, *, cu_seqlens, cu_compressed, max_length, geometry,
+                                   selected: bool = True, stis: bool = True):
     """All BlossomRec branches over packed histories: (selected, stis, compressed) outputs, each [T, H, D];
-    compressed is None if cv is.
+    compressed is None if cv is, and a branch left out (`selected`, `stis`: see `blossom_attention_torch`) is None.
 
     q [T, H, D] and k, v [T, Hkv, D] hold S histories back to back, history s in rows cu_seqlens[s] ..
     cu_seqlens[s + 1] - 1; its compressed keys/values are rows cu_compressed[s] .. cu_compressed[s + 1] - 1 of
@@ -205,8 +214,10 @@ def blossom_attention_torch_varlen(q, k, v, ck, cv, *, cu_seqlens, cu_compressed
     histories = cu_seqlens.shape[0] - 1
     width = geometry.num_compressed_blocks(max_length)
     tokens = _varlen_buffer_index(cu_seqlens, q.shape[0], max_length)
-    blocks = _varlen_buffer_index(cu_compressed, ck.shape[0], width)
+    if not selected and cv is None:  # no branch reads the compressed keys
+        ck = None
+    blocks = None if ck is None else _varlen_buffer_index(cu_compressed, ck.shape[0], width)
     rows = [_pad_varlen(x, tokens, histories, max_length) for x in (q, k, v)]
     compressed = [None if x is None else _pad_varlen(x, blocks, histories, width) for x in (ck, cv)]
-    outputs = blossom_attention_torch(*rows, *compressed, geometry)
+    outputs = blossom_attention_torch(*rows, *compressed, geometry, selected=selected, stis=stis)
     return tuple(None if o is None else _unpad_varlen(o, tokens) for o in outputs)

@@ -9,6 +9,9 @@ ATTENTION_TYPES = ("blossom", "dense")
 LOSS_TYPES = ("full", "sampled")
 NEGATIVE_SAMPLING = ("uniform", "in_batch", "mixed")
 POSITION_EMBEDDING_TYPES = ("rope", "absolute")
+BLOSSOM_BRANCHES = ("all", "ltis", "stis")
+GATE_TYPES = ("learned", "fixed")
+GATE_INITS = ("normal", "published")
 
 
 class BlossomRecConfig(PretrainedConfig):
@@ -25,6 +28,18 @@ class BlossomRecConfig(PretrainedConfig):
       positions 1, 2, 4, 8, ... items back.
     - the compressed branch (`use_compressed_branch`): attention over the compressed block keys themselves; it is what
       trains the compression MLP. Without it, blocks are scored with parameter-free mean pooling.
+
+    Ablations (the paper's table; the defaults are the full model):
+    - `blossom_branches`: `all` (default); `ltis`, long-term only: the selected blocks with the query's own block, and
+      the compressed branch when `use_compressed_branch` (it belongs to LTIS: it scores the blocks); `stis`, short-term
+      only: no block selection, no compressed keys and no compressor (`use_compressed_branch` is then ignored).
+    - `gate_type`: `learned` (default): `sigmoid(W_g x + b_g)` per head and branch, from the attention's input
+      projection; `fixed`: every branch's weight is the constant 0.5 (= sigmoid(0)), with no gate parameters.
+    - `gate_init` (learned gate): `normal` (default): gate weights N(0, initializer_range) and zero biases like every
+      linear layer, so each gate starts near 0.5; `published`: what the published code's gate init says (and its
+      global init overwrites): zero gate weights, bias -2 on the LTIS branches (selected and compressed) and +2 on
+      STIS, i.e. short-term first (gates start at 0.12 and 0.88).
+    These apply to BlossomRec attention only; `attention_type="dense"` ignores them.
 
     The training loss (`loss_type`): `full` is the exact softmax over every item at every position; `sampled` scores
     each target against `num_negatives` items drawn once per batch (`negative_sampling`: `uniform` over the
@@ -56,6 +71,9 @@ class BlossomRecConfig(PretrainedConfig):
         num_selected_blocks: int = 4,
         stis_window: int = 8,
         use_compressed_branch: bool = True,
+        blossom_branches: str = "all",
+        gate_type: str = "learned",
+        gate_init: str = "normal",
         tie_word_embeddings: bool = True,
         loss_type: str = "full",
         num_negatives: int = 1024,
@@ -84,6 +102,9 @@ class BlossomRecConfig(PretrainedConfig):
         self.num_selected_blocks = num_selected_blocks
         self.stis_window = stis_window
         self.use_compressed_branch = use_compressed_branch
+        self.blossom_branches = blossom_branches
+        self.gate_type = gate_type
+        self.gate_init = gate_init
         self.tie_word_embeddings = tie_word_embeddings
         self.loss_type = loss_type
         self.num_negatives = num_negatives
@@ -96,6 +117,17 @@ class BlossomRecConfig(PretrainedConfig):
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def attention_branches(self) -> tuple[str, ...]:
+        """The BlossomRec branches the attention computes and mixes, in the gate's order (a subset of `selected`,
+        `stis`, `compressed`); empty for dense attention."""
+        if self.attention_type != "blossom":
+            return ()
+        ltis = ("selected",) if self.blossom_branches in ("all", "ltis") else ()
+        stis = ("stis",) if self.blossom_branches in ("all", "stis") else ()
+        compressed = ("compressed",) if ltis and self.use_compressed_branch else ()
+        return ltis + stis + compressed
 
     def _check_fields(self) -> None:
         """Reject impossible settings at construction, with the field name in the message."""
@@ -126,6 +158,13 @@ class BlossomRecConfig(PretrainedConfig):
                 f"({self.compress_block_size}): blocks would leave gaps")
         require(self.attention_type in ATTENTION_TYPES,
                 f"`attention_type` must be one of {ATTENTION_TYPES}, got {self.attention_type!r}")
+        require(self.blossom_branches in BLOSSOM_BRANCHES,
+                f"`blossom_branches` must be one of {BLOSSOM_BRANCHES}, got {self.blossom_branches!r}")
+        require(self.gate_type in GATE_TYPES, f"`gate_type` must be one of {GATE_TYPES}, got {self.gate_type!r}")
+        require(self.gate_init in GATE_INITS, f"`gate_init` must be one of {GATE_INITS}, got {self.gate_init!r}")
+        require(self.gate_type == "learned" or self.gate_init == "normal",
+                f"`gate_init` {self.gate_init!r} needs gate_type='learned': a fixed gate has no parameters to "
+                f"initialise")
         require(self.loss_type in LOSS_TYPES, f"`loss_type` must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         require(self.negative_sampling in NEGATIVE_SAMPLING,
                 f"`negative_sampling` must be one of {NEGATIVE_SAMPLING}, got {self.negative_sampling!r}")

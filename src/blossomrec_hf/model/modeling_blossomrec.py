@@ -15,6 +15,7 @@ should pass their histories' boundaries (`cu_seq_lens_q`, a tensor [S + 1]) and 
 collators give them: then every batch has the same shapes, one graph serves them all, and CUDA graphs can replay it.
 """
 
+import dataclasses
 import inspect
 import math
 import numbers
@@ -222,11 +223,17 @@ class BlockCompressor(nn.Module):
         return keys, values
 
 
+# The published gate initialisation (gate_init="published"): zero gate weights and these biases per branch, i.e.
+# short-term first (sigmoid(2) = 0.88 against sigmoid(-2) = 0.12).
+PUBLISHED_GATE_BIAS = {"selected": -2.0, "compressed": -2.0, "stis": 2.0}
+
+
 class BlossomRecAttention(nn.Module):
     """Grouped-query self-attention: BlossomRec's gated sparse branches, or dense causal attention.
 
-    One input projection gives the queries, keys, values and (BlossomRec) the branch gate logits, so the step costs
-    one matmul each way instead of four.
+    One input projection gives the queries, keys, values and (BlossomRec, learned gate) the branch gate logits, so the
+    step costs one matmul each way instead of four. The branches (`config.attention_branches`: all of them, or an
+    ablation's subset) are mixed by the gate, learned or fixed at 0.5 each (`config.gate_type`).
     """
 
     def __init__(self, config: BlossomRecConfig):
@@ -236,14 +243,21 @@ class BlossomRecAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.is_blossom = config.attention_type == "blossom"
-        self.num_branches = (3 if config.use_compressed_branch else 2) if self.is_blossom else 0
+        self.branches = config.attention_branches  # in the gate's order
+        self.num_branches = len(self.branches)
+        self.learned_gate = self.is_blossom and config.gate_type == "learned"
         self.split_sizes = [(self.num_heads + self.num_kv_heads) * self.head_dim, self.num_kv_heads * self.head_dim,
-                            self.num_heads * self.num_branches]
+                            self.num_heads * self.num_branches if self.learned_gate else 0]
         self.input_proj = nn.Linear(config.hidden_size, sum(self.split_sizes))
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size)
         if self.is_blossom:
             self.geometry = SparseGeometry.from_config(config)
-            self.compressor = BlockCompressor(config)
+            # LTIS scores blocks by their compressed keys; STIS alone needs none
+            self.compressor = BlockCompressor(config) if "selected" in self.branches else None
+        if self.learned_gate and config.gate_init == "published":
+            # the initial biases of the projection's last rows, the gate logits (head h, branch i at row
+            # h * num_branches + i); `_init_weights` zeroes those rows' weights and sets these biases
+            self.input_proj.gate_bias_init = [PUBLISHED_GATE_BIAS[name] for name in self.branches] * self.num_heads
 
     def forward(self, hidden: torch.Tensor, layout: HistoryLayout,
                 rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -263,16 +277,38 @@ class BlossomRecAttention(nn.Module):
         if not self.is_blossom:
             out = dense_attention_varlen(q, k, v, layout, implementation)
         else:
-            blocks = layout.compressed_blocks(self.geometry.compress_block_size, self.geometry.compress_stride)
-            compressed_keys, compressed_values = map(blocks.only_valid, self.compressor(k, v, blocks))
-            branches = BLOSSOM_BACKENDS[implementation](
-                q, k, v, compressed_keys, compressed_values, cu_seqlens=layout.cu_seqlens,
-                cu_compressed=blocks.cu_seqlens, max_length=layout.max_length, geometry=self.geometry)
+            branches = self.blossom_branches(q, k, v, layout, implementation)
             # the gated sum takes [batch, heads, length, head_dim]: the tokens as one row
-            rows = [b.unsqueeze(0).transpose(1, 2) for b in branches if b is not None]
-            gate_logits = gate_logits.view(1, tokens, self.num_heads, self.num_branches)
+            rows = [branches[name].unsqueeze(0).transpose(1, 2) for name in self.branches]
+            if self.learned_gate:
+                gate_logits = gate_logits.view(1, tokens, self.num_heads, self.num_branches)
+            else:  # fixed gate: sigmoid(0) = 0.5 for every branch (exactly), through the same (fused) sum
+                gate_logits = rows[0].new_zeros(1, tokens, self.num_heads, self.num_branches)
             out = gated_sum(gate_logits, rows, fused=implementation == "blossom_triton").transpose(1, 2)[0]
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
+
+    def blossom_branches(self, q, k, v, layout: HistoryLayout, implementation: str) -> dict[str, torch.Tensor]:
+        """The outputs [T, H, D] of the branches this attention mixes, by name (`self.branches`).
+
+        blossom_torch computes only those. blossom_triton's kernels compute the selected blocks and STIS together, so
+        an LTIS-only model drops the STIS output; an STIS-only model runs them without compressed keys (no compressor,
+        no compressed branch) and with one selected block instead of `num_selected_blocks` (STIS does not depend on
+        it), and drops the selected output: exact, but not the cost of STIS alone."""
+        ltis, stis = "selected" in self.branches, "stis" in self.branches
+        geometry = self.geometry
+        if ltis:
+            blocks = layout.compressed_blocks(geometry.compress_block_size, geometry.compress_stride)
+            compressed_keys, compressed_values = map(blocks.only_valid, self.compressor(k, v, blocks))
+            cu_compressed = blocks.cu_seqlens
+        else:
+            compressed_keys, compressed_values = k.new_zeros(0, *k.shape[1:]), None
+            cu_compressed = torch.zeros_like(layout.cu_seqlens)
+            geometry = dataclasses.replace(geometry, num_selected_blocks=1)
+        options = dict(selected=ltis, stis=stis) if implementation == "blossom_torch" else {}
+        outputs = BLOSSOM_BACKENDS[implementation](
+            q, k, v, compressed_keys, compressed_values, cu_seqlens=layout.cu_seqlens, cu_compressed=cu_compressed,
+            max_length=layout.max_length, geometry=geometry, **options)
+        return dict(zip(("selected", "stis", "compressed"), outputs))
 
 
 class BlossomRecLayer(nn.Module):
@@ -308,6 +344,8 @@ class BlossomRecPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
+            if getattr(module, "gate_bias_init", None) is not None:  # gate_init="published": the gate rows
+                self._init_gate_rows(module, module.gate_bias_init)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
@@ -322,6 +360,17 @@ class BlossomRecPreTrainedModel(PreTrainedModel):
             init.zeros_(module.output_bias)
         elif isinstance(module, BlossomRecForSequentialRecommendation) and module.output_item_embeddings is not None:
             init.normal_(module.output_item_embeddings, mean=0.0, std=std)
+
+    @staticmethod
+    def _init_gate_rows(projection: nn.Linear, biases: list[float]) -> None:
+        """Zero weights and the given biases in the last len(biases) rows of `projection` (the attention's gate
+        logits), for the parts not loaded from a checkpoint (a slice does not carry its tensor's flag)."""
+        rows = len(biases)
+        if not getattr(projection.weight, "_is_hf_initialized", False):
+            init.zeros_(projection.weight[-rows:])
+        if not getattr(projection.bias, "_is_hf_initialized", False):
+            init.copy_(projection.bias[-rows:],
+                       torch.tensor(biases, dtype=projection.bias.dtype, device=projection.bias.device))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path=None, *model_args, **kwargs):
