@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU measurements of the open speed and quality work, in stages that fit one 10-minute device call each:
+#   STAGES="profile attention" OUT=results_dir DATA_DIR=folder_with_Beauty.txt bash benchmarks/gpu_runs.sh
+# Stages: check (correctness of the packed kernels), profile (eager vs compiled kernels), attention (module and
+# model tables: eager, compiled, graph, host), train (packed vs padded training throughput), quality (packed vs padded,
+# 3 seeds, Beauty and ML-100K), ablation (issue 14's table). Text logs read Beauty.txt / ml-100k.inter without the
+# `datasets` library, so nothing needs installing on a machine with torch, triton and transformers.
+set -o pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+OUT=${OUT:-benchmarks/results}
+DATA_DIR=${DATA_DIR:-../shared/data}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name --format=csv,noheader
+python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+stage() { [[ " ${STAGES:-check profile attention train} " == *" $1 "* ]]; }
+if stage check; then
+  timeout 120 python3 scripts/check_triton_attention.py --kind varlen --output "$OUT/triton_varlen.json" 2>&1 | tail -12
+fi
+if stage profile; then
+  timeout 150 python3 benchmarks/profile_attention.py --lengths 200 4096 --compiled --rows 25 2>&1 | tee "$OUT/attention_profile_modes.txt"
+fi
+if stage attention; then
+  timeout 300 python3 scripts/benchmark_attention.py --skip-reference --lengths 200 1024 4096 16384 \
+    --model-lengths 200 4096 --output-dir "$OUT" 2>&1 | tail -20
+fi
+if stage train; then
+  timeout 420 python3 scripts/benchmark_training.py --data_dir "$DATA_DIR" --max_seconds 10 \
+    --output "$OUT/training_benchmark" 2>&1 | tail -40
+fi
+if stage quality; then
+  OMP_NUM_THREADS=1 timeout 580 python3 scripts/benchmark_quality.py --data_dir "$DATA_DIR" \
+    --runs beauty-blossom beauty-dense ml100k-blossom ml100k-dense --layouts packed padded --seeds 0 1 2 \
+    --blossom_backend blossom_triton --max_parallel 16 --time_limit_s 540 --output_root /tmp/quality \
+    --results "$OUT/quality_seeds.json" 2>&1 | tail -40
+fi
+if stage ablation; then
+  OMP_NUM_THREADS=1 timeout 580 python3 scripts/benchmark_quality.py --data_dir "$DATA_DIR" --table ablation \
+    --seeds 0 1 2 --max_parallel 16 --time_limit_s 540 --output_root /tmp/ablation \
+    --results "$OUT/ablation.json" 2>&1 | tail -40
+fi
