@@ -2,6 +2,8 @@
 
     PYTHONPATH=src python scripts/benchmark_training.py --data_dir .device/data
     PYTHONPATH=src python scripts/benchmark_training.py --datasets beauty50 --models blossom   # a subset
+    PYTHONPATH=src python scripts/benchmark_training.py --datasets beauty50 longtail16k --layouts packed \
+        --multi_gpu 1 2 4 8 --output benchmarks/results/training_scaling                      # several GPUs
 
 What users get from the training loop of ``scripts/train.py``: each configuration builds the model config as
 train.py does (same defaults: hidden 128, 2 layers, ...), the real ``Trainer`` (Accelerate-prepared model, AdamW,
@@ -27,6 +29,15 @@ out of GPU memory is recorded as OOM and the next one runs.
 
 Writes ``<output>.json`` (device, versions, command, settings, rows, ratios, targets), ``<output>.txt`` (the table)
 and ``<output>.png``; prints the table, the ratios packed/padded and blossom/dense, and the issue's targets.
+
+Several processes (``--multi_gpu 1 2 4 8``): for each count N the script launches itself through
+``accelerate launch --num_processes N`` (DDP, one GPU per process; gloo processes on the CPU) and runs every row
+there: the same Trainer, each process training its own batch of ``--max_tokens_per_batch`` items per step (the
+global batch grows with N, as with ``train.py --multi_gpu``). items/s counts every process's targets over the main
+process's wall time between barriers; a step is an optimizer step (one batch per process). The scaling efficiency of
+a row is its items/s per process over the one-process row's items/s (target: >= 90 % on 2 processes, >= 85 % on 8).
+The JSON adds ``runs`` (each launch) and ``scaling``; the text a scaling table; the plot shows items/s and the
+efficiency against the number of processes. Launch it as a plain ``python`` command (it launches the processes).
 """
 
 from __future__ import annotations
@@ -215,10 +226,9 @@ class StepClock:
 
 
 def epoch_batches(trainer: Trainer, epoch: int):
-    """An iterator over the epoch's batches, in the order training gives them (seed + epoch)."""
-    trainer.sampler.set_epoch(epoch)
-    trainer.dataloader.set_epoch(epoch)
-    return iter(trainer.dataloader)
+    """An iterator over this process's batches of the epoch, in the order training gives them (seed + epoch), on the
+    device and with their loss scale."""
+    return trainer.epoch_batches(epoch)
 
 
 def close(batches) -> None:
@@ -242,11 +252,31 @@ def warm_up(trainer: Trainer, steps: int) -> int:
     return epoch
 
 
+# With several processes the time limit is agreed on (a collective, so a device sync) every this many steps: a
+# process that stopped alone would leave the others waiting in DDP's gradient all-reduce.
+TIME_CHECK_EVERY = 10
+
+
+def out_of_time(accelerator, steps: int, start: float, max_seconds: float) -> bool:
+    """Whether the timed epoch has passed ``max_seconds`` after ``steps`` steps, the same answer on every process."""
+    if accelerator.num_processes == 1:
+        return time.perf_counter() - start >= max_seconds
+    if steps % TIME_CHECK_EVERY:
+        return False
+    late = torch.tensor([time.perf_counter() - start >= max_seconds], dtype=torch.int32, device=accelerator.device)
+    return bool(accelerator.reduce(late, reduction="max").item())
+
+
 def timed_epoch(trainer: Trainer, *, epoch: int, device: torch.device, max_steps: int, max_seconds: float) -> dict:
-    """One epoch of training steps (at most ``max_steps``, stopping after the step that passes ``max_seconds``)."""
+    """One epoch of training steps (at most ``max_steps``, stopping after the step that passes ``max_seconds``).
+
+    With several processes every process takes the same steps (each one batch of its own, DDP in lockstep); the time
+    is the main process's, from a barrier to a barrier, and ``targets`` counts every process's."""
+    accelerator = trainer.accelerator
     clock = StepClock(device)
     steps, targets = 0, 0
     synchronize(device)
+    accelerator.wait_for_everyone()
     start = time.perf_counter()
     clock.mark()
     batches = epoch_batches(trainer, epoch)
@@ -255,21 +285,33 @@ def timed_epoch(trainer: Trainer, *, epoch: int, device: torch.device, max_steps
         clock.mark()
         steps += 1
         targets += int(batch["num_targets"])
-        if steps >= max_steps or time.perf_counter() - start >= max_seconds:
+        if steps >= max_steps or out_of_time(accelerator, steps, start, max_seconds):
             break
     synchronize(device)
+    accelerator.wait_for_everyone()
     seconds = time.perf_counter() - start
     close(batches)
+    if accelerator.num_processes > 1:
+        targets = int(accelerator.reduce(torch.tensor([targets], device=device), reduction="sum").item())
     return {"steps": steps, "targets": targets, "seconds": seconds, "step_ms": clock.step_ms()}
 
 
+def peak_memory_gib(accelerator, device: torch.device) -> float | None:
+    """The most GPU memory any process allocated (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    peak = torch.tensor([torch.cuda.max_memory_allocated(device)], dtype=torch.float64, device=device)
+    return float(accelerator.reduce(peak, reduction="max").item()) / 2**30
+
+
 def measure(trainer: Trainer, *, device: torch.device, epoch_targets: int, args) -> dict:
-    """Warm up, time one epoch (or its first steps, then extrapolate); the row's measured fields."""
+    """Warm up, time one epoch (or its first steps, then extrapolate); the row's measured fields. A step is one
+    optimizer step: one batch per process."""
     first_epoch = warm_up(trainer, args.warmup_steps)
     timed = timed_epoch(trainer, epoch=first_epoch, device=device, max_steps=args.max_steps,
                         max_seconds=args.max_seconds)
     items_per_s = timed["targets"] / timed["seconds"]
-    whole = timed["steps"] == len(trainer.dataloader)
+    whole = timed["steps"] == trainer.steps_per_epoch
     step_ms = np.array(timed["step_ms"])
     return {
         "items_per_s": items_per_s,
@@ -281,7 +323,7 @@ def measure(trainer: Trainer, *, device: torch.device, epoch_targets: int, args)
         "mean_step_ms": float(step_ms.mean()),
         "median_step_ms": float(np.median(step_ms)),
         "targets_per_step": timed["targets"] / timed["steps"],
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "peak_memory_gib": peak_memory_gib(trainer.accelerator, device),
     }
 
 
@@ -315,7 +357,8 @@ def run_row(accelerator, *, spec: DatasetSpec, data, windows, model: str, layout
                      else f"{training_args.per_device_train_batch_size} windows"),
            "max_tokens_per_batch": training_args.max_tokens_per_batch or None,
            "per_device_train_batch_size": None if layout == "packed" else training_args.per_device_train_batch_size,
-           "windows": len(lengths), "epoch_targets": int(lengths.sum() - len(lengths))}
+           "windows": len(lengths), "epoch_targets": int(lengths.sum() - len(lengths)),
+           "num_processes": accelerator.num_processes}
     release(accelerator, device)
     set_seed(args.seed)
     trainer = None
@@ -324,7 +367,7 @@ def run_row(accelerator, *, spec: DatasetSpec, data, windows, model: str, layout
                                 model_overrides=model_overrides)
         row["attn_implementation"] = trainer.config._attn_implementation
         row["attention_path"] = attention_path(row["attn_implementation"], device)
-        row["batches_per_epoch"] = len(trainer.dataloader)
+        row["batches_per_epoch"] = trainer.steps_per_epoch  # optimizer steps: one batch per process each
         row.update(measure(trainer, device=device, epoch_targets=row["epoch_targets"], args=args))
         row["status"] = "ok"
     except Exception as error:  # noqa: BLE001 -- one row's failure is recorded; the others still run
@@ -433,8 +476,8 @@ def fmt(value, spec: str, missing: str = "-") -> str:
 
 
 def table_lines(rows) -> list[str]:
-    header = (f"{'dataset':<12} {'L':>6} {'model':<8} {'layout':<7} {'batch':>15} {'batches':>7} {'timed':>5} "
-              f"{'items/s':>10} {'epoch s':>9} {'step ms':>8} {'median':>8} {'peak GiB':>8}  attention")
+    header = (f"{'dataset':<12} {'L':>6} {'model':<8} {'layout':<7} {'procs':>5} {'batch':>15} {'steps':>7} "
+              f"{'timed':>5} {'items/s':>10} {'epoch s':>9} {'step ms':>8} {'median':>8} {'peak GiB':>8}  attention")
     lines = [header, "-" * len(header)]
     for row in rows:
         if row["status"] == "ok":
@@ -446,8 +489,10 @@ def table_lines(rows) -> list[str]:
             cells = f"{fmt(row.get('batches_per_epoch'), '7d'):>7} {row['status']:>5} {'':>10} {'':>9} {'':>8} " \
                     f"{'':>8} {fmt(row.get('peak_memory_gib'), '8.2f'):>8}"
         lines.append(f"{row['dataset']:<12} {row['max_seq_length']:>6} {row['model']:<8} {row['layout']:<7} "
-                     f"{row['batch']:>15} {cells}  {row.get('attention_path', row['attn_implementation'])}")
-    lines.append("items/s: next-item targets per second; epoch s: one epoch's wall time (~ = extrapolated from the "
+                     f"{row.get('num_processes', 1):>5} {row['batch']:>15} {cells}  "
+                     f"{row.get('attention_path', row['attn_implementation'])}")
+    lines.append("items/s: next-item targets per second, all processes; batch: per process; steps: optimizer steps "
+                 "per epoch (a batch per process each); epoch s: one epoch's wall time (~ = extrapolated from the "
                  "timed steps); step ms: mean / median step after warmup")
     return lines
 
@@ -559,6 +604,202 @@ def write_results(prefix: str, result: dict, *, with_plot: bool) -> None:
         plot(result["rows"], result_path(prefix, ".png"), result["device"])
 
 
+# --------------------------------------------------------------------------------- scaling over processes (--multi_gpu)
+
+# The issue's scaling targets: items/s per process against one process's, at this many processes.
+SCALING_TARGETS = {2: 0.90, 8: 0.85}
+SCRIPT = Path(__file__).resolve()
+LAUNCHED = "BLOSSOMREC_BENCHMARK_LAUNCHED"  # set in the environment of the runs that --multi_gpu launches
+
+
+def without_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` without ``name`` and its values (up to the next option)."""
+    kept, skipping = [], False
+    for token in argv:
+        if token == name or token.startswith(name + "="):
+            skipping = token == name
+            continue
+        if skipping and not token.startswith("--"):
+            continue
+        skipping = False
+        kept.append(token)
+    return kept
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_command(num_processes: int, args, script_args: list[str]) -> list[str]:
+    """``accelerate launch`` of this script on ``num_processes`` processes of this machine."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
+            "--num_processes", str(num_processes), "--mixed_precision", args.mixed_precision,
+            "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+            *(["--multi_gpu"] if num_processes > 1 else []), str(SCRIPT), *script_args]
+
+
+def launch_environment(num_processes: int, device: str) -> dict:
+    """This environment, with the package importable from src/; on the CPU, Accelerate's CPU mode (gloo) and the
+    cores shared out between the processes unless OMP_NUM_THREADS says otherwise."""
+    env = {**os.environ, LAUNCHED: str(num_processes)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SCRIPT.parents[1] / "src"), env.get("PYTHONPATH")]))
+    if device == "cpu":
+        env["ACCELERATE_USE_CPU"] = "true"
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
+    return env
+
+
+def compute_scaling(rows) -> list[dict]:
+    """Per (dataset, model, layout) and number of processes: items/s, items/s per process and the scaling efficiency,
+    items/s per process over one process's items/s."""
+    entries = []
+    for row in rows:
+        single = find_row(rows, dataset=row["dataset"], model=row["model"], layout=row["layout"], num_processes=1)
+        processes = row["num_processes"]
+        per_process = row["items_per_s"] / processes if ok(row) else None
+        efficiency = per_process / single["items_per_s"] if per_process is not None and ok(single) else None
+        entries.append({"dataset": row["dataset"], "max_seq_length": row["max_seq_length"], "model": row["model"],
+                        "layout": row["layout"], "num_processes": processes, "status": row["status"],
+                        "items_per_s": row.get("items_per_s"), "items_per_s_per_process": per_process,
+                        "one_process_items_per_s": single.get("items_per_s") if single else None,
+                        "scaling_efficiency": efficiency})
+    return entries
+
+
+def compute_scaling_targets(scaling: list[dict]) -> list[dict]:
+    results = []
+    for processes, bound in SCALING_TARGETS.items():
+        at = [entry for entry in scaling if entry["num_processes"] == processes]
+        for entry in at:
+            results.append(target(f"scaling efficiency on {processes} processes ({entry['dataset']}, {entry['model']}, "
+                                  f"{entry['layout']})", entry["scaling_efficiency"], bound,
+                                  why_missing=f"{entry['status']}" if entry["status"] != "ok" else
+                                  "no one-process row"))
+        if not at:
+            results.append(target(f"scaling efficiency on {processes} processes", None, bound,
+                                  why_missing=f"not run on {processes} processes"))
+    return results
+
+
+def scaling_lines(scaling: list[dict]) -> list[str]:
+    header = (f"{'dataset':<12} {'L':>6} {'model':<8} {'layout':<7} {'procs':>5} {'items/s':>11} "
+              f"{'per process':>11} {'efficiency':>10}")
+    lines = ["", "scaling over processes (efficiency: items/s per process / one process's items/s):", header,
+             "-" * len(header)]
+    for entry in scaling:
+        measured = (f"{entry['items_per_s']:>11,.0f} {entry['items_per_s_per_process']:>11,.0f} "
+                    f"{fmt(entry['scaling_efficiency'], '10.1%')}" if entry["status"] == "ok" else
+                    f"{entry['status']:>11}")
+        lines.append(f"{entry['dataset']:<12} {entry['max_seq_length']:>6} {entry['model']:<8} {entry['layout']:<7} "
+                     f"{entry['num_processes']:>5} {measured}")
+    return lines
+
+
+def plot_scaling(scaling: list[dict], path: Path, device_name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (speed, efficiency) = plt.subplots(1, 2, figsize=(11, 4.5))
+    series = list(dict.fromkeys((e["dataset"], e["model"], e["layout"]) for e in scaling))
+    for index, key in enumerate(series):
+        points = [e for e in scaling if (e["dataset"], e["model"], e["layout"]) == key and e["status"] == "ok"]
+        label = " ".join(key)
+        speed.plot([e["num_processes"] for e in points], [e["items_per_s"] for e in points], "o-", label=label,
+                   color=f"C{index}")
+        kept = [e for e in points if e["scaling_efficiency"] is not None]
+        efficiency.plot([e["num_processes"] for e in kept], [e["scaling_efficiency"] for e in kept], "o-",
+                        label=label, color=f"C{index}")
+    counts = sorted({e["num_processes"] for e in scaling})
+    for index, key in enumerate(series):  # ideal: one process's items/s times the processes
+        single = next((e for e in scaling if (e["dataset"], e["model"], e["layout"]) == key
+                       and e["num_processes"] == 1 and e["status"] == "ok"), None)
+        if single is not None:
+            speed.plot(counts, [single["items_per_s"] * c for c in counts], ":", color=f"C{index}", linewidth=1)
+    for axis in (speed, efficiency):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(counts)
+        axis.set_xticklabels([str(c) for c in counts])
+        axis.set_xlabel("processes")
+        axis.grid(True, alpha=0.3)
+    speed.set_yscale("log")
+    speed.set_ylabel("next-item targets per second, all processes (log; dotted: linear)")
+    efficiency.set_ylabel("items/s per process / one process's")
+    for processes, bound in SCALING_TARGETS.items():
+        efficiency.axhline(bound, color="grey", linestyle=":", linewidth=1)
+        efficiency.annotate(f"target {bound:.0%} at {processes}", (counts[0], bound), fontsize=7, color="grey",
+                            va="bottom")
+    efficiency.set_ylim(0, 1.15)
+    speed.legend(fontsize=7)
+    figure.suptitle(f"Training throughput over processes (DDP): whole training steps ({device_name})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def run_scaling(argv: list[str], args) -> dict:
+    """``--multi_gpu``: every row on each number of processes (an ``accelerate launch`` of this script each, writing
+    its results to a temporary prefix); the rows together with the scaling table, JSON, text and plot."""
+    import subprocess
+    import tempfile
+
+    script_args = without_option(without_option(without_option(argv, "--multi_gpu"), "--output"), "--no_plot")
+    result = {"device": None, **versions(), "command": "python " + shlex.join(["scripts/benchmark_training.py", *argv]),
+              "settings": {key: value for key, value in vars(args).items() if key not in model_config_fields()},
+              "runs": [], "rows": [], "scaling": [], "ratios": {}, "targets": [], "warnings": []}
+    for processes in args.multi_gpu:
+        print(f"\n== {processes} process(es): accelerate launch --num_processes {processes}", flush=True)
+        with tempfile.TemporaryDirectory() as folder:
+            prefix = Path(folder) / "run"
+            command = launch_command(processes, args, [*script_args, "--output", str(prefix), "--no_plot"])
+            completed = subprocess.run(command, env=launch_environment(processes, args.device), check=False)
+            written = result_path(str(prefix), ".json")
+            run = json.loads(written.read_text()) if written.is_file() else None
+        result["runs"].append({"num_processes": processes, "returncode": completed.returncode,
+                               "command": shlex.join(command),
+                               "device": run["device"] if run else None})
+        if run is None or completed.returncode != 0:
+            print(f"error: the run on {processes} process(es) exited with status {completed.returncode}",
+                  file=sys.stderr)
+        if run is None:
+            continue
+        result["device"] = result["device"] or run["device"]
+        result["settings"].setdefault("mixed_precision", run["settings"]["mixed_precision"])
+        result["settings"].setdefault("model_config", run["settings"]["model_config"])
+        result["rows"].extend(run["rows"])
+        result["warnings"].extend(w for w in run["warnings"] if w not in result["warnings"])
+        result["scaling"] = compute_scaling(result["rows"])
+        write_scaling_results(args.output, result, with_plot=False)  # partial results survive a time limit
+    fewest = min((row["num_processes"] for row in result["rows"]), default=1)
+    result["ratios"] = compute_ratios([row for row in result["rows"] if row["num_processes"] == fewest])
+    result["targets"] = compute_targets(result["ratios"]) + compute_scaling_targets(result["scaling"])
+    write_scaling_results(args.output, result, with_plot=not args.no_plot)
+    print()
+    print("\n".join(scaling_report_lines(result)))
+    print(f"\nwrote {result_path(args.output, '.json')}, .txt{'' if args.no_plot else ', .png'}")
+    return result
+
+
+def scaling_report_lines(result: dict) -> list[str]:
+    return table_lines(result["rows"]) + scaling_lines(result["scaling"]) + target_lines(result["targets"]) + (
+        ["", "warnings:", *(f"  {w}" for w in result["warnings"])] if result["warnings"] else [])
+
+
+def write_scaling_results(prefix: str, result: dict, *, with_plot: bool) -> None:
+    result_path(prefix, ".json").parent.mkdir(parents=True, exist_ok=True)
+    result_path(prefix, ".json").write_text(json.dumps(result, indent=1))
+    devices = ", ".join(f"{run['num_processes']} x {run['device']}" for run in result["runs"] if run["device"])
+    result_path(prefix, ".txt").write_text(f"{devices}; {result['command']}\n\n" +
+                                           "\n".join(scaling_report_lines(result)) + "\n")
+    if with_plot and any(entry["status"] == "ok" for entry in result["scaling"]):
+        plot_scaling(result["scaling"], result_path(prefix, ".png"), result["device"])
+
+
 # -------------------------------------------------------------------------------------------------------------- main
 
 
@@ -604,6 +845,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataloader_num_workers", type=int, default=0, help="as train.py (default 0)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--no_plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--multi_gpu", type=int, nargs="+", default=None, metavar="N",
+                        help="scaling over processes: run every row on each of these numbers of processes (e.g. 1 2 4 "
+                             "8), each an `accelerate launch --num_processes N` of this script (DDP; gloo on the "
+                             "CPU), and report items/s per process against one process's (include 1)")
     model = parser.add_argument_group("model config (train.py's defaults unless given)")
     for name, default in model_config_fields().items():
         kind = parse_bool if isinstance(default, bool) else type(default)
@@ -630,6 +875,14 @@ def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[DatasetSp
             parser.error(f"--{name} must be positive")
     if args.warmup_steps < 0:
         parser.error("--warmup_steps must not be negative")
+    if args.multi_gpu is not None:
+        if os.environ.get(LAUNCHED):  # an abbreviation (--multi) left in a launched run's arguments
+            parser.error("--multi_gpu in a run that --multi_gpu launched")
+        if any(count < 1 for count in args.multi_gpu):
+            parser.error("--multi_gpu takes numbers of processes >= 1")
+        args.multi_gpu = sorted(set(args.multi_gpu))
+        if args.device == "cuda" and max(args.multi_gpu) > torch.cuda.device_count():
+            parser.error(f"--multi_gpu {max(args.multi_gpu)}: only {torch.cuda.device_count()} GPUs here")
     if args.blossom_implementation is None:
         args.blossom_implementation = "blossom_triton" if triton_unavailable_reason() is None else "blossom_torch"
     if args.mixed_precision is None:
@@ -641,27 +894,32 @@ def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[DatasetSp
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args, specs, model_overrides = parse_arguments(argv)
+    if args.multi_gpu is not None:
+        return run_scaling(argv, args)
     one_line_data_warnings()
     accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=args.mixed_precision)
     device = accelerator.device
+    main_process = accelerator.is_main_process
+    say = accelerator.print
     result = {"device": device_name(device), **versions(),
               "command": "python " + shlex.join(["scripts/benchmark_training.py", *argv]),
+              "num_processes": accelerator.num_processes,
               "settings": {**{key: value for key, value in vars(args).items() if key not in model_config_fields()},
                            "mixed_precision": accelerator.mixed_precision,
                            "model_config": {name: model_overrides.get(name, default)
                                             for name, default in model_config_fields().items()},
                            "dataset_specs": {spec.name: spec.__dict__ for spec in specs}},
               "rows": [], "ratios": {}, "targets": [], "warnings": []}
-    print(f"{result['device']}, torch {result['torch']}, triton {result['triton']}, mixed precision "
-          f"{accelerator.mixed_precision}", flush=True)
-    print("\n".join(table_lines([])[:2]), flush=True)
+    say(f"{result['device']}, torch {result['torch']}, triton {result['triton']}, mixed precision "
+        f"{accelerator.mixed_precision}, {accelerator.num_processes} process(es)", flush=True)
+    say("\n".join(table_lines([])[:2]), flush=True)
     for spec in specs:
         started = time.perf_counter()
         data, windows = load_dataset(spec, args)
         lengths = window_lengths(windows, spec.max_seq_length)
-        print(f"{spec.name}: {spec.description}, max length {spec.max_seq_length:,}, {data.vocab.n_items:,} items, "
-              f"{len(lengths):,} windows, {int(lengths.sum() - len(lengths)):,} targets per epoch (read in "
-              f"{time.perf_counter() - started:.1f} s)", flush=True)
+        say(f"{spec.name}: {spec.description}, max length {spec.max_seq_length:,}, {data.vocab.n_items:,} items, "
+            f"{len(lengths):,} windows, {int(lengths.sum() - len(lengths)):,} targets per epoch (read in "
+            f"{time.perf_counter() - started:.1f} s)", flush=True)
         for model in args.models:
             for layout in args.layouts:
                 with warnings.catch_warnings(record=True) as caught:
@@ -671,17 +929,20 @@ def main(argv: list[str] | None = None) -> dict:
                 for message in dict.fromkeys(str(warning.message) for warning in caught):
                     if message not in result["warnings"]:
                         result["warnings"].append(message)
-                        print(f"warning: {message}", file=sys.stderr)
+                        if main_process:
+                            print(f"warning: {message}", file=sys.stderr)
                 result["rows"].append(row)
-                print(table_lines([row])[2], flush=True)
+                say(table_lines([row])[2], flush=True)
                 result["ratios"] = compute_ratios(result["rows"])
                 result["targets"] = compute_targets(result["ratios"])
-                write_results(args.output, result, with_plot=False)  # partial results survive a time limit
+                if main_process:
+                    write_results(args.output, result, with_plot=False)  # partial results survive a time limit
         del data, windows
-    write_results(args.output, result, with_plot=not args.no_plot)
-    print()
-    print("\n".join(report_lines(result)))
-    print(f"\nwrote {result_path(args.output, '.json')}, .txt{'' if args.no_plot else ', .png'}")
+    if main_process:
+        write_results(args.output, result, with_plot=not args.no_plot)
+    say()
+    say("\n".join(report_lines(result)))
+    say(f"\nwrote {result_path(args.output, '.json')}, .txt{'' if args.no_plot else ', .png'}")
     return result
 
 

@@ -1,30 +1,57 @@
-"""Two CPU processes (gloo) train and evaluate; every user is evaluated exactly once, with the same result as one.
-Bad data stops both processes with one error line."""
+"""Two CPU processes (gloo) train as one process accumulating two batches: the same windows per step and, with the
+loss normalised by the step's targets, the same gradients, so the same weights, losses and metrics. A checkpoint of
+either resumes on the other. Every user is evaluated exactly once, with the same result as one process. Bad data
+stops both processes with one error line."""
 
 import re
 
 import pytest
 
-from train_helpers import (EVALUATE, TINY_MODEL, TRAIN, accelerate_command, check, python_command, read_json,
-                           run_script, write_sequences_file)
+from train_helpers import (EVALUATE, TINY_MODEL, TRAIN, accelerate_command, assert_same_run, check, python_command,
+                           read_json, run_script, write_sequences_file)
+
+MAX_STEPS = 10  # 11 batches of 88 items per epoch: 6 steps of 2 batches, the last with one (and a padding batch)
 
 
-def test_two_process_run_counts_every_user_once(tmp_path):
-    log = write_sequences_file(tmp_path / "log.txt", num_users=101)  # odd: the last batch is padded by sharding
-    out = tmp_path / "run"
-    check(run_script(accelerate_command(
-        TRAIN, "--dataset", str(log), "--output_dir", str(out), *TINY_MODEL, "--per_device_train_batch_size", "16",
-        "--per_device_eval_batch_size", "8", "--max_steps", "6", "--eval_steps", "3", "--logging_steps", "2",
-        num_processes=2)))
-    metrics = read_json(out / "metrics.json")
-    assert metrics["num_processes"] == 2
+def _train(log, output_dir, num_processes, *extra):
+    """scripts/train.py on 1 process accumulating 2 batches, or on 2 processes: 2 batches per step either way."""
+    accumulation = ["--gradient_accumulation_steps", "2"] if num_processes == 1 else []
+    arguments = ["--dataset", str(log), "--output_dir", str(output_dir), *TINY_MODEL, "--hidden_dropout_prob", "0",
+                 "--max_tokens_per_batch", "88", "--per_device_eval_batch_size", "8", "--max_steps", str(MAX_STEPS),
+                 "--eval_steps", "4", "--logging_steps", "1", "--seed", "5", *accumulation, *extra]
+    if num_processes == 1:  # without the launcher: seconds less
+        return check(run_script(python_command(TRAIN, *arguments)))
+    return check(run_script(accelerate_command(TRAIN, *arguments, num_processes=num_processes)))
+
+
+def test_two_processes_train_as_one_and_resume_on_one_and_the_other_way(tmp_path):
+    log = write_sequences_file(tmp_path / "log.txt", num_users=101)  # odd: evaluation batches split unevenly
+    reference = tmp_path / "one"
+    _train(log, reference, 1)
+    # 2 -> 1: the first 4 steps (mid-epoch) on two processes, the rest on one
+    two_then_one = tmp_path / "two-then-one"
+    _train(log, two_then_one, 2, "--max_steps", "4")
+    resumed = _train(log, two_then_one, 1, "--resume_from_checkpoint", "latest")
+    assert "at step 4 (epoch 0)" in resumed.stdout
+    assert_same_run(reference, two_then_one, MAX_STEPS)
+    # 1 -> 2: the first 4 steps on one process, the rest (across the end of the epoch) on two
+    one_then_two = tmp_path / "one-then-two"
+    _train(log, one_then_two, 1, "--max_steps", "4")
+    _train(log, one_then_two, 2, "--resume_from_checkpoint", "latest")
+    assert_same_run(reference, one_then_two, MAX_STEPS)
+    # the checkpoints record the batches per step that a resumed run must keep (tests/test_batching_steps.py: the
+    # refusal of another number), and how the last run split them
+    saved = read_json(one_then_two / "checkpoints" / f"step-{MAX_STEPS}" / "trainer_state.json")["run_config"]
+    assert (saved["batches_per_step"], saved["num_processes"], saved["gradient_accumulation_steps"]) == (2, 2, 1)
+
+    metrics = read_json(one_then_two / "metrics.json")
+    assert metrics["num_processes"] == 2 and metrics["global_step"] == MAX_STEPS
     for split in ("validation", "test"):
         for method in ("model", "popularity"):
             assert metrics[split][method]["num_users"] == 101, (split, method)
-
     # One process ranking the saved model must find exactly what the two processes gathered.
     single = tmp_path / "single.json"
-    check(run_script(python_command(EVALUATE, "--model", str(out), "--dataset", str(log),
+    check(run_script(python_command(EVALUATE, "--model", str(one_then_two), "--dataset", str(log),
                                     "--output_file", str(single))))
     evaluated = read_json(single)["metrics"]
     for method in ("model", "popularity"):

@@ -1,7 +1,12 @@
-"""Turning prepared splits into model batches: padding, collators, a resumable sampler and the data loaders.
+"""Turning prepared splits into model batches: padding, collators, resumable samplers and the data loaders.
 
 Shared by ``scripts/train.py`` and ``scripts/evaluate.py``. Rows are plain mappings (a ``datasets.Dataset`` row, or
 a dict), so nothing here needs the ``datasets`` library itself.
+
+Several processes: training batches come from one global sequence per epoch, the same for any number of processes,
+of which each optimizer step takes ``num_processes x gradient_accumulation_steps`` batches (`StepBatchSampler`);
+each process knows every step's number of targets, so the loss can be normalised by it without communication.
+Evaluation batches are dealt round-robin (`evaluation_dataloader`): every user is scored by exactly one process.
 
 Static shapes (``--torch_compile``): every batch of a loader then has the same shapes, so one compiled graph (and
 one CUDA graph) serves them all. A packed batch is filled to its token budget with padding histories (id 0, labels
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -129,28 +135,138 @@ class PackedTrainingCollator:
         return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "num_targets": num_targets}
 
 
-class TokenBudgetBatchSampler(Sampler[list[int]]):
+@dataclass(frozen=True)
+class PlannedBatch:
+    """One batch of this process in an epoch's plan (`StepBatchSampler.plan`).
+
+    ``indices``: rows of the dataset. ``step``: the optimizer step of the epoch it belongs to. ``targets``: its
+    next-item targets (the collators' ``num_targets``). ``step_targets``: the targets of the whole step, every process
+    and every accumulated batch together: what the step's loss is normalised by. ``padding``: a stand-in that only
+    lets this process take part in a step with fewer batches than processes (the last of an epoch); it repeats a batch
+    of the step and must be weighted 0.
+    """
+
+    indices: list[int]
+    step: int
+    targets: int
+    step_targets: int
+    padding: bool = False
+
+    def loss_scale(self, num_processes: int, accumulation_steps: int) -> float:
+        """The factor on this batch's mean loss that makes a step's gradient the mean over ``step_targets``: Accelerate
+        divides each backward by the accumulation steps and DDP (like FSDP) averages over the processes, so the factor
+        is ``targets x processes x accumulation steps / step_targets`` (0 for padding)."""
+        if self.padding or self.step_targets == 0:
+            return 0.0
+        return self.targets * num_processes * accumulation_steps / self.step_targets
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Training batches for any number of processes: one seeded global sequence of batches, dealt by optimizer step.
+
+    Each epoch, a subclass orders every window exactly once into a global sequence of batches that depends only on
+    ``seed + epoch`` (``global_batches``), never on the number of processes. An optimizer step takes the next
+    ``num_processes x accumulation_steps`` batches of it: accumulated batch ``a`` of process ``p`` is batch
+    ``a x num_processes + p`` of the step. So two runs whose ``num_processes x accumulation_steps`` agree (2 processes,
+    or 1 process accumulating 2 batches) train every step on the same windows, and with the loss normalised by the
+    step's targets (``PlannedBatch.loss_scale``) on the same gradient. The number is known on every process without
+    communication: every process holds the window lengths and draws the same sequence.
+
+    Every process gets ``steps_per_epoch x accumulation_steps`` batches per epoch, as DDP needs (it synchronises each
+    step). The last step of an epoch may have fewer batches than that; its missing places are ``padding``: a batch of
+    the step repeated, weighted 0, so the gradient is still exactly the step's. One process never needs them unless
+    it accumulates. ``set_epoch(epoch, start_step)`` skips the steps already trained (a resumed run), without loading
+    their data. Private generators only: the global RNG that dropout uses is never touched.
+
+    Iterating gives this process's batches as lists of row indices; ``plan()`` gives the same batches as
+    ``PlannedBatch`` with their place in the step.
+    """
+
+    def __init__(self, lengths: Sequence[int], seed: int, *, num_processes: int = 1, process_index: int = 0,
+                 accumulation_steps: int = 1):
+        if num_processes < 1 or not 0 <= process_index < num_processes:
+            raise ValueError(f"process {process_index} of {num_processes}: not a process of the run")
+        if accumulation_steps < 1:
+            raise ValueError(f"--gradient_accumulation_steps must be >= 1, got {accumulation_steps}")
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.targets = np.maximum(self.lengths - 1, 0)  # a window of n items predicts n - 1 of them
+        self.seed = seed
+        self.num_processes, self.process_index = num_processes, process_index
+        self.accumulation_steps = accumulation_steps
+        self.epoch = 0
+        self.start_step = 0
+        self._cached_plan: tuple[tuple[int, int], list[PlannedBatch]] | None = None
+
+    # what a subclass defines
+    def num_batches(self) -> int:
+        """Batches of the global sequence, the same every epoch."""
+        raise NotImplementedError
+
+    def global_batches(self) -> list[list[int]]:
+        """The epoch's global sequence of batches (``self.epoch``): every window exactly once."""
+        raise NotImplementedError
+
+    @property
+    def batches_per_step(self) -> int:
+        return self.num_processes * self.accumulation_steps
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.num_batches() // self.batches_per_step)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The epoch to iterate, from its optimizer step ``start_step`` on (0: the whole epoch)."""
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"step {start_step} is not a step of an epoch of {self.steps_per_epoch}")
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        """This process's batches in a whole epoch."""
+        return self.steps_per_epoch * self.accumulation_steps
+
+    def plan(self) -> list[PlannedBatch]:
+        """This process's batches of the epoch from ``start_step`` on, in order."""
+        key = (self.epoch, self.start_step)
+        if self._cached_plan is not None and self._cached_plan[0] == key:
+            return self._cached_plan[1]
+        batches = self.global_batches()
+        size, planned = self.batches_per_step, []
+        for step in range(self.start_step, self.steps_per_epoch):
+            group = batches[step * size:(step + 1) * size]
+            step_targets = int(sum(self.targets[batch].sum() for batch in group))
+            for accumulated in range(self.accumulation_steps):
+                place = accumulated * self.num_processes + self.process_index
+                batch = group[place % len(group)]
+                planned.append(PlannedBatch(batch, step, int(self.targets[batch].sum()), step_targets,
+                                            padding=place >= len(group)))
+        self._cached_plan = (key, planned)
+        return planned
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for planned in self.plan():
+            yield list(planned.indices)
+
+
+class TokenBudgetBatchSampler(StepBatchSampler):
     """Batches of at most ``max_tokens`` items, of windows of similar length, in an order that depends only on
-    ``seed + epoch``.
+    ``seed + epoch``; dealt to processes and accumulated batches by `StepBatchSampler` (``max_tokens`` is the
+    budget of one batch of one process).
 
     Windows are ordered by length and cut greedily into batches, so each batch's windows are about as long as each
     other (little padding where attention lays them out as rows). Each epoch shuffles which window of a given length
     lands in which batch, and the order of the batches; the cut points depend only on the lengths, so every epoch has
-    the same number of batches (what a resumed run and Accelerate's sharding need). Private generators only: the
-    global RNG that dropout uses is never touched.
+    the same number of batches (what a resumed run needs), and so does ``static_shape``.
     """
 
-    def __init__(self, lengths: Sequence[int], max_tokens: int, seed: int):
+    def __init__(self, lengths: Sequence[int], max_tokens: int, seed: int, **dealing):
+        super().__init__(lengths, seed, **dealing)
         self.max_tokens = max_tokens
-        lengths = np.asarray(lengths, dtype=np.int64)
-        if len(lengths) and lengths.max() > max_tokens:
+        if len(self.lengths) and self.lengths.max() > max_tokens:
             raise ValueError(f"--max_tokens_per_batch {max_tokens} is smaller than the longest training window "
-                             f"({int(lengths.max())} items = --max_seq_length + 1): raise it or lower --max_seq_length")
-        self.lengths = lengths
-        self.seed = seed
-        self.epoch = 0
-        self.by_length = np.argsort(lengths, kind="stable")
-        self.cuts = self._cuts(lengths[self.by_length], max_tokens)
+                             f"({int(self.lengths.max())} items = --max_seq_length + 1): raise it or lower "
+                             f"--max_seq_length")
+        self.by_length = np.argsort(self.lengths, kind="stable")
+        self.cuts = self._cuts(self.lengths[self.by_length], max_tokens)
 
     @staticmethod
     def _cuts(sorted_lengths: np.ndarray, max_tokens: int) -> list[tuple[int, int]]:
@@ -164,9 +280,6 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
             cuts.append((start, len(sorted_lengths)))
         return cuts
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def static_shape(self, max_length: int) -> tuple[int, int]:
         """(tokens, histories) that every batch fits in, filled with padding histories of at most ``max_length``: the
         same for every epoch, since the cuts depend only on the lengths."""
@@ -174,19 +287,38 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         batches = [sorted_lengths[start:end] for start, end in self.cuts]
         return self.max_tokens, static_num_histories(batches, self.max_tokens, max_length)
 
-    def __len__(self) -> int:
+    def num_batches(self) -> int:
         return len(self.cuts)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def global_batches(self) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         order = self.by_length.copy()
         sorted_lengths = self.lengths[order]
         for length in np.unique(sorted_lengths):  # shuffle windows among the places of their own length
             places = np.flatnonzero(sorted_lengths == length)
             order[places] = rng.permutation(order[places])
-        for batch in rng.permutation(len(self.cuts)).tolist():
-            start, end = self.cuts[batch]
-            yield order[start:end].tolist()
+        return [order[start:end].tolist() for start, end in
+                (self.cuts[batch] for batch in rng.permutation(len(self.cuts)).tolist())]
+
+
+class ShuffledBatchSampler(StepBatchSampler):
+    """Padded batches: ``batch_size`` windows each (the last one fewer), in a random order that depends only on
+    ``seed + epoch`` (the order `EpochShuffleSampler` gives, cut into batches); dealt by `StepBatchSampler`."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, **dealing):
+        super().__init__(lengths, seed, **dealing)
+        if batch_size < 1:
+            raise ValueError(f"--per_device_train_batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+
+    def num_batches(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def global_batches(self) -> list[list[int]]:
+        shuffle = EpochShuffleSampler(len(self.lengths), self.seed)
+        shuffle.set_epoch(self.epoch)
+        order = list(shuffle)
+        return [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
 
 
 class NegativeSampler:
@@ -291,9 +423,9 @@ class IndexedRows(Dataset):
 class EpochShuffleSampler(Sampler[int]):
     """A random order that depends only on ``seed + epoch``.
 
-    Every process draws the same order (Accelerate then shards it), and a resumed run re-creates the order of an
-    interrupted epoch exactly, so skipping the batches already seen continues where the run stopped. The order
-    comes from a private generator: iterating never touches the global RNG that dropout uses.
+    Every process draws the same order, and a resumed run re-creates the order of an interrupted epoch exactly, so
+    skipping the batches already seen continues where the run stopped (`ShuffledBatchSampler` cuts it into padded
+    batches). The order comes from a private generator: iterating never touches the global RNG that dropout uses.
     """
 
     def __init__(self, num_samples: int, seed: int):
@@ -318,29 +450,24 @@ def _private_generator(seed: int) -> torch.Generator:
 
 
 def training_dataloader(windows, max_seq_length: int, batch_size: int, seed: int, num_workers: int = 0,
-                        max_tokens_per_batch: int | None = None, static_shapes: bool = False) -> DataLoader:
-    """Shuffled batches of training windows (column ``input_ids``), reproducible from ``seed`` and the epoch: packed
-    batches of at most ``max_tokens_per_batch`` items, or else padded batches of ``batch_size`` windows; with
-    ``static_shapes`` every batch of the same shape (the module docstring says how)."""
+                        max_tokens_per_batch: int | None = None, static_shapes: bool = False, *,
+                        num_processes: int = 1, process_index: int = 0, accumulation_steps: int = 1) -> DataLoader:
+    """This process's shuffled batches of training windows (column ``input_ids``), reproducible from ``seed`` and the
+    epoch: packed batches of at most ``max_tokens_per_batch`` items, or else padded batches of ``batch_size`` windows;
+    with ``static_shapes`` every batch of the same shape (the module docstring says how). Its ``batch_sampler`` (a
+    `StepBatchSampler`) deals the global sequence of batches to the processes and accumulated batches itself: the
+    loader must not be sharded again (not passed to ``accelerator.prepare``)."""
+    lengths = [min(len(window), max_seq_length + 1) for window in windows["input_ids"]]
+    dealing = dict(num_processes=num_processes, process_index=process_index, accumulation_steps=accumulation_steps)
     if max_tokens_per_batch:
-        lengths = [min(len(window), max_seq_length + 1) for window in windows["input_ids"]]
-        sampler = TokenBudgetBatchSampler(lengths, max_tokens_per_batch, seed)
-        return DataLoader(
-            windows,
-            batch_sampler=sampler,
-            collate_fn=PackedTrainingCollator(
-                max_seq_length, sampler.static_shape(max_seq_length + 1) if static_shapes else None),
-            num_workers=num_workers,
-            generator=_private_generator(seed),
-        )
-    return DataLoader(
-        windows,
-        batch_size=batch_size,
-        sampler=EpochShuffleSampler(len(windows), seed),
-        collate_fn=TrainingCollator(max_seq_length, batch_size if static_shapes else None),
-        num_workers=num_workers,
-        generator=_private_generator(seed),
-    )
+        sampler = TokenBudgetBatchSampler(lengths, max_tokens_per_batch, seed, **dealing)
+        collator = PackedTrainingCollator(max_seq_length,
+                                          sampler.static_shape(max_seq_length + 1) if static_shapes else None)
+    else:
+        sampler = ShuffledBatchSampler(lengths, batch_size, seed, **dealing)
+        collator = TrainingCollator(max_seq_length, batch_size if static_shapes else None)
+    return DataLoader(windows, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
+                      generator=_private_generator(seed))
 
 
 def evaluation_dataloader(split, collator: EvaluationCollator, *, max_seq_length: int, max_tokens: int,

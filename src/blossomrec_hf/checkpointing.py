@@ -8,6 +8,9 @@ settings the run must keep). It is written into ``step-N.incomplete``, flushed t
 deleted. Resuming still checks each checkpoint (its state parses, its files are there), because a folder can be
 damaged by other means, and skips damaged ones with a warning. A write that fails (a full disk) stops every process
 with ``OutputWriteError``, naming the file and the OS error; what was written before stays as it was.
+
+A checkpoint resumes on another number of processes as long as the batches per optimizer step (processes x gradient
+accumulation) and the per-device batch stay (``check_same_run``): the steps then train on the same windows.
 """
 
 from __future__ import annotations
@@ -109,7 +112,9 @@ def remove_tree(path: Path) -> None:
 class TrainerState:
     global_step: int = 0
     epoch: int = 0  # epoch of the next batch
-    batches_in_epoch: int = 0  # batches of that epoch already trained on (per process)
+    # batches of that epoch already trained on by each process: steps x gradient_accumulation_steps (a run resumed
+    # with another split of the same batches per step converts it)
+    batches_in_epoch: int = 0
     train_seconds: float = 0.0  # time spent in training steps, without evaluation and checkpointing
     train_targets: int = 0  # next-item predictions trained on, all processes together (for items/s)
     # The open logging window, all processes together (kept here so a resumed run logs what an uninterrupted one
@@ -147,8 +152,22 @@ def checkpoint_files(accelerator) -> list[str]:
             *(f"random_states_{rank}.pkl" for rank in range(accelerator.num_processes))]
 
 
+def resumable_files(accelerator) -> list[str]:
+    """The files a checkpoint needs for this run to resume it, whatever number of processes wrote it: those of
+    `checkpoint_files` but only the first process's RNG state (`checkpoint_problem` requires those of the processes
+    that wrote it, which its ``trainer_state.json`` names)."""
+    return [name for name in checkpoint_files(accelerator)
+            if not name.startswith("random_states_") or name == "random_states_0.pkl"]
+
+
+def written_rng_files(state: "TrainerState") -> list[str]:
+    """The RNG states a checkpoint holds: one per process of the run that wrote it (none named in older states)."""
+    return [f"random_states_{rank}.pkl" for rank in range((state.run_config or {}).get("num_processes") or 0)]
+
+
 def checkpoint_problem(path: Path, required: list[str]) -> str | None:
-    """Why ``path`` is not a whole checkpoint with the ``required`` files, or None if it is one."""
+    """Why ``path`` is not a whole checkpoint with the ``required`` files (and the RNG state of every process that
+    wrote it), or None if it is one."""
     missing = [name for name in (*required, STATE_FILE) if not (path / name).is_file()]
     if missing:
         return f"missing {', '.join(missing)}"
@@ -156,9 +175,12 @@ def checkpoint_problem(path: Path, required: list[str]) -> str | None:
     if empty:
         return f"empty {', '.join(empty)}"
     try:
-        TrainerState.load(path / STATE_FILE)
+        state = TrainerState.load(path / STATE_FILE)
     except (ValueError, TypeError):
         return f"{STATE_FILE} is empty or cut off"
+    missing = [name for name in written_rng_files(state) if name not in required and not (path / name).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
     return None
 
 
@@ -189,14 +211,36 @@ def resolve_checkpoint(output_dir: Path, requested: str, required: list[str]) ->
                             f"{Path(output_dir) / CHECKPOINTS_DIR}{incomplete}")
 
 
+# Settings a resumed run may change: how the global batch is split between processes and accumulated batches (their
+# product, ``batches_per_step``, must stay, and so must the per-device batch: then every step trains on the same
+# windows, and with its loss normalised by the step's targets, on the same gradient).
+SPLIT_SETTINGS = ("num_processes", "gradient_accumulation_steps")
+
+
+def batches_per_step(run_config: dict) -> int:
+    """Batches of one optimizer step, all processes together (derived for run configs written before it was)."""
+    if "batches_per_step" in run_config:
+        return run_config["batches_per_step"]
+    return (run_config.get("num_processes") or 1) * (run_config.get("gradient_accumulation_steps") or 1)
+
+
 def check_same_run(path: Path, saved: dict | None, current: dict) -> None:
-    """Refuse to resume ``path`` (whose run config is ``saved``) with settings that change the model or the data."""
+    """Refuse to resume ``path`` (whose run config is ``saved``) with settings that change the model or the data
+    (another number of processes is fine if the batches per step stay: ``SPLIT_SETTINGS``)."""
     if saved is None:
         return
+    saved = {**saved, "batches_per_step": batches_per_step(saved)} if any(key in saved for key in SPLIT_SETTINGS) \
+        else saved
     differing = [f"{key} {saved.get(key)!r} (now {current.get(key)!r})"
-                 for key in sorted(saved.keys() | current.keys()) if saved.get(key) != current.get(key)]
+                 for key in sorted(saved.keys() | current.keys())
+                 if key not in SPLIT_SETTINGS and saved.get(key) != current.get(key)]
     if differing:
-        raise ValueError(f"{path} was trained with other settings: {', '.join(differing)}; resume with the same "
+        hint = ""
+        if saved.get("batches_per_step") != current.get("batches_per_step") and "num_processes" in saved:
+            hint = (f" (batches_per_step is processes x --gradient_accumulation_steps: it was "
+                    f"{saved.get('num_processes')} x {saved.get('gradient_accumulation_steps')}; keep the product, "
+                    f"e.g. --gradient_accumulation_steps {batches_per_step(saved)} on one process)")
+        raise ValueError(f"{path} was trained with other settings: {', '.join(differing)}{hint}; resume with the same "
                          f"settings, or start over with --overwrite_output_dir")
 
 
@@ -223,7 +267,7 @@ def save_checkpoint(accelerator, output_dir: Path, state: TrainerState, total_li
         remove_tree(path)  # a step-N of a continuation that a resume from an older checkpoint abandoned
         os.rename(staging, path)
         fsync_dir(root)
-        prune_checkpoints(output_dir, state.global_step, total_limit, checkpoint_files(accelerator))
+        prune_checkpoints(output_dir, state.global_step, total_limit, resumable_files(accelerator))
     accelerator.wait_for_everyone()
     return path
 
@@ -243,6 +287,14 @@ def prune_checkpoints(output_dir: Path, current_step: int, total_limit: int, req
 
 
 def load_checkpoint(accelerator, path: Path) -> TrainerState:
+    """The trainer state of ``path``, with the model, optimizer, scheduler and RNG states loaded into ``accelerator``.
+
+    A checkpoint of another number of processes loads too: the model, optimizer and scheduler are whole in it; each
+    process takes its own RNG state, and one the checkpoint has none for (more processes now) keeps its seeded one,
+    so only the dropout of those processes differs from a run that was never interrupted."""
     state = TrainerState.load(path / STATE_FILE)
     accelerator.load_state(str(path))
+    # Accelerate restores its count of accumulated batches; checkpoints are written at optimizer steps, where it is 0
+    # (and the saved count is of the writer's gradient accumulation, which may differ).
+    accelerator.step = 0
     return state

@@ -12,8 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..checkpointing import (CHECKPOINTS_DIR, INCOMPLETE, checkpoint_files, fsync_dir, fsync_files, remove_tree,
-                             resolve_checkpoint, step_dirs, write_json_atomic)
+from ..checkpointing import (CHECKPOINTS_DIR, INCOMPLETE, fsync_dir, fsync_files, remove_tree, resolve_checkpoint,
+                             resumable_files, step_dirs, write_json_atomic)
 from ..data.prepared import INFO_FILE
 from ..errors import user_input_errors
 
@@ -68,7 +68,7 @@ def prepare_output_dir(accelerator, args, dataset: str) -> tuple[Path, Path | No
         resume_dir, warnings = None, []
         if resuming:
             resume_dir, warnings = resolve_checkpoint(output_dir, args.resume_from_checkpoint,
-                                                      checkpoint_files(accelerator))
+                                                      resumable_files(accelerator))
     if accelerator.is_main_process:
         for warning in warnings:
             print(warning, file=sys.stderr)

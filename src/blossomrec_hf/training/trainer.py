@@ -3,6 +3,13 @@
 A step is split so that each later change has one place: ``compute_loss`` (batch -> loss), ``training_step``
 (forward, backward, optimizer step) and ``_after_optimizer_step`` (log, evaluate, checkpoint as due).
 
+Several processes (``accelerate launch --multi_gpu --num_processes N``): an optimizer step trains on
+``N x --gradient_accumulation_steps`` batches of one global sequence (``batching.StepBatchSampler``, the same
+sequence whatever N), and each batch's mean loss is scaled so that the step's gradient is the mean over all the
+step's next-item targets, every process together (``PlannedBatch.loss_scale``: the count is known on every process
+without communication). So N processes give the gradients of one process accumulating N batches (to float rounding),
+and a checkpoint resumes on any split of the same batches per step.
+
 ``--torch_compile`` compiles the model in place (``nn.Module.compile``, so parameter names, checkpoints and
 ``unwrap_model`` stay as they are) with ``fullgraph=True``: the forward and backward of the training step and the
 evaluation forward, each one graph with no host sync. The data loaders then give batches of static shapes, so the
@@ -13,13 +20,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import send_to_device, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -110,8 +116,9 @@ def describe_run(data_args, args, config, num_processes: int) -> dict:
     return {**dataclasses.asdict(data_args), "max_seq_length": args.max_seq_length,
             "per_device_train_batch_size": args.per_device_train_batch_size,
             "max_tokens_per_batch": args.tokens_per_batch,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed,
-            "num_processes": num_processes, **model}
+            "batches_per_step": num_processes * args.gradient_accumulation_steps, "seed": args.seed,
+            # how the batches of a step are split; a resumed run may split them otherwise (checkpointing.SPLIT_SETTINGS)
+            "num_processes": num_processes, "gradient_accumulation_steps": args.gradient_accumulation_steps, **model}
 
 
 def ranking_evaluator(accelerator, data, split: str, max_seq_length: int, eval_args,
@@ -156,17 +163,20 @@ class Trainer:
             compile_model(model, args)
             compile_model(self.eval_model, args)
         with user_input_errors("arguments", accelerator):
-            dataloader = training_dataloader(windows, args.max_seq_length, args.per_device_train_batch_size, args.seed,
-                                             args.dataloader_num_workers, args.tokens_per_batch,
-                                             static_shapes=args.torch_compile)
-        # the epoch's order lives in the token-budget batch sampler, or in the sampler of padded batches
-        self.sampler = dataloader.batch_sampler if args.tokens_per_batch else dataloader.sampler
+            # This process's batches, dealt by the loader's own batch sampler: not prepared (Accelerate would shard
+            # them again); `epoch_batches` moves them to the device.
+            self.dataloader = training_dataloader(
+                windows, args.max_seq_length, args.per_device_train_batch_size, args.seed,
+                args.dataloader_num_workers, args.tokens_per_batch, static_shapes=args.torch_compile,
+                num_processes=accelerator.num_processes, process_index=accelerator.process_index,
+                accumulation_steps=args.gradient_accumulation_steps)
+        self.sampler = self.dataloader.batch_sampler  # the epoch's order and each step's batches
         self.evaluators = {split: ranking_evaluator(accelerator, data, split, args.max_seq_length, eval_args,
                                                     static_shapes=args.torch_compile)
                            for split in ("validation", "test")}
         optimizer = torch.optim.AdamW(optimizer_groups(model, args.weight_decay), lr=args.learning_rate)
-        self.model, self.optimizer, self.dataloader = accelerator.prepare(model, optimizer, dataloader)
-        self.steps_per_epoch = math.ceil(len(self.dataloader) / args.gradient_accumulation_steps)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = args.max_steps if args.max_steps > 0 else args.num_train_epochs * self.steps_per_epoch
         # A prepared scheduler steps once per process at every optimizer step.
         self.scheduler = accelerator.prepare(get_scheduler(
@@ -178,6 +188,11 @@ class Trainer:
 
     def resume(self, path: Path) -> None:
         self.state = load_checkpoint(self.accelerator, path)
+        # The checkpoint's position in the epoch, in steps, as this run's batches per process (it may split the
+        # batches of a step otherwise: more processes, less accumulation).
+        saved_accumulation = (self.state.run_config or {}).get("gradient_accumulation_steps") or 1
+        steps_in_epoch = self.state.batches_in_epoch // saved_accumulation
+        self.state.batches_in_epoch = steps_in_epoch * self.args.gradient_accumulation_steps
         self.accelerator.print(f"resumed from {path} at step {self.state.global_step} (epoch {self.state.epoch})")
 
     def print_summary(self, dataset: str) -> None:
@@ -187,26 +202,47 @@ class Trainer:
             f"{self.num_windows} training windows; {config.attention_type} attention "
             f"({config._attn_implementation}), {sum(p.numel() for p in self.model.parameters()):,} parameters; "
             f"{accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision}; "
-            f"{self.total_steps} steps of {self.steps_per_epoch} per epoch")
+            f"{self.total_steps} steps of {self.steps_per_epoch} per epoch, {self.sampler.batches_per_step} "
+            f"batch(es) per step")
 
     def compute_loss(self, batch: dict) -> torch.Tensor:
-        """The training loss of one batch (static batches also give their histories' boundaries)."""
+        """The training loss of one batch: the mean over its targets (static batches also give their histories'
+        boundaries)."""
         return self.model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"),
                           cu_seq_lens_q=batch.get("cu_seq_lens_q"), max_length_q=batch.get("max_length_q")).loss
 
+    def epoch_batches(self, epoch: int, start_step: int = 0):
+        """This process's batches of ``epoch`` from its optimizer step ``start_step`` on, on the device, each with
+        ``loss_scale`` (the factor that makes its step's gradient the mean over the step's targets, all processes
+        together; 0 for a padding batch) and ``padding``; a padding batch's ``num_targets`` is 0."""
+        self.sampler.set_epoch(epoch, start_step)
+        plan = self.sampler.plan()
+        num_processes, accumulation = self.accelerator.num_processes, self.args.gradient_accumulation_steps
+        for planned, batch in zip(plan, self.dataloader, strict=True):
+            if batch["num_targets"] != planned.targets:  # the loader iterates the same plan
+                raise RuntimeError(f"batch of {batch['num_targets']} targets where the plan has {planned.targets}")
+            batch = send_to_device(batch, self.accelerator.device)
+            batch["loss_scale"] = planned.loss_scale(num_processes, accumulation)
+            batch["padding"] = planned.padding
+            if planned.padding:
+                batch["num_targets"] = 0
+            yield batch
+
     def training_step(self, batch: dict) -> bool:
-        """Forward and backward on one batch, and the optimizer step where gradient accumulation allows one; returns
-        whether an optimizer step was taken."""
+        """Forward and backward on one batch of `epoch_batches`, and the optimizer step where gradient accumulation
+        allows one; returns whether an optimizer step was taken."""
         with self.accelerator.accumulate(self.model):
             loss = self.compute_loss(batch)
-            self.accelerator.backward(loss)
+            # a Python float: no host sync, and a compiled model's graph does not see it
+            self.accelerator.backward(loss * batch["loss_scale"])
             if self.accelerator.sync_gradients and self.args.max_grad_norm > 0:
                 self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad()
         self.state.batches_in_epoch += 1
-        self.window.add(loss, batch["num_targets"])
+        if not batch["padding"]:
+            self.window.add(loss, batch["num_targets"])
         return self.accelerator.sync_gradients
 
     def train(self) -> int:
@@ -234,12 +270,8 @@ class Trainer:
 
     def _epoch_batches(self):
         """The batches of the current epoch not yet trained on: the order depends only on seed + epoch."""
-        batches = self.dataloader
-        if self.state.batches_in_epoch:
-            batches = self.accelerator.skip_first_batches(self.dataloader, self.state.batches_in_epoch)
-        self.sampler.set_epoch(self.state.epoch)
-        batches.set_epoch(self.state.epoch)
-        return batches
+        steps_done = self.state.batches_in_epoch // self.args.gradient_accumulation_steps
+        return self.epoch_batches(self.state.epoch, steps_done)
 
     def _train_epoch(self) -> str | None:
         """The rest of the current epoch; "stop" (a stop signal), "done" (last step, early stopping) or None."""
