@@ -78,11 +78,13 @@ class TrainingArguments:
     per_device_train_batch_size: int = field(default=256, metadata={
         "help": "the capacity of a device batch in windows of max_seq_length + 1 items (see max_tokens_per_batch)"})
     max_tokens_per_batch: int | None = field(default=None, metadata={
-        "help": "packed batches (the default): at most this many items per device batch, windows of similar length "
+        "help": "packed batches (the default): at most this many items per device batch (per process), windows of similar length "
                 "back to back in one row with position_ids, no padding (default: per_device_train_batch_size x "
                 "(max_seq_length + 1), what a padded batch holds); 0 = padded batches of per_device_train_batch_size "
                 "windows"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
+    gradient_accumulation_steps: int = field(default=1, metadata={
+        "help": "batches per optimizer step on each process; N processes with A steps train exactly as one process "
+                "with N x A at the same per-device batch"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate of AdamW"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
