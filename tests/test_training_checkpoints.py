@@ -132,3 +132,11 @@ def test_resuming_with_other_settings_names_every_difference():
     assert "hidden_size 32 (now 64), stis_window 2 (now 4)" in message and "seed" not in message
     check_same_run("run/checkpoints/step-8", saved, dict(saved))
     check_same_run("old/checkpoints/step-8", None, saved)  # checkpoints written before settings were recorded
+
+
+def test_settings_newer_than_the_checkpoint_pass_at_their_defaults():
+    saved = {"hidden_size": 32, "seed": 3}  # written before gate_type existed
+    defaults = {"gate_type": "learned", "hidden_size": 128}
+    check_same_run("run/checkpoints/step-8", saved, {**saved, "gate_type": "learned"}, defaults=defaults)
+    with pytest.raises(ValueError, match=r"gate_type 'learned' \(now 'fixed'\)"):
+        check_same_run("run/checkpoints/step-8", saved, {**saved, "gate_type": "fixed"}, defaults=defaults)

@@ -224,11 +224,14 @@ def batches_per_step(run_config: dict) -> int:
     return (run_config.get("num_processes") or 1) * (run_config.get("gradient_accumulation_steps") or 1)
 
 
-def check_same_run(path: Path, saved: dict | None, current: dict) -> None:
+def check_same_run(path: Path, saved: dict | None, current: dict, defaults: dict | None = None) -> None:
     """Refuse to resume ``path`` (whose run config is ``saved``) with settings that change the model or the data
-    (another number of processes is fine if the batches per step stay: ``SPLIT_SETTINGS``)."""
+    (another number of processes is fine if the batches per step stay: ``SPLIT_SETTINGS``). A setting newer than
+    the checkpoint (absent from ``saved``) passes at its value in ``defaults``, which keeps the older behaviour."""
     if saved is None:
         return
+    defaults = defaults or {}
+    saved = {**{key: value for key, value in defaults.items() if key in current}, **saved}
     saved = {**saved, "batches_per_step": batches_per_step(saved)} if any(key in saved for key in SPLIT_SETTINGS) \
         else saved
     differing = [f"{key} {saved.get(key)!r} (now {current.get(key)!r})"

@@ -63,7 +63,8 @@ def train(accelerator, data_args, eval_args, args, model_overrides: dict) -> int
     run_config = describe_run(data_args, args, config, accelerator.num_processes)
     if resume_dir is not None:
         with user_input_errors("--resume_from_checkpoint", accelerator):
-            check_same_run(resume_dir, TrainerState.load(resume_dir / STATE_FILE).run_config, run_config)
+            check_same_run(resume_dir, TrainerState.load(resume_dir / STATE_FILE).run_config, run_config,
+                           defaults=model_config_fields())
     trainer = Trainer(accelerator, args, eval_args, output_dir, data, windows, config, stop_signals)
     if resume_dir is not None:
         trainer.resume(resume_dir)
