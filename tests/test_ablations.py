@@ -19,9 +19,9 @@ from blossomrec_hf.model.blossom_attention_torch import blossom_attention_torch_
 from blossomrec_hf.model.rotary_embedding import rotate_queries_and_keys
 from blossomrec_hf.training_args import build_model_config, parse_training_arguments
 from conftest import REPO_ROOT
+from test_model import N_ITEMS, tiny_config
 from triton_support import requires_triton
 
-N_ITEMS = 50
 NEW_FIELDS = ("blossom_branches", "gate_type", "gate_init")
 ABLATIONS = {
     "ltis": dict(blossom_branches="ltis"),
@@ -33,15 +33,8 @@ ABLATIONS = {
 }
 
 
-def tiny_config(**overrides):
-    fields = dict(n_items=N_ITEMS, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=64, hidden_dropout_prob=0.0, compress_block_size=8, compress_stride=4,
-                  selection_block_size=4, num_selected_blocks=2, stis_window=3)
-    fields.update(overrides)
-    return BlossomRecConfig(**fields)
-
-
 def tiny_model(seed=0, **overrides):
+    """test_model's tiny model, left in training mode."""
     torch.manual_seed(seed)
     return BlossomRecForSequentialRecommendation(tiny_config(**overrides))
 
