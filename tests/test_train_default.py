@@ -43,6 +43,7 @@ def test_default_run_saves_model_vocabulary_and_metrics(default_run):
     assert metrics["dataset"] == "synthetic" and metrics["attention_type"] == "blossom"
     assert metrics["test"]["model"]["num_users"] == metrics["test"]["popularity"]["num_users"] == 2000
     assert metrics["train_seconds_to_best"] > 0 and metrics["best_step"] == metrics["global_step"]
+    assert metrics["peak_gpu_memory_mib"] is None  # no GPU here: the allocator peak is recorded on CUDA only
     # Even a tiny model after one epoch is far ahead of popularity on the planted structure.
     assert metrics["test"]["model"]["ndcg@10"] > 3 * metrics["test"]["popularity"]["ndcg@10"]
     assert "popularity" in result.stdout and "ndcg@10" in result.stdout  # the printed test table

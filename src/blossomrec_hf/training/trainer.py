@@ -131,6 +131,11 @@ def ranking_evaluator(accelerator, data, split: str, max_seq_length: int, eval_a
                             static_shapes=static_shapes)
 
 
+def peak_gpu_memory_mib(device: torch.device) -> float | None:
+    """The allocator's peak on this process's GPU so far (training and evaluation), None off CUDA."""
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
+
+
 def compile_model(model, args) -> None:
     """``--torch_compile``: compile ``model`` in place, the whole forward as one graph (and its backward)."""
     model.compile(fullgraph=True, backend=args.torch_compile_backend or "inductor", mode=args.torch_compile_mode)
@@ -400,6 +405,7 @@ class Trainer:
             "global_step": state.global_step,
             "stopped_early": state.stopped_early,
             "num_processes": self.accelerator.num_processes,
+            "peak_gpu_memory_mib": peak_gpu_memory_mib(self.accelerator.device),
             "validation": {"model": state.best_validation,
                            "popularity": evaluators["validation"].evaluate_popularity()},
             "test": {"model": evaluators["test"].evaluate_model(best_model),
