@@ -183,7 +183,8 @@ def training_arguments(spec: DatasetSpec, *, model: str, layout: str, args) -> T
         max_seq_length=spec.max_seq_length, attention_type=model, attn_implementation=implementation(model, args),
         per_device_train_batch_size=windows_per_batch(spec, args),
         max_tokens_per_batch=token_budget(spec, args) if layout == "packed" else 0,
-        seed=args.seed, dataloader_num_workers=args.dataloader_num_workers)
+        seed=args.seed, dataloader_num_workers=args.dataloader_num_workers, torch_compile=args.torch_compile,
+        torch_compile_mode=args.torch_compile_mode)
 
 
 def build_trainer(accelerator, *, data, windows, training_args: TrainingArguments, model_overrides: dict) -> Trainer:
@@ -843,6 +844,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--longtail_users", type=int, default=300, help="users of the synthetic long-tail log")
     parser.add_argument("--longtail_items", type=int, default=20000, help="items of the synthetic long-tail log")
     parser.add_argument("--dataloader_num_workers", type=int, default=0, help="as train.py (default 0)")
+    parser.add_argument("--torch_compile", action="store_true",
+                        help="every row as train.py --torch_compile runs it (static batches, one compiled graph; "
+                             "the warm-up steps absorb the compilation)")
+    parser.add_argument("--torch_compile_mode", default=None, help="as train.py's (e.g. reduce-overhead)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--no_plot", action="store_true", help="skip the PNG")
     parser.add_argument("--multi_gpu", type=int, nargs="+", default=None, metavar="N",
@@ -911,7 +916,8 @@ def main(argv: list[str] | None = None) -> dict:
                            "dataset_specs": {spec.name: spec.__dict__ for spec in specs}},
               "rows": [], "ratios": {}, "targets": [], "warnings": []}
     say(f"{result['device']}, torch {result['torch']}, triton {result['triton']}, mixed precision "
-        f"{accelerator.mixed_precision}, {accelerator.num_processes} process(es)", flush=True)
+        f"{accelerator.mixed_precision}, {accelerator.num_processes} process(es)"
+        f"{', torch.compile (static batches)' if args.torch_compile else ', eager'}", flush=True)
     say("\n".join(table_lines([])[:2]), flush=True)
     for spec in specs:
         started = time.perf_counter()

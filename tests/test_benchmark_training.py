@@ -76,3 +76,16 @@ def test_unknown_dataset_and_missing_files_are_one_line_errors(training_benchmar
     with pytest.raises(SystemExit):
         training_benchmark.main(["--datasets", "beauty50", "--device", "cpu", "--data_dir", str(tmp_path)])
     assert "Beauty.txt (pass --data_dir)" in capsys.readouterr().err
+
+
+def test_rows_take_train_py_batch_defaults_and_compile_flags(training_benchmark):
+    args, specs, _ = training_benchmark.parse_arguments(
+        ["--datasets", "longtail16k", "longtail50", "--device", "cpu", "--torch_compile",
+         "--torch_compile_mode", "reduce-overhead"])
+    long, short = specs
+    packed = training_benchmark.training_arguments(long, model="blossom", layout="packed", args=args)
+    assert packed.torch_compile and packed.torch_compile_mode == "reduce-overhead"
+    # train.py's default budget: the padded batch's capacity (131,072 items' worth of windows at 16k)
+    assert packed.tokens_per_batch == 7 * 16385 and packed.per_device_train_batch_size == 7
+    padded = training_benchmark.training_arguments(short, model="dense", layout="padded", args=args)
+    assert padded.tokens_per_batch == 0 and padded.per_device_train_batch_size == 131072 // 51
