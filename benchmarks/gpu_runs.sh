@@ -2,7 +2,8 @@
 # The GPU measurements of the open speed and quality work, in stages that fit one 10-minute device call each:
 #   STAGES="profile attention" OUT=results_dir DATA_DIR=folder_with_Beauty.txt bash benchmarks/gpu_runs.sh
 # Stages: check (correctness of the packed kernels), profile (eager vs compiled kernels), attention (module and
-# model tables: eager, compiled, graph, host), train (packed vs padded training throughput), quality (packed vs padded,
+# model tables: eager, compiled, graph, host), train / train_compiled (packed vs padded training throughput, eager
+# or under --torch_compile), quality (packed vs padded,
 # 3 seeds, Beauty and ML-100K), ablation (issue 14's table). Text logs read Beauty.txt / ml-100k.inter without the
 # `datasets` library, so nothing needs installing on a machine with torch, triton and transformers.
 set -o pipefail
@@ -27,6 +28,10 @@ fi
 if stage train; then
   timeout 420 python3 scripts/benchmark_training.py --data_dir "$DATA_DIR" --max_seconds 10 \
     --output "$OUT/training_benchmark" 2>&1 | tail -40
+fi
+if stage train_compiled; then
+  timeout 480 python3 scripts/benchmark_training.py --data_dir "$DATA_DIR" --max_seconds 10 --warmup_steps 5 \
+    --torch_compile --output "$OUT/training_benchmark_compiled" 2>&1 | tail -40
 fi
 if stage quality; then
   OMP_NUM_THREADS=1 timeout 580 python3 scripts/benchmark_quality.py --data_dir "$DATA_DIR" \
