@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -69,8 +70,16 @@ def accelerate_command(script: str, *args: str, num_processes: int = 1, quiet: b
     launch = [sys.executable, "-m", "accelerate.commands.launch", *(["-q"] if quiet else []), "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(num_processes)]
     if num_processes > 1:
-        launch += ["--multi_gpu"]  # with ACCELERATE_USE_CPU=true: several CPU processes over gloo
+        # with ACCELERATE_USE_CPU=true: several CPU processes over gloo; a port of their own, since tests run in
+        # parallel (pytest-xdist) and two launches on the default port would meet
+        launch += ["--multi_gpu", "--main_process_port", str(free_port())]
     return [*launch, script, *args]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
