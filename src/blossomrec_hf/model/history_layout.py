@@ -24,15 +24,11 @@ from dataclasses import dataclass, field
 import torch
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
 def check_item_ids(ids: torch.Tensor, n_items: int, name: str, allowed_extra: tuple[int, ...] = ()) -> None:
     """Raise a ValueError naming the first id outside [0, n_items] (and its row) instead of an indexing assert.
 
     It reads the data, so it checks nothing while compiling (a compiled step never waits for the device)."""
-    if _compiling():
+    if torch.compiler.is_compiling():
         return
     bad = (ids < 0) | (ids > n_items)
     for value in allowed_extra:
@@ -99,7 +95,7 @@ class HistoryLayout:
         """The layout of padded input, or of packed input (`position_ids`, and optionally `cu_seqlens` [S + 1] with
         `max_length`, an int >= the longest history). Static while compiling or with `cu_seqlens`, else dynamic."""
         check_ids_tensor(input_ids, "input_ids")
-        checking = not _compiling()
+        checking = not torch.compiler.is_compiling()
         check_item_ids(input_ids, n_items, "input_ids")
         real = _real_items(input_ids, attention_mask, check=checking)
         if position_ids is not None:
