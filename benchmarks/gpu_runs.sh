@@ -16,18 +16,19 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
 stage() { [[ " ${STAGES:-check profile attention train} " == *" $1 "* ]]; }
 if stage check; then
-  timeout 120 python3 scripts/check_triton_attention.py --kind varlen --output "$OUT/triton_varlen.json" 2>&1 | tail -12
+  timeout 120 python3 scripts/check_triton_attention.py --kind varlen --output "$OUT/triton_varlen.json" 2>&1 | tee "$OUT/check.log" | tail -12
 fi
 if stage profile; then
   timeout 150 python3 benchmarks/profile_attention.py --lengths 200 4096 --compiled --rows 25 2>&1 | tee "$OUT/attention_profile_modes.txt"
 fi
 if stage attention; then
-  timeout 300 python3 scripts/benchmark_attention.py --skip-reference --lengths 200 1024 4096 16384 \
-    --model-lengths 200 4096 --output-dir "$OUT" 2>&1 | tail -20
+  timeout ${ATTENTION_LIMIT:-300} python3 scripts/benchmark_attention.py --skip-reference \
+    --lengths ${LENGTHS:-200 1024 4096 16384} --model-lengths ${MODEL_LENGTHS:-200 4096} --output-dir "$OUT" 2>&1 \
+    | tee "$OUT/attention.log" | tail -20
 fi
 if stage train; then
-  timeout 420 python3 scripts/benchmark_training.py --data_dir "$DATA_DIR" --max_seconds 10 \
-    --output "$OUT/training_benchmark" 2>&1 | tail -40
+  timeout ${TRAIN_LIMIT:-420} python3 scripts/benchmark_training.py --data_dir "$DATA_DIR" --max_seconds ${MAX_SECONDS:-10} \
+    --output "$OUT/training_benchmark" 2>&1 | tee "$OUT/train.log" | tail -40
 fi
 if stage train_compiled; then
   timeout 480 python3 scripts/benchmark_training.py --data_dir "$DATA_DIR" --max_seconds 10 --warmup_steps 5 \

@@ -23,6 +23,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -54,7 +55,9 @@ def packed_histories(length: int) -> dict:
     """input_ids and position_ids [1, T] of TOKENS // length histories of `length` items, back to back, with their
     boundaries (the flash-attention kwargs train.py's collator passes, so no step derives them on the device)."""
     batch = TOKENS // length
-    return dict(input_ids=torch.randint(1, N_ITEMS + 1, (1, batch * length), device="cuda"),
+    # drawn on the CPU: a CUDA graph capture earlier in the run leaves the CUDA generator unusable for eager draws
+    items = torch.randint(1, N_ITEMS + 1, (1, batch * length), generator=torch.Generator().manual_seed(length))
+    return dict(input_ids=items.cuda(),
                 position_ids=torch.arange(length, device="cuda").repeat(batch)[None],
                 cu_seq_lens_q=torch.arange(0, batch * length + 1, length, device="cuda", dtype=torch.int32),
                 max_length_q=length)
@@ -97,6 +100,23 @@ def host_ms(step, steps: int = 10, repeats: int = 3) -> float:
         times.append((time.perf_counter() - start) * 1e3 / steps)
         torch.cuda.synchronize()
     return statistics.median(times)
+
+
+def host_sync(step) -> str:
+    """Where `step` makes the host wait for the GPU (the first synchronising call in the package), or ""."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        return ""
+    except RuntimeError as error:
+        if "synchroniz" not in str(error):
+            raise
+        frames = [f for f in traceback.extract_tb(error.__traceback__) if "blossomrec_hf" in f.filename]
+        where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "outside the package"
+        return f"host sync at {where}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
 
 
 def graph_ms(step) -> tuple[float | None, str]:
@@ -188,6 +208,8 @@ def time_modes(make_step, *, quick_first: bool, compile_mode, modes) -> dict:
     step = make_step()
     ms, mib, note = measure(step, quick_first=quick_first)
     entry = {"ms": ms, "peak_mib": mib, "note": note, "host_ms": host_ms(step) if ms is not None and not note else None}
+    if ms is not None and not note:
+        entry["note"] = host_sync(step)
     if ms is not None and "graph" in modes:
         entry["graph_ms"], entry["graph_note"] = graph_ms(step)
     if ms is not None and "compiled" in modes:
@@ -305,7 +327,7 @@ class Tee:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
+    parser.add_argument("--lengths", type=int, nargs="*", default=LENGTHS, help="module table (none: skip it)")
     parser.add_argument("--model-lengths", type=int, nargs="*", default=[200, 4096])
     parser.add_argument("--output-dir", default="benchmarks/results")
     parser.add_argument("--skip-reference", action="store_true", help="leave out blossom_torch (slow)")
@@ -319,14 +341,20 @@ def main():
     sys.stdout = tee
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
           f"python {' '.join(sys.argv)}")
-    module_rows = run_module_table(args.lengths, with_reference=not args.skip_reference,
-                                   compile_mode=args.compile_mode, modes=args.modes)
-    model_rows = run_model_table(args.model_lengths, compile_mode=args.compile_mode, modes=args.modes)
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                  tokens_per_batch=TOKENS, compile_mode=args.compile_mode, module=module_rows, model=model_rows)
+                  tokens_per_batch=TOKENS, compile_mode=args.compile_mode)
+    result["module"] = run_module_table(args.lengths, with_reference=not args.skip_reference,
+                                        compile_mode=args.compile_mode, modes=args.modes)
+    save(result, tee, output)  # kept even if the model table fails
+    result["model"] = run_model_table(args.model_lengths, compile_mode=args.compile_mode, modes=args.modes)
+    save(result, tee, output)
+    if result["module"]:
+        plot(result["module"], output / "attention_benchmark.png")
+
+
+def save(result: dict, tee: Tee, output: Path) -> None:
     (output / "attention_benchmark.json").write_text(json.dumps(result, indent=1))
     (output / "attention_benchmark.txt").write_text("".join(tee.lines))
-    plot(module_rows, output / "attention_benchmark.png")
 
 
 if __name__ == "__main__":
