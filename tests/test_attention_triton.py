@@ -72,7 +72,7 @@ def test_the_interpreter_allows_the_backend():
     (2, 2, 1, 71, 16, False, WIDE),
 ])
 def test_outputs_gradients_and_selection_match_the_reference(batch, heads, kv_heads, length, dim, compressed,
-                                                             geometry):
+                                                             geometry, kernel_path):
     inputs = random_inputs(batch, heads, kv_heads, length, dim, compressed, geometry, seed=length)
     q, k, v, ck, cv = inputs
     assert fallback_reason(q, k, ck, geometry) is None

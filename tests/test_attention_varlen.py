@@ -107,7 +107,7 @@ def test_torch_varlen_equals_each_history_alone(lengths, compressed):
     (MIXED, False, torch.int64),
     ([32, 3, 13, 50], True, torch.int64),  # 32 and 48 start on block boundaries
 ])
-def test_triton_varlen_matches_the_torch_varlen_reference(lengths, compressed, index_dtype):
+def test_triton_varlen_matches_the_torch_varlen_reference(lengths, compressed, index_dtype, kernel_path):
     leaves, sizes = packed_inputs(lengths, compressed, torch.float32, seed=7)
     sizes.update((name, sizes[name].to(index_dtype)) for name in ("cu_seqlens", "cu_compressed"))
     weights = [w.float() for w in weights_for(lengths, seed=2)]
@@ -136,7 +136,7 @@ def test_kernel_selection_is_each_history_own():
 
 
 @requires_triton
-def test_histories_do_not_leak_into_each_other():
+def test_histories_do_not_leak_into_each_other(kernel_path):
     """Changing one history's queries, keys and values leaves every other history's outputs and gradients bitwise
     unchanged."""
     leaves, sizes = packed_inputs(MIXED, True, torch.float32, seed=4)
@@ -159,7 +159,7 @@ def test_histories_do_not_leak_into_each_other():
 
 @requires_triton
 @pytest.mark.parametrize("lengths", [[20, 0, 33], [0, 40, 0, 0, 5, 0]])
-def test_empty_histories(lengths):
+def test_empty_histories(lengths, kernel_path):
     leaves, sizes = packed_inputs(lengths, True, torch.float32, seed=8)
     weights = [w.float() for w in weights_for(lengths, seed=9)]
     reference, reference_grads = run(blossom_attention_torch_varlen, leaves, sizes, weights)
@@ -169,7 +169,7 @@ def test_empty_histories(lengths):
 
 
 @requires_triton
-def test_gradients_are_bitwise_reproducible():
+def test_gradients_are_bitwise_reproducible(kernel_path):
     """No atomics anywhere: the backward also runs under torch's deterministic mode, bit for bit twice."""
     leaves, sizes = packed_inputs(MIXED, True, torch.float32, seed=10)
     weights = [w.float() for w in weights_for(MIXED, seed=11)]

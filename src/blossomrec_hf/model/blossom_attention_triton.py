@@ -36,6 +36,9 @@ if triton is not None:
         compressed_forward,
         gated_sum_backward,
         gated_sum_forward,
+        one_pass_backward_dkdv,
+        one_pass_backward_dq,
+        one_pass_forward,
         sparse_backward_dkdv,
         sparse_forward,
     )
@@ -44,9 +47,14 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Launch settings, measured with benchmarks/tune_kernels.py on an H200 (head dim 16, 4 heads per kv head): query
 # rows per tile and compressed keys per tile of each compressed-branch kernel, elements per gathered chunk of the
 # selected-block loop, warps per kernel. Tiles are halved for head dims above 64 (register and shared memory).
+# Batches whose longest history has at most `one_pass_max_blocks` selection blocks (64 at most: a row's selection is
+# kept as the bits of an int64) take the one-pass kernels, `one_pass_keys` keys per score tile.
 TUNING = dict(forward_rows=64, forward_keys=64, forward_keys_long=128, long_from=512, dq_keys=64, dkdv_rows=128,
               dkdv_keys=64, sparse_chunk_elements=8192, compressed_forward_warps=2, compressed_forward_long_warps=4,
-              sparse_forward_warps=4, dq_warps=4, sparse_dkdv_warps=2, compressed_dkdv_warps=4)
+              sparse_forward_warps=4, dq_warps=4, sparse_dkdv_warps=2, compressed_dkdv_warps=4,
+              one_pass_max_blocks=64, one_pass_keys=32, one_pass_forward_warps=4, one_pass_dq_warps=4,
+              one_pass_dkdv_warps=4)
+ONE_PASS_BLOCK_LIMIT = 64
 _warned: set[str] = set()
 Tensor = torch.Tensor
 
@@ -151,6 +159,9 @@ class _Plan:
                            G=self.group, D=self.dim, BLOCK_D=self.block_d, SEL_B=size,
                            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
         self.cu_compressed = cu_compressed
+        self.one_pass = uses_one_pass(max_length, geometry)
+        if self.one_pass:
+            self.one_pass_common = dict(**self.common, N_SEL=self.num_selected, WINDOW=geometry.stis_window)
 
     def query_grid(self):
         return (self.programs, triton.cdiv(self.max_length, self.forward_tile[0]))
@@ -160,6 +171,12 @@ class _Plan:
 
     def compressed_grid(self):
         return (self.programs, triton.cdiv(self.num_compressed, self.dkdv_tile[1]))
+
+
+def uses_one_pass(max_length: int, geometry: SparseGeometry) -> bool:
+    """Whether a batch whose longest history is `max_length` takes the one-pass kernels (short histories)."""
+    limit = min(TUNING["one_pass_max_blocks"], ONE_PASS_BLOCK_LIMIT)
+    return geometry.num_selection_blocks(max_length) <= limit
 
 
 def _compressed_forward(plan: _Plan, q, ck, cv, sort_keys: bool):
@@ -201,6 +218,18 @@ def _sparse_forward(plan: _Plan, q, k, v, block_indices):
     return o_sel, o_stis, lse_sel, lse_stis
 
 
+def _one_pass_forward(plan: _Plan, q, k, v, block_indices):
+    """`_sparse_forward`'s results from the one-pass kernel (short histories)."""
+    o_sel, o_stis = torch.empty_like(q), torch.empty_like(q)
+    lse_sel = torch.empty(plan.tokens, plan.heads, dtype=torch.float32, device=q.device)
+    lse_stis = torch.empty_like(lse_sel)
+    one_pass_forward[plan.sparse_grid()](
+        Q=q, K=k, V=v, BIDX=block_indices, OS=o_sel, OT=o_stis, LSES=lse_sel, LSET=lse_stis, **plan.one_pass_common,
+        BK=TUNING["one_pass_keys"], num_warps=TUNING["one_pass_forward_warps"],
+    )
+    return o_sel, o_stis, lse_sel, lse_stis
+
+
 def _no_rows(x: Tensor) -> Tensor:
     """An empty [0, ...] stand-in for a result that does not exist (an operator cannot return None)."""
     return x.new_empty(0, *x.shape[1:])
@@ -217,8 +246,12 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, ck: Tensor, cv: Tensor | None, cu_
     geometry = SparseGeometry(compress_block_size, compress_stride, selection_block_size, num_selected_blocks,
                               stis_window)
     plan = _Plan(q, k, cu_seqlens, cu_compressed, max_length, geometry)
-    oc, lse_c, block_indices, sort_keys = _compressed_forward(plan, q, ck, cv, sort_keys=True)
-    o_sel, o_stis, lse_sel, lse_stis = _sparse_forward(plan, q, k, v, block_indices)
+    oc, lse_c, block_indices, sort_keys = _compressed_forward(plan, q, ck, cv, sort_keys=not plan.one_pass)
+    if plan.one_pass:
+        o_sel, o_stis, lse_sel, lse_stis = _one_pass_forward(plan, q, k, v, block_indices)
+        sort_keys = block_indices.new_empty((0, *block_indices.shape[1:]), dtype=torch.int64)  # no reverse index
+    else:
+        o_sel, o_stis, lse_sel, lse_stis = _sparse_forward(plan, q, k, v, block_indices)
     return o_sel, o_stis, _no_rows(q) if oc is None else oc, lse_sel, lse_stis, lse_c, block_indices, sort_keys
 
 
@@ -226,9 +259,12 @@ def _forward_fake(q, k, v, ck, cv, cu_seqlens, cu_compressed, max_length, compre
                   selection_block_size, num_selected_blocks, stis_window):
     tokens, heads, _ = q.shape
     selection = (tokens, k.shape[1], num_selected_blocks)
+    geometry = SparseGeometry(compress_block_size, compress_stride, selection_block_size, num_selected_blocks,
+                              stis_window)
+    key_rows = 0 if uses_one_pass(max_length, geometry) else tokens
     return (torch.empty_like(q), torch.empty_like(q), _no_rows(q) if cv is None else torch.empty_like(q),
             *(q.new_empty(tokens, heads, dtype=torch.float32) for _ in range(3)),
-            q.new_empty(selection, dtype=torch.int32), q.new_empty(selection, dtype=torch.int64))
+            q.new_empty(selection, dtype=torch.int32), q.new_empty((key_rows, *selection[1:]), dtype=torch.int64))
 
 
 def _backward_impl(q: Tensor, k: Tensor, v: Tensor, ck: Tensor, cv: Tensor | None, cu_seqlens: Tensor,
@@ -250,20 +286,27 @@ def _backward_impl(q: Tensor, k: Tensor, v: Tensor, ck: Tensor, cv: Tensor | Non
         delta_c = torch.empty_like(lse_c)
     else:  # placeholders the kernel never reads (HAS_CV=False)
         cv, oc, do_c, lse_c, delta_c = ck, o_sel, do_sel, lse_sel, delta_sel
-    dq = torch.empty_like(q)
-    backward_dq[plan.sparse_grid()](
-        Q=q, K=k, V=v, BIDX=block_indices, OS=o_sel, OT=o_stis, DOS=do_sel, DOT=do_stis, LSES=lse_sel,
-        LSET=lse_stis, DELS=delta_sel, DELT=delta_stis, CK=ck, CV=cv, OC=oc, DOC=do_c, LSEC=lse_c, DELC=delta_c,
-        DQ=dq, CU_COMPRESSED=plan.cu_compressed, sm_scale=plan.sm_scale, **plan.common, **plan.stis,
-        **plan.gather, HAS_CV=has_compressed, BW=plan.dq_keys, num_warps=TUNING["dq_warps"],
-    )
-    offsets, queries = _selection_csr(sort_keys, plan)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    sparse_backward_dkdv[plan.sparse_grid()](
-        Q=q, K=k, V=v, DOS=do_sel, DOT=do_stis, LSES=lse_sel, LSET=lse_stis, DELS=delta_sel, DELT=delta_stis,
-        CSR_OFFSETS=offsets, CSR_QUERIES=queries, DK=dk, DV=dv, T=plan.tokens, sm_scale=plan.sm_scale,
-        **plan.common, **plan.stis, QC=plan.csr_chunk, num_warps=TUNING["sparse_dkdv_warps"],
-    )
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    branches = dict(Q=q, OS=o_sel, OT=o_stis, DOS=do_sel, DOT=do_stis, LSES=lse_sel, LSET=lse_stis, DELS=delta_sel,
+                    DELT=delta_stis)
+    compressed = dict(K=k, V=v, BIDX=block_indices, CK=ck, CV=cv, OC=oc, DOC=do_c, LSEC=lse_c, DELC=delta_c, DQ=dq,
+                      CU_COMPRESSED=plan.cu_compressed, sm_scale=plan.sm_scale, HAS_CV=has_compressed,
+                      BW=plan.dq_keys)
+    dkdv = {name: branches[name] for name in ("Q", "DOS", "DOT", "LSES", "LSET", "DELS", "DELT")}
+    if plan.one_pass:
+        one_pass_backward_dq[plan.sparse_grid()](**branches, **compressed, **plan.one_pass_common,
+                                                 BK=TUNING["one_pass_keys"], num_warps=TUNING["one_pass_dq_warps"])
+        one_pass_backward_dkdv[plan.sparse_grid()](
+            **dkdv, K=k, V=v, BIDX=block_indices, DK=dk, DV=dv, sm_scale=plan.sm_scale, **plan.one_pass_common,
+            num_warps=TUNING["one_pass_dkdv_warps"])
+    else:
+        backward_dq[plan.sparse_grid()](**branches, **compressed, **plan.common, **plan.stis, **plan.gather,
+                                        num_warps=TUNING["dq_warps"])
+        offsets, queries = _selection_csr(sort_keys, plan)
+        sparse_backward_dkdv[plan.sparse_grid()](
+            **dkdv, K=k, V=v, CSR_OFFSETS=offsets, CSR_QUERIES=queries, DK=dk, DV=dv, T=plan.tokens,
+            sm_scale=plan.sm_scale, **plan.common, **plan.stis, QC=plan.csr_chunk,
+            num_warps=TUNING["sparse_dkdv_warps"])
     if not has_compressed:
         return dq, dk, dv, _no_rows(ck), _no_rows(ck)
     # zeros: rows past cu_compressed[-1] (a static batch's spare rows) are not written by the kernel

@@ -313,19 +313,17 @@ def sparse_forward(
                                                      WINDOW, dofs, dmask, DOT_PREC)
             m_t, l_t, acc_t = _online_dot(m_t, l_t, acc_t, tl.where(valid, s, NEG_INF), v, DOT_PREC)
 
-    out_ofs = _rows(pos, head, HKV * G, D, dofs)
-    omask = row_ok[:, None] & dmask[None, :]
-    lse_row = pos * (HKV * G) + head
-    OS += start * (HKV * G * D)
-    OT += start * (HKV * G * D)
-    LSES += start * (HKV * G)
-    LSET += start * (HKV * G)
-    has_s = l_s > 0
-    tl.store(OS + out_ofs, (acc_s / tl.where(has_s, l_s, 1.0)[:, None]).to(OS.dtype.element_ty), mask=omask)
-    tl.store(LSES + lse_row, tl.where(has_s, m_s + tl.log2(tl.where(has_s, l_s, 1.0)), 0.0), mask=row_ok)
-    has_t = l_t > 0
-    tl.store(OT + out_ofs, (acc_t / tl.where(has_t, l_t, 1.0)[:, None]).to(OT.dtype.element_ty), mask=omask)
-    tl.store(LSET + lse_row, tl.where(has_t, m_t + tl.log2(tl.where(has_t, l_t, 1.0)), 0.0), mask=row_ok)
+    _store_branch(OS, LSES, m_s, l_s, acc_s, start, pos, head, row_ok, HKV * G, D, dofs, dmask)
+    _store_branch(OT, LSET, m_t, l_t, acc_t, start, pos, head, row_ok, HKV * G, D, dofs, dmask)
+
+
+@triton.jit
+def _store_branch(O, LSE, m, l, acc, start, pos, head, row_ok, H: tl.constexpr, D: tl.constexpr, dofs, dmask):
+    """One branch's normalised output rows and base-2 lse (0 for a row that attends to nothing)."""
+    has = l > 0
+    tl.store(O + start * (H * D) + _rows(pos, head, H, D, dofs),
+             (acc / tl.where(has, l, 1.0)[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None] & dmask[None, :])
+    tl.store(LSE + start * H + pos * H + head, tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), 0.0), mask=row_ok)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -367,21 +365,10 @@ def backward_dq(
     R: tl.constexpr = SEL_B * G
     ROW: tl.constexpr = HKV * D
     pos, head, row_ok, dofs, dmask, q = _query_block(Q, start, L, blk, h, HKV, G, SEL_B, D, BLOCK_D)
-    rmask = row_ok[:, None] & dmask[None, :]
     qf = q.to(tl.float32) * qk_scale
-    # this block's rows in every [T, H, D] tensor (x0 + ofs) and every [T, H] one (r0 + lse_row)
-    x0, r0 = start * (HKV * G * D), start * (HKV * G)
-    ofs = _rows(pos, head, HKV * G, D, dofs)
-    lse_row = pos * (HKV * G) + head
-    do_s = tl.load(DOS + x0 + ofs, mask=rmask, other=0.0)
-    do_t = tl.load(DOT + x0 + ofs, mask=rmask, other=0.0)
+    do_s, lse_s, delta_s = _branch_rows(OS, DOS, LSES, DELS, start, pos, head, row_ok, HKV * G, D, dofs, dmask)
+    do_t, lse_t, delta_t = _branch_rows(OT, DOT, LSET, DELT, start, pos, head, row_ok, HKV * G, D, dofs, dmask)
     do_sf = do_s.to(tl.float32)
-    delta_s = tl.sum(do_sf * tl.load(OS + x0 + ofs, mask=rmask, other=0.0).to(tl.float32), 1)
-    delta_t = tl.sum(do_t.to(tl.float32) * tl.load(OT + x0 + ofs, mask=rmask, other=0.0).to(tl.float32), 1)
-    tl.store(DELS + r0 + lse_row, delta_s, mask=row_ok)
-    tl.store(DELT + r0 + lse_row, delta_t, mask=row_ok)
-    lse_s = tl.load(LSES + r0 + lse_row, mask=row_ok, other=0.0)
-    lse_t = tl.load(LSET + r0 + lse_row, mask=row_ok, other=0.0)
     k_base = K + (start * HKV + h) * D
     v_base = V + (start * HKV + h) * D
     cofs = tl.arange(0, C)
@@ -409,23 +396,47 @@ def backward_dq(
                                                      WINDOW, dofs, dmask, DOT_PREC)
             dq = _dq_dot(dq, s, valid, do_t, lse_t, delta_t, k, v, DOT_PREC)
     if HAS_CV:
-        do_c = tl.load(DOC + x0 + ofs, mask=rmask, other=0.0)
-        o_c = tl.load(OC + x0 + ofs, mask=rmask, other=0.0)
-        delta_c = tl.sum(do_c.to(tl.float32) * o_c.to(tl.float32), 1)
-        tl.store(DELC + r0 + lse_row, delta_c, mask=row_ok)
-        lse_c = tl.load(LSEC + r0 + lse_row, mask=row_ok, other=0.0)
-        c_start, W = _history(CU_COMPRESSED, hist)
-        wofs = tl.arange(0, BW)
-        n_visible = tl.minimum(blk, W)
-        for w0 in range(0, n_visible, BW):
-            w = w0 + wofs
-            wmask = (w < n_visible)[:, None] & dmask[None, :]
-            ck = tl.load(_at(CK, c_start, w, h, HKV, D, dofs), mask=wmask, other=0.0)
-            cv = tl.load(_at(CV, c_start, w, h, HKV, D, dofs), mask=wmask, other=0.0)
-            s_c = tl.dot(q, tl.trans(ck), input_precision=DOT_PREC) * qk_scale
-            dq = _dq_dot(dq, s_c, (w < n_visible)[None, :] & row_ok[:, None], do_c, lse_c, delta_c, ck, cv,
-                         DOT_PREC)
-    tl.store(DQ + x0 + ofs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rmask)
+        dq = _compressed_dq(dq, q, CK, CV, OC, DOC, LSEC, DELC, CU_COMPRESSED, hist, h, blk, start, pos, head, row_ok,
+                            qk_scale, HKV, G, D, BW, dofs, dmask, DOT_PREC)
+    _store_dq(DQ, dq * sm_scale, start, pos, head, row_ok, HKV * G, D, dofs, dmask)
+
+
+@triton.jit
+def _branch_rows(O, DO, LSE, DELTA, start, pos, head, row_ok, H: tl.constexpr, D: tl.constexpr, dofs, dmask):
+    """One branch's output gradient rows, their lse, and delta = dO . O, which is also stored for the dk/dv
+    kernels."""
+    ofs = start * (H * D) + _rows(pos, head, H, D, dofs)
+    rmask = row_ok[:, None] & dmask[None, :]
+    do = tl.load(DO + ofs, mask=rmask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * tl.load(O + ofs, mask=rmask, other=0.0).to(tl.float32), 1)
+    row = start * H + pos * H + head
+    tl.store(DELTA + row, delta, mask=row_ok)
+    return do, tl.load(LSE + row, mask=row_ok, other=0.0), delta
+
+
+@triton.jit
+def _compressed_dq(dq, q, CK, CV, OC, DOC, LSEC, DELC, CU_COMPRESSED, hist, h, blk, start, pos, head, row_ok,
+                   qk_scale, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BW: tl.constexpr, dofs, dmask,
+                   DOT_PREC: tl.constexpr):
+    """dq += the compressed branch's part for the rows of query block `blk` (all see compressed keys w < blk)."""
+    do_c, lse_c, delta_c = _branch_rows(OC, DOC, LSEC, DELC, start, pos, head, row_ok, HKV * G, D, dofs, dmask)
+    c_start, W = _history(CU_COMPRESSED, hist)
+    wofs = tl.arange(0, BW)
+    n_visible = tl.minimum(blk, W)
+    for w0 in range(0, n_visible, BW):
+        w = w0 + wofs
+        wmask = (w < n_visible)[:, None] & dmask[None, :]
+        ck = tl.load(_at(CK, c_start, w, h, HKV, D, dofs), mask=wmask, other=0.0)
+        cv = tl.load(_at(CV, c_start, w, h, HKV, D, dofs), mask=wmask, other=0.0)
+        s_c = tl.dot(q, tl.trans(ck), input_precision=DOT_PREC) * qk_scale
+        dq = _dq_dot(dq, s_c, (w < n_visible)[None, :] & row_ok[:, None], do_c, lse_c, delta_c, ck, cv, DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _store_dq(DQ, dq, start, pos, head, row_ok, H: tl.constexpr, D: tl.constexpr, dofs, dmask):
+    tl.store(DQ + start * (H * D) + _rows(pos, head, H, D, dofs), dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & dmask[None, :])
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -582,6 +593,154 @@ def compressed_backward_dkdv(
         dck += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PREC)
     tl.store(_at(DCK, c_start, w, h, HKV, D, dofs), (dck * sm_scale).to(DCK.dtype.element_ty), mask=kmask)
     tl.store(_at(DCV, c_start, w, h, HKV, D, dofs), dcv.to(DCV.dtype.element_ty), mask=kmask)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Short histories (at most 64 selection blocks): one pass over the causal key tiles
+#
+# Where a query's visible keys fit in a few tiles, visiting every causal key tile on the tensor cores costs less than
+# gathering its selected blocks row by row and sorting the selection for the backward. Each tile of BK keys gets one
+# score tile, masked twice: LTIS (a key in one of the row's selected blocks, kept as bits of an int64, or causal in
+# the row's own block) and STIS (the exact offset mask). Same outputs, lse and gradients as the gathered kernels.
+# ------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _selection_bits(BIDX, start, pos, row_ok, h, HKV: tl.constexpr, N_SEL: tl.constexpr):
+    """Each row's selected blocks as the set bits of an int64 (blocks 0..63; -1 slots add nothing)."""
+    bits = tl.zeros(pos.shape, tl.int64)
+    for i in tl.static_range(N_SEL):
+        sel = tl.load(BIDX + start * HKV * N_SEL + (pos * HKV + h) * N_SEL + i, mask=row_ok, other=-1)
+        bits |= tl.where(sel >= 0, tl.full(pos.shape, 1, tl.int64) << tl.maximum(sel, 0).to(tl.int64), 0)
+    return bits
+
+
+@triton.jit
+def _one_pass_masks(bits, pos, kpos, blk, row_ok, L, SEL_B: tl.constexpr, WINDOW: tl.constexpr):
+    """LTIS and STIS masks [rows, keys] of one score tile: rows at positions `pos` of query block `blk`."""
+    kblk = kpos // SEL_B
+    real = row_ok[:, None] & (kpos < L)[None, :]
+    selected = ((bits[:, None] >> kblk[None, :].to(tl.int64)) & 1) != 0
+    own = (kblk[None, :] == blk) & (pos[:, None] >= kpos[None, :])
+    return (selected | own) & real, _is_stis_offset(pos[:, None] - kpos[None, :], WINDOW) & real
+
+
+@triton.jit
+def one_pass_forward(
+    Q, K, V, BIDX, OS, OT, LSES, LSET, CU_SEQLENS, qk_scale,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, SEL_B: tl.constexpr,
+    N_SEL: tl.constexpr, WINDOW: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Selected + own block and STIS outputs of one selection block of queries (all G heads of one kv head)."""
+    _, h, start, L = _program(CU_SEQLENS, HKV)
+    blk = tl.program_id(1)
+    if blk * SEL_B >= L:
+        return
+    R: tl.constexpr = SEL_B * G
+    pos, head, row_ok, dofs, dmask, q = _query_block(Q, start, L, blk, h, HKV, G, SEL_B, D, BLOCK_D)
+    bits = _selection_bits(BIDX, start, pos, row_ok, h, HKV, N_SEL)
+    k_base = K + (start * HKV + h) * D
+    v_base = V + (start * HKV + h) * D
+    m_s = tl.full([R], NEG_INF, tl.float32)
+    l_s = tl.zeros([R], tl.float32)
+    acc_s = tl.zeros([R, BLOCK_D], tl.float32)
+    m_t = tl.full([R], NEG_INF, tl.float32)
+    l_t = tl.zeros([R], tl.float32)
+    acc_t = tl.zeros([R, BLOCK_D], tl.float32)
+    for kt in range(0, tl.cdiv(tl.minimum((blk + 1) * SEL_B, L), BK)):
+        k, kpos = _load_block(k_base, kt, L, HKV * D, BK, dofs, dmask)
+        v, _ = _load_block(v_base, kt, L, HKV * D, BK, dofs, dmask)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        ltis, stis = _one_pass_masks(bits, pos, kpos, blk, row_ok, L, SEL_B, WINDOW)
+        m_s, l_s, acc_s = _online_dot(m_s, l_s, acc_s, tl.where(ltis, s, NEG_INF), v, DOT_PREC)
+        m_t, l_t, acc_t = _online_dot(m_t, l_t, acc_t, tl.where(stis, s, NEG_INF), v, DOT_PREC)
+    _store_branch(OS, LSES, m_s, l_s, acc_s, start, pos, head, row_ok, HKV * G, D, dofs, dmask)
+    _store_branch(OT, LSET, m_t, l_t, acc_t, start, pos, head, row_ok, HKV * G, D, dofs, dmask)
+
+
+@triton.jit
+def one_pass_backward_dq(
+    Q, K, V, BIDX, OS, OT, DOS, DOT, LSES, LSET, DELS, DELT, CK, CV, OC, DOC, LSEC, DELC, DQ,
+    CU_SEQLENS, CU_COMPRESSED, qk_scale, sm_scale,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, SEL_B: tl.constexpr,
+    N_SEL: tl.constexpr, WINDOW: tl.constexpr, BK: tl.constexpr, HAS_CV: tl.constexpr, BW: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """dq of every branch for one query block, the causal key tiles visited once (mirror of `one_pass_forward`),
+    and the rows' delta = dO . O of each branch."""
+    hist, h, start, L = _program(CU_SEQLENS, HKV)
+    blk = tl.program_id(1)
+    if blk * SEL_B >= L:
+        return
+    R: tl.constexpr = SEL_B * G
+    pos, head, row_ok, dofs, dmask, q = _query_block(Q, start, L, blk, h, HKV, G, SEL_B, D, BLOCK_D)
+    do_s, lse_s, delta_s = _branch_rows(OS, DOS, LSES, DELS, start, pos, head, row_ok, HKV * G, D, dofs, dmask)
+    do_t, lse_t, delta_t = _branch_rows(OT, DOT, LSET, DELT, start, pos, head, row_ok, HKV * G, D, dofs, dmask)
+    bits = _selection_bits(BIDX, start, pos, row_ok, h, HKV, N_SEL)
+    k_base = K + (start * HKV + h) * D
+    v_base = V + (start * HKV + h) * D
+    dq = tl.zeros([R, BLOCK_D], tl.float32)
+    for kt in range(0, tl.cdiv(tl.minimum((blk + 1) * SEL_B, L), BK)):
+        k, kpos = _load_block(k_base, kt, L, HKV * D, BK, dofs, dmask)
+        v, _ = _load_block(v_base, kt, L, HKV * D, BK, dofs, dmask)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        ltis, stis = _one_pass_masks(bits, pos, kpos, blk, row_ok, L, SEL_B, WINDOW)
+        ds = _branch_ds(s, ltis, do_s, lse_s, delta_s, v, DOT_PREC)[1] + \
+            _branch_ds(s, stis, do_t, lse_t, delta_t, v, DOT_PREC)[1]
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    if HAS_CV:
+        dq = _compressed_dq(dq, q, CK, CV, OC, DOC, LSEC, DELC, CU_COMPRESSED, hist, h, blk, start, pos, head, row_ok,
+                            qk_scale, HKV, G, D, BW, dofs, dmask, DOT_PREC)
+    _store_dq(DQ, dq * sm_scale, start, pos, head, row_ok, HKV * G, D, dofs, dmask)
+
+
+@triton.jit
+def _branch_ds(s, valid, do, lse, delta, v, DOT_PREC: tl.constexpr):
+    """A branch's probabilities and score gradients [rows, keys] of one score tile."""
+    p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+    return p, p * (tl.dot(do, tl.trans(v), input_precision=DOT_PREC) - delta[:, None])
+
+
+@triton.jit
+def one_pass_backward_dkdv(
+    Q, K, V, BIDX, DOS, DOT, LSES, LSET, DELS, DELT, DK, DV, CU_SEQLENS, qk_scale, sm_scale,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, SEL_B: tl.constexpr,
+    N_SEL: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """dk, dv of one selection block of keys from every later query block, visited once in order (both branches
+    from one score tile): no reverse index of the selection is needed."""
+    _, h, start, L = _program(CU_SEQLENS, HKV)
+    blk = tl.program_id(1)
+    if blk * SEL_B >= L:
+        return
+    H: tl.constexpr = HKV * G
+    dofs = tl.arange(0, BLOCK_D)
+    dmask = dofs < D
+    k, kpos = _load_block(K + (start * HKV + h) * D, blk, L, HKV * D, SEL_B, dofs, dmask)
+    v, _ = _load_block(V + (start * HKV + h) * D, blk, L, HKV * D, SEL_B, dofs, dmask)
+    dk = tl.zeros([SEL_B, BLOCK_D], tl.float32)
+    dv = tl.zeros([SEL_B, BLOCK_D], tl.float32)
+    rows = tl.arange(0, SEL_B * G)
+    for qb in range(blk, tl.cdiv(L, SEL_B)):
+        pos = qb * SEL_B + rows // G
+        head = h * G + rows % G
+        row_ok = pos < L
+        ofs = start * (H * D) + _rows(pos, head, H, D, dofs)
+        q = tl.load(Q + ofs, mask=row_ok[:, None] & dmask[None, :], other=0.0)
+        do_s = tl.load(DOS + ofs, mask=row_ok[:, None] & dmask[None, :], other=0.0)
+        do_t = tl.load(DOT + ofs, mask=row_ok[:, None] & dmask[None, :], other=0.0)
+        row = start * H + pos * H + head
+        bits = _selection_bits(BIDX, start, pos, row_ok, h, HKV, N_SEL)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        ltis, stis = _one_pass_masks(bits, pos, kpos, qb, row_ok, L, SEL_B, WINDOW)
+        p_s, ds_s = _branch_ds(s, ltis, do_s, tl.load(LSES + row, mask=row_ok, other=0.0),
+                               tl.load(DELS + row, mask=row_ok, other=0.0), v, DOT_PREC)
+        p_t, ds_t = _branch_ds(s, stis, do_t, tl.load(LSET + row, mask=row_ok, other=0.0),
+                               tl.load(DELT + row, mask=row_ok, other=0.0), v, DOT_PREC)
+        dv += tl.dot(tl.trans(p_s).to(do_s.dtype), do_s, input_precision=DOT_PREC)
+        dv += tl.dot(tl.trans(p_t).to(do_t.dtype), do_t, input_precision=DOT_PREC)
+        dk += tl.dot(tl.trans(ds_s + ds_t).to(q.dtype), q, input_precision=DOT_PREC)
+    omask = (kpos < L)[:, None] & dmask[None, :]
+    tl.store(_at(DK, start, kpos, h, HKV, D, dofs), (dk * sm_scale).to(DK.dtype.element_ty), mask=omask)
+    tl.store(_at(DV, start, kpos, h, HKV, D, dofs), dv.to(DV.dtype.element_ty), mask=omask)
 
 
 # ------------------------------------------------------------------------------------------------------------------
