@@ -87,9 +87,11 @@ def measure(step, quick_first: bool):
         return None, None, "out of memory"
 
 
-def host_ms(step, steps: int = 10, repeats: int = 3) -> float:
+def host_ms(step, steps: int = 3, repeats: int = 5) -> float:
     """The host's own time per step: `steps` steps issued back to back while a sleep kernel holds the GPU (so the
-    host never waits for it), median over `repeats`. A step that synchronises waits for the sleep and shows here."""
+    host never waits for it), median over `repeats`. A step that synchronises waits for the sleep and shows here.
+    Few steps: CUDA queues about a thousand pending launches, and a host that fills the queue waits as if it synced
+    (ten BlossomRec steps did, which read as 100 ms of host time)."""
     times = []
     for _ in range(repeats):
         torch.cuda.synchronize()

@@ -196,8 +196,10 @@ class HistoryLayout:
         cu_seqlens = cu_seqlens.to(device=real.device, dtype=torch.long)
         flat_real = real.flatten()
         index = torch.arange(total, device=real.device)
-        history_of_token = torch.searchsorted(cu_seqlens[1:], index, right=True)
-        positions = index - cu_seqlens[history_of_token.clamp(max=cu_seqlens.shape[0] - 2)]
+        # clamped: the boundaries end at `total`, but a compiled graph cannot know it, and indexing per-history
+        # tensors with an unclamped bucket trips inductor's device-side bounds assert on CUDA
+        history_of_token = torch.searchsorted(cu_seqlens[1:], index, right=True).clamp(max=cu_seqlens.shape[0] - 2)
+        positions = index - cu_seqlens[history_of_token]
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
         if check:
             _check_boundaries(cu_seqlens, lengths, max_length, total, flat_real, positions, position_ids)

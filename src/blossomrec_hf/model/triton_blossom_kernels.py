@@ -647,7 +647,7 @@ def one_pass_forward(
     acc_t = tl.zeros([R, BLOCK_D], tl.float32)
     for kt in range(0, tl.cdiv(tl.minimum((blk + 1) * SEL_B, L), BK)):
         k, kpos = _load_block(k_base, kt, L, HKV * D, BK, dofs, dmask)
-        v, _ = _load_block(v_base, kt, L, HKV * D, BK, dofs, dmask)
+        v = _load_block(v_base, kt, L, HKV * D, BK, dofs, dmask)[0]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         ltis, stis = _one_pass_masks(bits, pos, kpos, blk, row_ok, L, SEL_B, WINDOW)
         m_s, l_s, acc_s = _online_dot(m_s, l_s, acc_s, tl.where(ltis, s, NEG_INF), v, DOT_PREC)
@@ -680,7 +680,7 @@ def one_pass_backward_dq(
     dq = tl.zeros([R, BLOCK_D], tl.float32)
     for kt in range(0, tl.cdiv(tl.minimum((blk + 1) * SEL_B, L), BK)):
         k, kpos = _load_block(k_base, kt, L, HKV * D, BK, dofs, dmask)
-        v, _ = _load_block(v_base, kt, L, HKV * D, BK, dofs, dmask)
+        v = _load_block(v_base, kt, L, HKV * D, BK, dofs, dmask)[0]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         ltis, stis = _one_pass_masks(bits, pos, kpos, blk, row_ok, L, SEL_B, WINDOW)
         ds = _branch_ds(s, ltis, do_s, lse_s, delta_s, v, DOT_PREC)[1] + \
