@@ -29,8 +29,8 @@ def prepare_data_script():
 
 @pytest.fixture(params=["one_pass", "gathered"])
 def kernel_path(request, monkeypatch):
-    """Runs a Triton attention test through each kernel path: the one-pass kernels (short histories, the default up
-    to 64 selection blocks) and the gathered kernels (longer histories), forced for these short test lengths."""
+    """Runs a Triton attention test through each kernel path: the one-pass kernels (short histories: by default up
+    to 16 selection blocks) and the gathered kernels (longer histories), forced for these short test lengths."""
     from blossomrec_hf.model import blossom_attention_triton as backend
     monkeypatch.setitem(backend.TUNING, "one_pass_max_blocks", 64 if request.param == "one_pass" else 0)
     return request.param

@@ -181,3 +181,30 @@ def test_gradients_are_bitwise_reproducible(kernel_path):
     finally:
         torch.use_deterministic_algorithms(previous)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_short_batches_take_the_one_pass_kernels(monkeypatch):
+    """The one-pass kernels serve batches of at most `one_pass_max_blocks` selection blocks, and never more than the
+    64 an int64 of selection bits holds."""
+    from blossomrec_hf.model import blossom_attention_triton as backend
+    limit = backend.TUNING["one_pass_max_blocks"] * GEOMETRY.selection_block_size
+    assert backend.uses_one_pass(limit, GEOMETRY)
+    assert not backend.uses_one_pass(limit + 1, GEOMETRY)
+    monkeypatch.setitem(backend.TUNING, "one_pass_max_blocks", 1000)
+    assert backend.uses_one_pass(64 * GEOMETRY.selection_block_size, GEOMETRY)
+    assert not backend.uses_one_pass(64 * GEOMETRY.selection_block_size + 1, GEOMETRY)
+
+
+@requires_triton
+@pytest.mark.parametrize("keys_per_tile", [16, 64])
+def test_one_pass_key_tiles_of_other_sizes(monkeypatch, keys_per_tile):
+    """Score tiles narrower than, and spanning several, selection blocks give the reference's results."""
+    from blossomrec_hf.model import blossom_attention_triton as backend
+    monkeypatch.setitem(backend.TUNING, "one_pass_keys", keys_per_tile)
+    leaves, sizes = packed_inputs([32, 3, 13, 50], True, torch.float32, seed=12)
+    weights = [w.float() for w in weights_for([32, 3, 13, 50], seed=13)]
+    assert backend.uses_one_pass(sizes["max_length"], GEOMETRY)
+    reference, reference_grads = run(blossom_attention_torch_varlen, leaves, sizes, weights)
+    fused, fused_grads = run(blossom_attention_triton_varlen, leaves, sizes, weights)
+    for index, (got, want) in enumerate(zip(fused + fused_grads, reference + reference_grads)):
+        assert_near(got, want, index)

@@ -1,0 +1,21 @@
+"""Every Triton kernel launch compiles for a Hopper GPU, checked without one (see compile_kernels_for_hopper.py)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from triton_support import requires_triton
+
+HERE = Path(__file__).resolve().parent
+
+
+@requires_triton
+def test_every_kernel_launch_compiles_for_sm90():
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    environment["PYTHONPATH"] = os.pathsep.join([str(HERE.parent / "src"), environment.get("PYTHONPATH", "")])
+    environment.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    result = subprocess.run([sys.executable, str(HERE / "compile_kernels_for_hopper.py")], capture_output=True,
+                            text=True, env=environment, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "launches compile for sm_90" in result.stdout
