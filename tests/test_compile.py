@@ -235,3 +235,13 @@ def test_train_script_with_torch_compile_matches_eager(tmp_path):
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)
     metrics = {name: read_json(output_dir / "metrics.json")["test"]["model"] for name, (_, output_dir) in runs.items()}
     assert metrics["compiled"] == pytest.approx(metrics["eager"], abs=1e-6)
+
+
+def test_the_compressor_recompute_compiles_and_equals_eager(monkeypatch):
+    """Long batches recompute the compressor in the backward (activation checkpointing): it traces with fullgraph."""
+    import blossomrec_hf.model.modeling_blossomrec as modeling
+    monkeypatch.setattr(modeling, "RECOMPUTE_COMPRESSOR_FROM", 1)
+    model = make_model("blossom-torch")
+    batch = batch_of("static")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    assert_same_step(step(model, batch, compiled), step(model, batch))

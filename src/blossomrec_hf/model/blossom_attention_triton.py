@@ -211,26 +211,19 @@ def _selection_csr(sort_keys: torch.Tensor, plan: _Plan):
 
 
 def _sparse_forward(plan: _Plan, q, k, v, block_indices):
-    """Selected-branch and STIS outputs [T, H, D] and their base-2 lse [T, H]."""
+    """Selected-branch and STIS outputs [T, H, D] and their base-2 lse [T, H]: the one-pass kernel for short
+    histories, else the gathered one."""
     o_sel, o_stis = torch.empty_like(q), torch.empty_like(q)
     lse_sel = torch.empty(plan.tokens, plan.heads, dtype=torch.float32, device=q.device)
     lse_stis = torch.empty_like(lse_sel)
-    sparse_forward[plan.sparse_grid()](
-        Q=q, K=k, V=v, BIDX=block_indices, OS=o_sel, OT=o_stis, LSES=lse_sel, LSET=lse_stis, **plan.common,
-        **plan.stis, **plan.gather, num_warps=TUNING["sparse_forward_warps"],
-    )
-    return o_sel, o_stis, lse_sel, lse_stis
-
-
-def _one_pass_forward(plan: _Plan, q, k, v, block_indices):
-    """`_sparse_forward`'s results from the one-pass kernel (short histories)."""
-    o_sel, o_stis = torch.empty_like(q), torch.empty_like(q)
-    lse_sel = torch.empty(plan.tokens, plan.heads, dtype=torch.float32, device=q.device)
-    lse_stis = torch.empty_like(lse_sel)
-    one_pass_forward[plan.sparse_grid()](
-        Q=q, K=k, V=v, BIDX=block_indices, OS=o_sel, OT=o_stis, LSES=lse_sel, LSET=lse_stis, **plan.one_pass_common,
-        BK=TUNING["one_pass_keys"], num_warps=TUNING["one_pass_forward_warps"],
-    )
+    if plan.one_pass:
+        kernel, options = one_pass_forward, dict(**plan.one_pass_common, BK=TUNING["one_pass_keys"],
+                                                 num_warps=TUNING["one_pass_forward_warps"])
+    else:
+        kernel, options = sparse_forward, dict(**plan.common, **plan.stis, **plan.gather,
+                                               num_warps=TUNING["sparse_forward_warps"])
+    kernel[plan.sparse_grid()](Q=q, K=k, V=v, BIDX=block_indices, OS=o_sel, OT=o_stis, LSES=lse_sel, LSET=lse_stis,
+                               **options)
     return o_sel, o_stis, lse_sel, lse_stis
 
 
@@ -251,11 +244,9 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, ck: Tensor, cv: Tensor | None, cu_
                               stis_window)
     plan = _Plan(q, k, cu_seqlens, cu_compressed, max_length, geometry)
     oc, lse_c, block_indices, sort_keys = _compressed_forward(plan, q, ck, cv, sort_keys=not plan.one_pass)
-    if plan.one_pass:
-        o_sel, o_stis, lse_sel, lse_stis = _one_pass_forward(plan, q, k, v, block_indices)
-        sort_keys = block_indices.new_empty((0, *block_indices.shape[1:]), dtype=torch.int64)  # no reverse index
-    else:
-        o_sel, o_stis, lse_sel, lse_stis = _sparse_forward(plan, q, k, v, block_indices)
+    o_sel, o_stis, lse_sel, lse_stis = _sparse_forward(plan, q, k, v, block_indices)
+    if plan.one_pass:  # no reverse index
+        sort_keys = block_indices.new_empty((0, *block_indices.shape[1:]), dtype=torch.int64)
     return o_sel, o_stis, _no_rows(q) if oc is None else oc, lse_sel, lse_stis, lse_c, block_indices, sort_keys
 
 
@@ -501,7 +492,11 @@ def _gated_backward_fake(logits, o0, o1, o2, dout):
 
 
 def _gated_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    """Saves the logits as a dense copy: as a view they are columns of the attention's input projection, and saving
+    the view would keep that whole output alive until the backward (432 bytes a token and layer at the default size,
+    against 48 for the copy)."""
+    logits, *branches = inputs
+    ctx.save_for_backward(logits.contiguous(), *branches)
     ctx.has_third = inputs[3] is not None
 
 

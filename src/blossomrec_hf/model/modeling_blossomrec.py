@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -159,6 +160,10 @@ def causal_varlen_attention(q, k, v, cu_seqlens, max_length: int) -> torch.Tenso
     elif group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     cu_seqlens = cu_seqlens.to(torch.int32)
+    if torch.compiler.is_compiling():
+        # v is a column slice of the input projection; inductor cannot hand a slice view to this operator
+        # ("NotImplementedError: SliceView", torch 2.11 on an H100), so it gets dense copies
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_length, max_length, **options)
 
 
@@ -204,13 +209,20 @@ class BlockCompressor(nn.Module):
             nn.init.uniform_(bias, -bound, bound)
         nn.init.normal_(self.positions, std=0.02)
 
-    def forward(self, k: torch.Tensor, v: torch.Tensor, blocks: CompressedBlocks
+    def forward(self, k: torch.Tensor, v: torch.Tensor, blocks: CompressedBlocks, recompute: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """k, v [T, Hkv, D] (tokens, history by history) -> compressed keys and values [W, Hkv, D], one per block of
-        `blocks` (values None when not learned)."""
+        `blocks` (values None when not learned). With `recompute`, the MLPs' activations (their gathered inputs and
+        hidden layer, 512 bytes a token at the default size) are not kept for the backward but recomputed there from
+        k and v, which the attention keeps anyway."""
         if not self.learned:
             real_positions = (blocks.token_rows >= 0).sum(dim=1).clamp(min=1).to(k.dtype)
             return blocks.gather(k).sum(dim=1) / real_positions[:, None, None], None
+        if recompute and torch.is_grad_enabled():
+            return checkpoint(self._learned, k, v, blocks, use_reentrant=False)
+        return self._learned(k, v, blocks)
+
+    def _learned(self, k: torch.Tensor, v: torch.Tensor, blocks: CompressedBlocks) -> tuple[torch.Tensor, torch.Tensor]:
         num_blocks, block_size = blocks.token_rows.shape
         # [2, W, block, Hkv, D] -> [2, W * Hkv, block * D]: one row per (block, kv head)
         stacked = torch.stack([blocks.gather(k), blocks.gather(v)]).transpose(2, 3)
@@ -222,6 +234,11 @@ class BlockCompressor(nn.Module):
         keys, values = compressed.view(2, num_blocks, k.shape[1], k.shape[2]).unbind(0)
         return keys, values
 
+
+# Batches of histories this long (max_length) recompute the compressor's activations in the backward: there they
+# take memory in proportion to the tokens while the few extra launches are spread over many tokens per history;
+# shorter batches keep them (their step is bound by launches, not memory).
+RECOMPUTE_COMPRESSOR_FROM = 1024
 
 # The published gate initialisation (gate_init="published"): zero gate weights and these biases per branch, i.e.
 # short-term first (sigmoid(2) = 0.88 against sigmoid(-2) = 0.12).
@@ -296,9 +313,13 @@ class BlossomRecAttention(nn.Module):
         it), and drops the selected output: exact, but not the cost of STIS alone."""
         ltis, stis = "selected" in self.branches, "stis" in self.branches
         geometry = self.geometry
+        # dense copies, shared by the compressor and the attention (views would keep the projection's whole output
+        # alive for the backward)
+        k, v = k.contiguous(), v.contiguous()
         if ltis:
             blocks = layout.compressed_blocks(geometry.compress_block_size, geometry.compress_stride)
-            compressed_keys, compressed_values = map(blocks.only_valid, self.compressor(k, v, blocks))
+            recompute = layout.max_length >= RECOMPUTE_COMPRESSOR_FROM
+            compressed_keys, compressed_values = map(blocks.only_valid, self.compressor(k, v, blocks, recompute))
             cu_compressed = blocks.cu_seqlens
         else:
             compressed_keys, compressed_values = k.new_zeros(0, *k.shape[1:]), None

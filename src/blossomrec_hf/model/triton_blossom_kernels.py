@@ -473,6 +473,25 @@ def _stis_query_block(dk, dv, k, v, kpos, qb, Q, DOT, LSET, DELT, start, L, h, q
     return _dkdv_dot(dk, dv, q, do, p, tl.load(DELT + r0 + row, mask=row_ok, other=0.0), v, DOT_PREC)
 
 
+@triton.jit
+def _key_block_grads(K, V, start, h, blk, L, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                     SEL_B: tl.constexpr):
+    """Head-dim offsets and mask, key and value block `blk` of kv head `h`, its positions, and zeroed dk, dv."""
+    dofs = tl.arange(0, BLOCK_D)
+    dmask = dofs < D
+    k, kpos = _load_block(K + (start * HKV + h) * D, blk, L, HKV * D, SEL_B, dofs, dmask)
+    v = _load_block(V + (start * HKV + h) * D, blk, L, HKV * D, SEL_B, dofs, dmask)[0]
+    zeros = tl.zeros([SEL_B, BLOCK_D], tl.float32)
+    return dofs, dmask, k, v, kpos, zeros, zeros
+
+
+@triton.jit
+def _store_key_block_grads(DK, DV, dk, dv, start, kpos, h, L, HKV: tl.constexpr, D: tl.constexpr, dofs, dmask):
+    omask = (kpos < L)[:, None] & dmask[None, :]
+    tl.store(_at(DK, start, kpos, h, HKV, D, dofs), dk.to(DK.dtype.element_ty), mask=omask)
+    tl.store(_at(DV, start, kpos, h, HKV, D, dofs), dv.to(DV.dtype.element_ty), mask=omask)
+
+
 @triton.jit(do_not_specialize=["T", "n_far"])
 def sparse_backward_dkdv(
     Q, K, V, DOS, DOT, LSES, LSET, DELS, DELT, CSR_OFFSETS, CSR_QUERIES, DK, DV, CU_SEQLENS, T, n_far, qk_scale,
@@ -490,12 +509,7 @@ def sparse_backward_dkdv(
     H: tl.constexpr = HKV * G
     x0, r0 = start * (H * D), start * H  # the history's first row in every [T, H, D] and [T, H] tensor
     n_blocks = (L + SEL_B - 1) // SEL_B
-    dofs = tl.arange(0, BLOCK_D)
-    dmask = dofs < D
-    k, kpos = _load_block(K + (start * HKV + h) * D, blk, L, HKV * D, SEL_B, dofs, dmask)
-    v, _ = _load_block(V + (start * HKV + h) * D, blk, L, HKV * D, SEL_B, dofs, dmask)
-    dk = tl.zeros([SEL_B, BLOCK_D], tl.float32)
-    dv = tl.zeros([SEL_B, BLOCK_D], tl.float32)
+    dofs, dmask, k, v, kpos, dk, dv = _key_block_grads(K, V, start, h, blk, L, HKV, D, BLOCK_D, SEL_B)
 
     # (1) the own block's queries, all G heads: LTIS with the causal mask, STIS with the offset mask
     rows = tl.arange(0, SEL_B * G)
@@ -546,9 +560,7 @@ def sparse_backward_dkdv(
         dk, dv = _dkdv_dot(dk, dv, q_sel, do_sel, p_sel, tl.load(DELS + r0 + row_sel, mask=in_list, other=0.0),
                            v, DOT_PREC)
 
-    omask = (kpos < L)[:, None] & dmask[None, :]
-    tl.store(_at(DK, start, kpos, h, HKV, D, dofs), (dk * sm_scale).to(DK.dtype.element_ty), mask=omask)
-    tl.store(_at(DV, start, kpos, h, HKV, D, dofs), dv.to(DV.dtype.element_ty), mask=omask)
+    _store_key_block_grads(DK, DV, dk * sm_scale, dv, start, kpos, h, L, HKV, D, dofs, dmask)
 
 
 @triton.jit
@@ -624,6 +636,17 @@ def _one_pass_masks(bits, pos, kpos, blk, row_ok, L, SEL_B: tl.constexpr, WINDOW
 
 
 @triton.jit
+def _key_tile_scores(q, k_base, v_base, kt, bits, pos, blk, row_ok, L, qk_scale, HKV: tl.constexpr, D: tl.constexpr,
+                     BK: tl.constexpr, SEL_B: tl.constexpr, WINDOW: tl.constexpr, dofs, dmask, DOT_PREC: tl.constexpr):
+    """Key and value tile `kt` (BK keys), the rows' base-2 scores against it, and its LTIS and STIS masks."""
+    k, kpos = _load_block(k_base, kt, L, HKV * D, BK, dofs, dmask)
+    v = _load_block(v_base, kt, L, HKV * D, BK, dofs, dmask)[0]
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    ltis, stis = _one_pass_masks(bits, pos, kpos, blk, row_ok, L, SEL_B, WINDOW)
+    return k, v, s, ltis, stis
+
+
+@triton.jit
 def one_pass_forward(
     Q, K, V, BIDX, OS, OT, LSES, LSET, CU_SEQLENS, qk_scale,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, SEL_B: tl.constexpr,
@@ -646,10 +669,8 @@ def one_pass_forward(
     l_t = tl.zeros([R], tl.float32)
     acc_t = tl.zeros([R, BLOCK_D], tl.float32)
     for kt in range(0, tl.cdiv(tl.minimum((blk + 1) * SEL_B, L), BK)):
-        k, kpos = _load_block(k_base, kt, L, HKV * D, BK, dofs, dmask)
-        v = _load_block(v_base, kt, L, HKV * D, BK, dofs, dmask)[0]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        ltis, stis = _one_pass_masks(bits, pos, kpos, blk, row_ok, L, SEL_B, WINDOW)
+        k, v, s, ltis, stis = _key_tile_scores(q, k_base, v_base, kt, bits, pos, blk, row_ok, L, qk_scale, HKV, D, BK,
+                                               SEL_B, WINDOW, dofs, dmask, DOT_PREC)
         m_s, l_s, acc_s = _online_dot(m_s, l_s, acc_s, tl.where(ltis, s, NEG_INF), v, DOT_PREC)
         m_t, l_t, acc_t = _online_dot(m_t, l_t, acc_t, tl.where(stis, s, NEG_INF), v, DOT_PREC)
     _store_branch(OS, LSES, m_s, l_s, acc_s, start, pos, head, row_ok, HKV * G, D, dofs, dmask)
@@ -679,10 +700,8 @@ def one_pass_backward_dq(
     v_base = V + (start * HKV + h) * D
     dq = tl.zeros([R, BLOCK_D], tl.float32)
     for kt in range(0, tl.cdiv(tl.minimum((blk + 1) * SEL_B, L), BK)):
-        k, kpos = _load_block(k_base, kt, L, HKV * D, BK, dofs, dmask)
-        v = _load_block(v_base, kt, L, HKV * D, BK, dofs, dmask)[0]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        ltis, stis = _one_pass_masks(bits, pos, kpos, blk, row_ok, L, SEL_B, WINDOW)
+        k, v, s, ltis, stis = _key_tile_scores(q, k_base, v_base, kt, bits, pos, blk, row_ok, L, qk_scale, HKV, D, BK,
+                                               SEL_B, WINDOW, dofs, dmask, DOT_PREC)
         ds = _branch_ds(s, ltis, do_s, lse_s, delta_s, v, DOT_PREC)[1] + \
             _branch_ds(s, stis, do_t, lse_t, delta_t, v, DOT_PREC)[1]
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
@@ -712,12 +731,7 @@ def one_pass_backward_dkdv(
     if blk * SEL_B >= L:
         return
     H: tl.constexpr = HKV * G
-    dofs = tl.arange(0, BLOCK_D)
-    dmask = dofs < D
-    k, kpos = _load_block(K + (start * HKV + h) * D, blk, L, HKV * D, SEL_B, dofs, dmask)
-    v, _ = _load_block(V + (start * HKV + h) * D, blk, L, HKV * D, SEL_B, dofs, dmask)
-    dk = tl.zeros([SEL_B, BLOCK_D], tl.float32)
-    dv = tl.zeros([SEL_B, BLOCK_D], tl.float32)
+    dofs, dmask, k, v, kpos, dk, dv = _key_block_grads(K, V, start, h, blk, L, HKV, D, BLOCK_D, SEL_B)
     rows = tl.arange(0, SEL_B * G)
     for qb in range(blk, tl.cdiv(L, SEL_B)):
         pos = qb * SEL_B + rows // G
@@ -738,9 +752,7 @@ def one_pass_backward_dkdv(
         dv += tl.dot(tl.trans(p_s).to(do_s.dtype), do_s, input_precision=DOT_PREC)
         dv += tl.dot(tl.trans(p_t).to(do_t.dtype), do_t, input_precision=DOT_PREC)
         dk += tl.dot(tl.trans(ds_s + ds_t).to(q.dtype), q, input_precision=DOT_PREC)
-    omask = (kpos < L)[:, None] & dmask[None, :]
-    tl.store(_at(DK, start, kpos, h, HKV, D, dofs), (dk * sm_scale).to(DK.dtype.element_ty), mask=omask)
-    tl.store(_at(DV, start, kpos, h, HKV, D, dofs), dv.to(DV.dtype.element_ty), mask=omask)
+    _store_key_block_grads(DK, DV, dk * sm_scale, dv, start, kpos, h, L, HKV, D, dofs, dmask)
 
 
 # ------------------------------------------------------------------------------------------------------------------
