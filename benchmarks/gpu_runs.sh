@@ -3,8 +3,8 @@
 #   STAGES="profile attention" OUT=results_dir DATA_DIR=folder_with_Beauty.txt bash benchmarks/gpu_runs.sh
 # Stages: check (correctness of the packed kernels), profile (eager vs compiled kernels), attention (module and
 # model tables: eager, compiled, graph, host), train / train_compiled (packed vs padded training throughput, eager
-# or under --torch_compile), quality (packed vs padded,
-# 3 seeds, Beauty and ML-100K), ablation (issue 14's table). Text logs read Beauty.txt / ml-100k.inter without the
+# or under --torch_compile), quality_beauty / quality_ml100k (packed vs padded, 3 seeds), ablation_beauty / ablation_ml100k
+# (issue 14's table). Text logs read Beauty.txt / ml-100k.inter without the
 # `datasets` library, so nothing needs installing on a machine with torch, triton and transformers.
 set -o pipefail
 cd "$(dirname "$0")/.."
@@ -34,14 +34,22 @@ if stage train_compiled; then
   timeout 480 python3 scripts/benchmark_training.py --data_dir "$DATA_DIR" --max_seconds 10 --warmup_steps 5 \
     --torch_compile --output "$OUT/training_benchmark_compiled" 2>&1 | tail -40
 fi
-if stage quality; then
-  OMP_NUM_THREADS=1 timeout 580 python3 scripts/benchmark_quality.py --data_dir "$DATA_DIR" \
-    --runs beauty-blossom beauty-dense ml100k-blossom ml100k-dense --layouts packed padded --seeds 0 1 2 \
-    --blossom_backend blossom_triton --max_parallel 16 --time_limit_s 540 --output_root /tmp/quality \
-    --results "$OUT/quality_seeds.json" 2>&1 | tail -40
-fi
-if stage ablation; then
-  OMP_NUM_THREADS=1 timeout 580 python3 scripts/benchmark_quality.py --data_dir "$DATA_DIR" --table ablation \
-    --seeds 0 1 2 --max_parallel 16 --time_limit_s 540 --output_root /tmp/ablation \
-    --results "$OUT/ablation.json" 2>&1 | tail -40
-fi
+# quality_beauty, quality_ml100k: packed vs padded, 3 seeds, one dataset per stage and 6 runs at once (24 training
+# processes on one 80 GB GPU ran out of memory and starved for CPU)
+for dataset in beauty ml100k; do
+  if stage quality_$dataset; then
+    OMP_NUM_THREADS=1 timeout 580 python3 scripts/benchmark_quality.py --data_dir "$DATA_DIR" \
+      --runs $dataset-blossom $dataset-dense --layouts packed padded --seeds 0 1 2 \
+      --blossom_backend blossom_triton --max_parallel 6 --time_limit_s 540 --output_root /tmp/quality \
+      --results "$OUT/quality_$dataset.json" 2>&1 | tee "$OUT/quality_$dataset.log" | tail -40
+  fi
+done
+# ablation_beauty, ablation_ml100k: issue 14's table, one dataset per stage (18 runs, 6 at once)
+for dataset in beauty ml100k; do
+  if stage ablation_$dataset; then
+    OMP_NUM_THREADS=1 timeout 580 python3 scripts/benchmark_quality.py --data_dir "$DATA_DIR" --table ablation \
+      --runs $dataset-blossom $dataset-ltis $dataset-stis $dataset-nogate $dataset-nocomp $dataset-dense \
+      --seeds 0 1 2 --max_parallel 6 --time_limit_s 540 --output_root /tmp/ablation \
+      --results "$OUT/ablation_$dataset.json" 2>&1 | tee "$OUT/ablation_$dataset.log" | tail -40
+  fi
+done
