@@ -11,7 +11,7 @@ earlier block, for every query. Model-level cases run `BlossomRecForSequentialRe
 `blossom_triton` against `blossom_torch` on the same weights, left and right padding. Varlen cases pack 20-60
 histories of heavy-tailed lengths (log-uniform in 1..4,100, some starting on a block boundary) into one token list
 and compare `blossom_attention_triton_varlen` (forward and backward) with the float64 reference taken history by
-history (what `blossom_attention_torch_varlen` computes), on the kernel's block indices as for kernel cases.
+history; they repeat with histories of at most 256 items, which run the one-pass kernels (what `blossom_attention_torch_varlen` computes), on the kernel's block indices as for kernel cases.
 
     python scripts/check_triton_attention.py [--workers 8] [--kind ties] [--output benchmarks/results/triton_correctness.json]
     python scripts/check_triton_attention.py --kind varlen --output benchmarks/results/triton_varlen.json \
@@ -59,6 +59,7 @@ GEOMETRY = SparseGeometry(compress_block_size=32, compress_stride=16, selection_
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 1e-2}
 KINDS = ["kernel", "ties", "model", "varlen"]
 # varlen cases: dtype, compressed branch, heads per kv head, head dim (float32 keeps group x head dim <= 512)
+SHORT_LONGEST = 256  # 16 selection blocks: the one-pass kernels' default limit
 VARLEN_CASES = [("float32", True, 1, 128), ("float32", True, 4, 16), ("float32", False, 1, 32),
                 ("float32", False, 4, 64), ("bfloat16", True, 1, 64), ("bfloat16", True, 4, 128),
                 ("bfloat16", False, 1, 16), ("bfloat16", False, 4, 32)]
@@ -342,8 +343,11 @@ def all_cases(seed: int, device: str, limit: int | None) -> list[dict]:
              for dtype in ("float32", "bfloat16") for tile in (16, 64)]
     rows = rows if limit is None else [r for r in rows if r.get("length", 0) <= limit]
     rng = random.Random(seed)
-    return rows + [dict(kind="varlen", histories=rng.randint(20, 60), longest=min(4100, limit or 4100), group=group,
-                        head_dim=dim, compressed=compressed, dtype=dtype, seed=seed + 2000 + index, device=device)
+    # the gathered kernels (histories up to 4,100) and the one-pass kernels of short batches (up to 16 blocks)
+    longest = [min(4100, limit or 4100), min(SHORT_LONGEST, limit or SHORT_LONGEST)]
+    return rows + [dict(kind="varlen", histories=rng.randint(20, 60), longest=top, group=group, head_dim=dim,
+                        compressed=compressed, dtype=dtype, seed=seed + 2000 + index, device=device)
+                   for top in dict.fromkeys(longest)
                    for index, (dtype, compressed, group, dim) in enumerate(VARLEN_CASES)]
 
 
