@@ -19,7 +19,8 @@ Forward: `compressed_forward` (compressed branch, its lse, and in-kernel top-n b
 `sparse_forward` (selected blocks + own block + STIS, sharing the own block's scores between the two branches).
 Backward, atomic-free and hence deterministic: `backward_dq` (query-centric, all branches),
 `sparse_backward_dkdv` (key-centric: own block, STIS reverse offsets, CSR list of the queries that selected the block)
-and `compressed_backward_dkdv` (key-centric over compressed keys).
+and `compressed_backward_dkdv` (key-centric over compressed keys). Short batches replace `sparse_forward`,
+`backward_dq` and `sparse_backward_dkdv` with the one-pass kernels at the end of this file.
 """
 
 import triton
