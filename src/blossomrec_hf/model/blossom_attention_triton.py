@@ -4,7 +4,7 @@
 varlen convention of flash attention) and reads them where they lie: no history is padded in memory. Same contract
 as `blossom_attention_torch_varlen`; `blossom_attention_triton` is the [B, H, L, D] form of the same kernels (every
 row one history of length L). Two forward launches (compressed branch + top-n block selection; selected blocks + own
-block + STIS) and three or four backward launches, none with atomics, so gradients are bitwise reproducible run to run
+block + STIS) and up to three backward kernels, none with atomics, so gradients are bitwise reproducible run to run
 (deterministic mode is always on). Short batches (`uses_one_pass`) take one-pass kernels for the selected blocks and
 STIS, which visit every causal key tile once; longer ones gather each query's blocks. Forward and backward are custom operators (custom_ops.py), so
 torch.compile(fullgraph=True) traces through them: the forward also returns the softmax statistics and the selected
