@@ -6,9 +6,9 @@ as `blossom_attention_torch_varlen`; `blossom_attention_triton` is the [B, H, L,
 row one history of length L). Two forward launches (compressed branch + top-n block selection; selected blocks + own
 block + STIS) and up to three backward kernels, none with atomics, so gradients are bitwise reproducible run to run
 (deterministic mode is always on). Short batches (`uses_one_pass`) take one-pass kernels for the selected blocks and
-STIS, which visit every causal key tile once; longer ones gather each query's blocks. Forward and backward are custom operators (custom_ops.py), so
-torch.compile(fullgraph=True) traces through them: the forward also returns the softmax statistics and the selected
-blocks, which the backward operator takes as arguments.
+STIS, which visit every causal key tile once; longer ones gather each query's blocks. Forward and backward are
+custom operators (custom_ops.py), so torch.compile(fullgraph=True) traces through them: the forward also returns the
+softmax statistics and the selected blocks, which the backward operator takes as arguments.
 
 Triton is optional: without it the model refuses this backend. Shapes or devices the kernels do not cover (a
 geometry other than compress_stride == selection_block_size with compress_block_size a multiple of it, head dims
