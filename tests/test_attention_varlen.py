@@ -208,3 +208,19 @@ def test_one_pass_key_tiles_of_other_sizes(monkeypatch, keys_per_tile):
     fused, fused_grads = run(blossom_attention_triton_varlen, leaves, sizes, weights)
     for index, (got, want) in enumerate(zip(fused + fused_grads, reference + reference_grads)):
         assert_near(got, want, index)
+
+
+@requires_triton
+def test_the_backward_follows_the_path_its_forward_took(monkeypatch):
+    """A forward on the one-pass kernels leaves no reverse index: its backward takes the one-pass kernels too, even if
+    the limit changes in between (a tuning run, or a graph traced earlier)."""
+    from blossomrec_hf.model import blossom_attention_triton as backend
+    leaves, sizes = packed_inputs(MIXED, True, torch.float32, seed=14)
+    weights = [w.float() for w in weights_for(MIXED, seed=15)]
+    reference, reference_grads = run(blossom_attention_torch_varlen, leaves, sizes, weights)
+    assert backend.uses_one_pass(sizes["max_length"], GEOMETRY)
+    outputs = blossom_attention_triton_varlen(*split(leaves[0]), *leaves[1:], **sizes, geometry=GEOMETRY)
+    monkeypatch.setitem(backend.TUNING, "one_pass_max_blocks", 0)  # the gathered path, from now on
+    grads = torch.autograd.grad(sum((w * o).sum() for w, o in zip(weights, outputs)), leaves)
+    for index, (got, want) in enumerate(zip([*split(grads[0]), *grads[1:]], reference_grads)):
+        assert_near(got, want, index)

@@ -41,3 +41,13 @@ def test_block_gather_backward_equals_indexing(block_size, stride):
         for token in range(slots.shape[0]):
             listed = sorted(int(s) for s in slots[token] if s >= 0)
             assert listed == (rows.flatten() == token).nonzero().flatten().tolist(), (name, token)
+
+
+def test_unchecked_boundaries_that_stop_short_of_the_tokens_are_refused():
+    """Without the eager checks (compiling), boundaries that end before the last token would put the tokens past them
+    into the last history: an assertion on the device refuses them instead."""
+    real = torch.ones(1, 10, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="does not end at the number of tokens"):
+        HistoryLayout._from_boundaries(real, torch.tensor([0, 4, 8]), 6, None, check=False)
+    layout = HistoryLayout._from_boundaries(real, torch.tensor([0, 4, 10]), 6, None, check=False)
+    assert layout.history_of_token.tolist() == [0] * 4 + [1] * 6

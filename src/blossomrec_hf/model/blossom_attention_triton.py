@@ -127,7 +127,8 @@ class _Plan:
     Grids: dim 0 is (history, kv head), dim 1 the blocks or tiles of the longest history (`max_length`); the kernels
     load each history's bounds from cu_seqlens / cu_compressed and skip what lies past its end."""
 
-    def __init__(self, q, k, cu_seqlens, cu_compressed, max_length: int, geometry: SparseGeometry):
+    def __init__(self, q, k, cu_seqlens, cu_compressed, max_length: int, geometry: SparseGeometry,
+                 one_pass: bool | None = None):
         self.tokens, self.heads, self.dim = q.shape
         self.kv_heads = k.shape[1]
         self.group = self.heads // self.kv_heads
@@ -164,7 +165,8 @@ class _Plan:
                            G=self.group, D=self.dim, BLOCK_D=self.block_d, SEL_B=size,
                            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
         self.cu_compressed = cu_compressed
-        self.one_pass = uses_one_pass(max_length, geometry)
+        # the backward follows its forward (whatever TUNING says by then): one pass there left no sort keys
+        self.one_pass = uses_one_pass(max_length, geometry) if one_pass is None else one_pass
         if self.one_pass:
             self.one_pass_common = dict(**self.common, N_SEL=self.num_selected, WINDOW=geometry.stis_window)
 
@@ -273,7 +275,7 @@ def _backward_impl(q: Tensor, k: Tensor, v: Tensor, ck: Tensor, cv: Tensor | Non
     without cv: the selection is not differentiable)."""
     geometry = SparseGeometry(compress_block_size, compress_stride, selection_block_size, num_selected_blocks,
                               stis_window)
-    plan = _Plan(q, k, cu_seqlens, cu_compressed, max_length, geometry)
+    plan = _Plan(q, k, cu_seqlens, cu_compressed, max_length, geometry, one_pass=sort_keys.shape[0] == 0)
     has_compressed = cv is not None
     do_sel, do_stis = do_sel.contiguous(), do_stis.contiguous()
     delta_sel, delta_stis = torch.empty_like(lse_sel), torch.empty_like(lse_sel)

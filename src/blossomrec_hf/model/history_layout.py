@@ -203,8 +203,10 @@ class HistoryLayout:
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
         if check:
             _check_boundaries(cu_seqlens, lengths, max_length, total, flat_real, positions, position_ids)
-        else:  # a history longer than max_length would overrun the attention buffer
+        else:  # a history longer than max_length would overrun the attention buffer; tokens past the boundaries
+            # would be clamped into the last history
             torch._assert_async((lengths <= max_length).all(), "a history is longer than max_length_q")
+            torch._assert_async(cu_seqlens[-1] == total, "cu_seq_lens_q does not end at the number of tokens")
         return cls(token_index=index, positions=positions, history_of_token=history_of_token, lengths=lengths,
                    cu_seqlens=cu_seqlens, max_length=max_length, caller_shape=tuple(real.shape), items=flat_real,
                    item_counts=torch.zeros_like(lengths).index_add(0, history_of_token, flat_real.long()))
