@@ -15,7 +15,6 @@ relative error of the loss and of both gradients against a float64 computation o
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import torch

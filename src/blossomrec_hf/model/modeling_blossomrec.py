@@ -237,7 +237,9 @@ class BlockCompressor(nn.Module):
 
 # Batches of histories this long (max_length) recompute the compressor's activations in the backward: there they
 # take memory in proportion to the tokens while the few extra launches are spread over many tokens per history;
-# shorter batches keep them (their step is bound by launches, not memory).
+# shorter batches keep them (their step is bound by launches, not memory). Compiled packed input that comes with
+# position_ids alone has no bound on its histories but its token count: pass cu_seq_lens_q and max_length_q (as
+# train.py's collator does) for the short-batch paths here and in the kernels.
 RECOMPUTE_COMPRESSOR_FROM = 1024
 
 # The published gate initialisation (gate_init="published"): zero gate weights and these biases per branch, i.e.
