@@ -20,8 +20,9 @@ Rows: datasets x models x layouts.
   ``packed`` (``PackedTrainingCollator`` + ``TokenBudgetBatchSampler``: [1, T] with position_ids, at most
   --max_tokens_per_batch items, raised to max length + 1 where that is larger).
 
-Per row, after --warmup_steps untimed steps (epoch 0), one timed epoch (epoch 1): next-item targets per second (the
-collators' ``num_targets``), the epoch's wall time, the mean / median step time and the peak GPU memory
+Per row, after --warmup_steps untimed steps (epoch 0), one timed epoch (epoch 1; more whole epochs while fewer than
+--min_timed_steps steps are timed): next-item targets per second (the collators' ``num_targets``), the epoch's wall
+time, the mean / median step time and the peak GPU memory
 (``torch.cuda.max_memory_allocated``, reset per row; model, optimizer and the trainer's evaluation copy included).
 An epoch of more than --max_steps batches, or one that passes --max_seconds, is timed over its first batches and its
 time extrapolated from the targets per second ("~" in the table, ``epoch_extrapolated`` in the JSON). A row that runs
@@ -305,19 +306,37 @@ def peak_memory_gib(accelerator, device: torch.device) -> float | None:
     return float(accelerator.reduce(peak, reduction="max").item()) / 2**30
 
 
-def measure(trainer: Trainer, *, device: torch.device, epoch_targets: int, args) -> dict:
-    """Warm up, time one epoch (or its first steps, then extrapolate); the row's measured fields. A step is one
-    optimizer step: one batch per process."""
-    first_epoch = warm_up(trainer, args.warmup_steps)
+def timed_epochs(trainer: Trainer, *, first_epoch: int, device: torch.device, args) -> dict:
+    """One epoch timed as `timed_epoch` does (within --max_steps and --max_seconds); a whole epoch of fewer than
+    --min_timed_steps steps (a packed epoch can be 3) is followed by more whole epochs, while fewer than that many steps
+    and --max_seconds have passed. `epochs` counts the whole epochs timed (0: the first was cut short)."""
     timed = timed_epoch(trainer, epoch=first_epoch, device=device, max_steps=args.max_steps,
                         max_seconds=args.max_seconds)
+    if timed["steps"] < trainer.steps_per_epoch:  # cut short: the row is extrapolated from its steps
+        return {**timed, "epochs": 0}
+    total, epoch = {**timed, "epochs": 1}, first_epoch + 1
+    while total["steps"] < args.min_timed_steps and total["seconds"] < args.max_seconds:
+        more = timed_epoch(trainer, epoch=epoch, device=device, max_steps=trainer.steps_per_epoch,
+                           max_seconds=float("inf"))
+        for key in ("steps", "targets", "seconds", "step_ms"):
+            total[key] += more[key]
+        total["epochs"] += 1
+        epoch += 1
+    return total
+
+
+def measure(trainer: Trainer, *, device: torch.device, epoch_targets: int, args) -> dict:
+    """Warm up, time whole epochs (or the first one's first steps, then extrapolate); the row's measured fields. A
+    step is one optimizer step: one batch per process."""
+    first_epoch = warm_up(trainer, args.warmup_steps)
+    timed = timed_epochs(trainer, first_epoch=first_epoch, device=device, args=args)
     items_per_s = timed["targets"] / timed["seconds"]
-    whole = timed["steps"] == trainer.steps_per_epoch
     step_ms = np.array(timed["step_ms"])
     return {
         "items_per_s": items_per_s,
-        "epoch_s": timed["seconds"] if whole else epoch_targets / items_per_s,
-        "epoch_extrapolated": not whole,
+        "epoch_s": timed["seconds"] / timed["epochs"] if timed["epochs"] else epoch_targets / items_per_s,
+        "epoch_extrapolated": not timed["epochs"],
+        "timed_epochs": timed["epochs"],
         "timed_steps": timed["steps"],
         "timed_targets": timed["targets"],
         "timed_seconds": timed["seconds"],
@@ -830,6 +849,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup_steps", type=int, default=3, help="untimed steps before the timed epoch")
     parser.add_argument("--max_steps", type=int, default=100,
                         help="timed steps per row at most; a longer epoch is extrapolated from them")
+    parser.add_argument("--min_timed_steps", type=int, default=20,
+                        help="time further whole epochs until this many steps are timed (short packed epochs)")
     parser.add_argument("--max_seconds", type=float, default=30.0,
                         help="stop timing a row after the step that passes this; the epoch is then extrapolated")
     parser.add_argument("--output", default="benchmarks/results/training_benchmark",
@@ -874,8 +895,8 @@ def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[DatasetSp
         parser.error(f"not found: {', '.join(missing)} (pass --data_dir)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
-    for name in ("max_tokens_per_batch", "per_device_train_batch_size", "max_steps", "max_seconds", "longtail_users",
-                 "longtail_items"):
+    for name in ("max_tokens_per_batch", "per_device_train_batch_size", "max_steps", "min_timed_steps", "max_seconds",
+                 "longtail_users", "longtail_items"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive")
     if args.warmup_steps < 0:

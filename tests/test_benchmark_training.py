@@ -89,3 +89,20 @@ def test_rows_take_train_py_batch_defaults_and_compile_flags(training_benchmark)
     assert packed.tokens_per_batch == 7 * 16385 and packed.per_device_train_batch_size == 7
     padded = training_benchmark.training_arguments(short, model="dense", layout="padded", args=args)
     assert padded.tokens_per_batch == 0 and padded.per_device_train_batch_size == 131072 // 51
+
+
+def test_short_epochs_are_timed_over_several_whole_epochs(training_benchmark, tmp_path):
+    """A packed epoch of a step or two is timed over as many whole epochs as --min_timed_steps asks for, and its time
+    is their mean, not an extrapolation."""
+    result = training_benchmark.main([
+        "--datasets", "longtail64", "--models", "dense", "--layouts", "packed", "--device", "cpu",
+        "--data_dir", str(tmp_path / "no_data"), *TINY_MODEL, "--longtail_users", "30", "--longtail_items", "100",
+        "--max_tokens_per_batch", "4096", "--warmup_steps", "1", "--min_timed_steps", "5", "--no_plot",
+        "--output", str(tmp_path / "short")])
+    (row,) = result["rows"]
+    assert row["status"] == "ok", row
+    per_epoch = row["batches_per_epoch"]
+    assert per_epoch < 5
+    assert row["timed_epochs"] == -(-5 // per_epoch) and row["timed_steps"] == row["timed_epochs"] * per_epoch
+    assert not row["epoch_extrapolated"]
+    assert row["epoch_s"] == pytest.approx(row["timed_seconds"] / row["timed_epochs"])
