@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
 stage() { [[ " ${STAGES:-check profile attention train} " == *" $1 "* ]]; }
 if stage check; then
-  timeout 120 python3 scripts/check_triton_attention.py --kind varlen --output "$OUT/triton_varlen.json" 2>&1 | tee "$OUT/check.log" | tail -12
+  timeout 200 python3 scripts/check_triton_attention.py --kind varlen --output "$OUT/triton_varlen.json" 2>&1 | tee "$OUT/check.log" | tail -12
 fi
 if stage profile; then
   timeout 150 python3 benchmarks/profile_attention.py --lengths 200 4096 --compiled --rows 25 2>&1 | tee "$OUT/attention_profile_modes.txt"
