@@ -308,14 +308,16 @@ def peak_memory_gib(accelerator, device: torch.device) -> float | None:
 
 def timed_epochs(trainer: Trainer, *, first_epoch: int, device: torch.device, args) -> dict:
     """One epoch timed as `timed_epoch` does (within --max_steps and --max_seconds); a whole epoch of fewer than
-    --min_timed_steps steps (a packed epoch can be 3) is followed by more whole epochs, while fewer than that many steps
-    and --max_seconds have passed. `epochs` counts the whole epochs timed (0: the first was cut short)."""
+    --min_timed_steps steps (a packed epoch can be 3) is followed by more whole epochs while fewer than that many steps
+    are timed, another fits within --max_steps and --max_seconds have not passed. `epochs` counts the whole epochs
+    timed (0: the first was cut short)."""
     timed = timed_epoch(trainer, epoch=first_epoch, device=device, max_steps=args.max_steps,
                         max_seconds=args.max_seconds)
     if timed["steps"] < trainer.steps_per_epoch:  # cut short: the row is extrapolated from its steps
         return {**timed, "epochs": 0}
     total, epoch = {**timed, "epochs": 1}, first_epoch + 1
-    while total["steps"] < args.min_timed_steps and total["seconds"] < args.max_seconds:
+    while total["steps"] < args.min_timed_steps and total["steps"] + trainer.steps_per_epoch <= args.max_steps \
+            and total["seconds"] < args.max_seconds:
         more = timed_epoch(trainer, epoch=epoch, device=device, max_steps=trainer.steps_per_epoch,
                            max_seconds=float("inf"))
         for key in ("steps", "targets", "seconds", "step_ms"):
