@@ -297,12 +297,23 @@ class CompressedBlocks:
     known on the host (`HistoryLayout.compressed_capacity`): `valid` [W] then says which rows are blocks (rows past
     cu_seqlens[-1] are not, and cover no token); None when every row is. token_slots [T, ceil(block_size / stride)]:
     the inverse of token_rows, the flat slots (row * block_size + column) covering each token, -1 for none.
+    The gather's own indices are derived once per batch (every layer gathers): `covered` [W, block_size], which slots
+    hold a token; `slot_tokens`, token_rows with 0 where none; `token_slot_rows`, token_slots with one past the last
+    slot where none (a zero row in the backward).
     """
 
     cu_seqlens: torch.Tensor
     token_rows: torch.Tensor
     token_slots: torch.Tensor
     valid: torch.Tensor | None = None
+    covered: torch.Tensor = field(init=False, repr=False)
+    slot_tokens: torch.Tensor = field(init=False, repr=False)
+    token_slot_rows: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.covered = self.token_rows >= 0
+        self.slot_tokens = self.token_rows.clamp(min=0)
+        self.token_slot_rows = self.token_slots.where(self.token_slots >= 0, self.token_rows.numel())
 
     @classmethod
     def of(cls, layout: HistoryLayout, block_size: int, stride: int) -> "CompressedBlocks":
@@ -327,7 +338,7 @@ class CompressedBlocks:
         """tokens [T, ...] -> each block's tokens [W, block_size, ...], zeros before a history's first item."""
         if tokens.shape[0] == 0:
             return tokens.new_zeros(*self.token_rows.shape, *tokens.shape[1:])
-        return _GatherBlocks.apply(tokens, self.token_rows, self.token_slots)
+        return _GatherBlocks.apply(tokens, self.slot_tokens, self.covered, self.token_slot_rows)
 
     def only_valid(self, x: torch.Tensor | None) -> torch.Tensor | None:
         """Compressed keys or values [W, ...] with rows that are no block zeroed, and no gradient through them
@@ -344,18 +355,17 @@ class _GatherBlocks(torch.autograd.Function):
     of 200 items)."""
 
     @staticmethod
-    def forward(ctx, tokens, token_rows, token_slots):
-        ctx.save_for_backward(token_slots)
-        ctx.num_slots = token_rows.numel()
-        blocks = tokens[token_rows.clamp(min=0)]
-        return blocks * (token_rows >= 0).view(*token_rows.shape, *([1] * (tokens.dim() - 1))).to(blocks.dtype)
+    def forward(ctx, tokens, slot_tokens, covered, token_slot_rows):
+        ctx.save_for_backward(token_slot_rows)
+        ctx.num_slots = slot_tokens.numel()
+        return tokens[slot_tokens].where(covered.view(*covered.shape, *([1] * (tokens.dim() - 1))), 0)
 
     @staticmethod
     def backward(ctx, grad_blocks):
-        (token_slots,) = ctx.saved_tensors
+        (token_slot_rows,) = ctx.saved_tensors
         flat = grad_blocks.reshape(ctx.num_slots, *grad_blocks.shape[2:])
-        flat = torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])  # the row that slot -1 reads
-        return flat[token_slots.where(token_slots >= 0, ctx.num_slots)].sum(dim=1), None, None
+        flat = torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])  # the row that an uncovered slot reads
+        return flat[token_slot_rows].sum(dim=1), None, None, None
 
 
 def _slots_of_tokens(token_rows: torch.Tensor, num_tokens: int, per_token: int) -> torch.Tensor:

@@ -216,7 +216,7 @@ class BlockCompressor(nn.Module):
         hidden layer, 512 bytes a token at the default size) are not kept for the backward but recomputed there from
         k and v, which the attention keeps anyway."""
         if not self.learned:
-            real_positions = (blocks.token_rows >= 0).sum(dim=1).clamp(min=1).to(k.dtype)
+            real_positions = blocks.covered.sum(dim=1).clamp(min=1).to(k.dtype)
             return blocks.gather(k).sum(dim=1) / real_positions[:, None, None], None
         if recompute and torch.is_grad_enabled():
             return checkpoint(self._learned, k, v, blocks, use_reentrant=False)
@@ -224,8 +224,9 @@ class BlockCompressor(nn.Module):
 
     def _learned(self, k: torch.Tensor, v: torch.Tensor, blocks: CompressedBlocks) -> tuple[torch.Tensor, torch.Tensor]:
         num_blocks, block_size = blocks.token_rows.shape
-        # [2, W, block, Hkv, D] -> [2, W * Hkv, block * D]: one row per (block, kv head)
-        stacked = torch.stack([blocks.gather(k), blocks.gather(v)]).transpose(2, 3)
+        # keys and values gathered at once, [W, block, 2, Hkv, D] -> [2, W * Hkv, block * D]: one row per (block, kv
+        # head)
+        stacked = blocks.gather(torch.stack([k, v], dim=1)).permute(2, 0, 3, 1, 4)
         flat = stacked.reshape(2, num_blocks * k.shape[1], block_size * k.shape[2])
         # (block + positions) @ W + b = block @ W + (positions @ W + b): the position term is one row per MLP
         first_bias = torch.baddbmm(self.hidden_bias[:, None], self.positions.flatten(1)[:, None], self.hidden_weight)
