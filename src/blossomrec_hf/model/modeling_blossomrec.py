@@ -292,7 +292,8 @@ class BlossomRecAttention(nn.Module):
             q, k = rotate_queries_and_keys(query_key, *rotary, self.num_heads)
         else:
             q, k = query_key.split([self.num_heads, self.num_kv_heads], dim=2)
-        q, k, v = q[0], k[0], v.view(tokens, self.num_kv_heads, self.head_dim)
+        # squeeze, not [0]: indexing's backward fills a zero tensor and copies into it, a squeeze's is a view
+        q, k, v = q.squeeze(0), k.squeeze(0), v.view(tokens, self.num_kv_heads, self.head_dim)
         implementation = self.config._attn_implementation
         if not self.is_blossom:
             out = dense_attention_varlen(q, k, v, layout, implementation)
@@ -304,7 +305,7 @@ class BlossomRecAttention(nn.Module):
                 gate_logits = gate_logits.view(1, tokens, self.num_heads, self.num_branches)
             else:  # fixed gate: sigmoid(0) = 0.5 for every branch (exactly), through the same (fused) sum
                 gate_logits = rows[0].new_zeros(1, tokens, self.num_heads, self.num_branches)
-            out = gated_sum(gate_logits, rows, fused=implementation == "blossom_triton").transpose(1, 2)[0]
+            out = gated_sum(gate_logits, rows, fused=implementation == "blossom_triton").transpose(1, 2).squeeze(0)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
 
     def blossom_branches(self, q, k, v, layout: HistoryLayout, implementation: str) -> dict[str, torch.Tensor]:
