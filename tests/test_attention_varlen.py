@@ -69,6 +69,17 @@ def assert_near(got, want, name):
     assert (got - want).norm() <= TOLERANCE * want.norm() + 1e-6, name
 
 
+def assert_kernels_match_the_reference(leaves, sizes, weights):
+    """The Triton kernels' outputs and gradients against the PyTorch varlen reference's, by name."""
+    reference, reference_grads = run(blossom_attention_torch_varlen, leaves, sizes, weights)
+    fused, fused_grads = run(blossom_attention_triton_varlen, leaves, sizes, weights)
+    assert len(fused) == len(reference)
+    names = ["selected", "stis", "compressed"][:len(fused)] + ["dq", "dk", "dv", "dck", "dcv"]
+    for name, got, want in zip(names, fused + fused_grads, reference + reference_grads):
+        assert_near(got, want, name)
+    return fused
+
+
 def weights_for(lengths, seed):
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(sum(lengths), HEADS, DIM, generator=generator, dtype=torch.float64) for _ in range(3)]
@@ -111,12 +122,8 @@ def test_triton_varlen_matches_the_torch_varlen_reference(lengths, compressed, i
     leaves, sizes = packed_inputs(lengths, compressed, torch.float32, seed=7)
     sizes.update((name, sizes[name].to(index_dtype)) for name in ("cu_seqlens", "cu_compressed"))
     weights = [w.float() for w in weights_for(lengths, seed=2)]
-    reference, reference_grads = run(blossom_attention_torch_varlen, leaves, sizes, weights)
-    fused, fused_grads = run(blossom_attention_triton_varlen, leaves, sizes, weights)
-    assert len(fused) == len(reference) == (3 if compressed else 2)
-    names = ["selected", "stis", "compressed"][:len(fused)] + ["dq", "dk", "dv", "dck", "dcv"]
-    for name, got, want in zip(names, fused + fused_grads, reference + reference_grads):
-        assert_near(got, want, name)
+    fused = assert_kernels_match_the_reference(leaves, sizes, weights)
+    assert len(fused) == (3 if compressed else 2)
 
 
 @requires_triton
@@ -162,10 +169,7 @@ def test_histories_do_not_leak_into_each_other(kernel_path):
 def test_empty_histories(lengths, kernel_path):
     leaves, sizes = packed_inputs(lengths, True, torch.float32, seed=8)
     weights = [w.float() for w in weights_for(lengths, seed=9)]
-    reference, reference_grads = run(blossom_attention_torch_varlen, leaves, sizes, weights)
-    fused, fused_grads = run(blossom_attention_triton_varlen, leaves, sizes, weights)
-    for index, (got, want) in enumerate(zip(fused + fused_grads, reference + reference_grads)):
-        assert_near(got, want, index)
+    assert_kernels_match_the_reference(leaves, sizes, weights)
 
 
 @requires_triton
@@ -204,10 +208,7 @@ def test_one_pass_key_tiles_of_other_sizes(monkeypatch, keys_per_tile):
     leaves, sizes = packed_inputs([32, 3, 13, 50], True, torch.float32, seed=12)
     weights = [w.float() for w in weights_for([32, 3, 13, 50], seed=13)]
     assert backend.uses_one_pass(sizes["max_length"], GEOMETRY)
-    reference, reference_grads = run(blossom_attention_torch_varlen, leaves, sizes, weights)
-    fused, fused_grads = run(blossom_attention_triton_varlen, leaves, sizes, weights)
-    for index, (got, want) in enumerate(zip(fused + fused_grads, reference + reference_grads)):
-        assert_near(got, want, index)
+    assert_kernels_match_the_reference(leaves, sizes, weights)
 
 
 @requires_triton

@@ -637,11 +637,12 @@ def _one_pass_masks(bits, pos, kpos, blk, row_ok, L, SEL_B: tl.constexpr, WINDOW
 
 
 @triton.jit
-def _key_tile_scores(q, k_base, v_base, kt, bits, pos, blk, row_ok, L, qk_scale, HKV: tl.constexpr, D: tl.constexpr,
+def _key_tile_scores(q, K, V, start, h, kt, bits, pos, blk, row_ok, L, qk_scale, HKV: tl.constexpr, D: tl.constexpr,
                      BK: tl.constexpr, SEL_B: tl.constexpr, WINDOW: tl.constexpr, dofs, dmask, DOT_PREC: tl.constexpr):
-    """Key and value tile `kt` (BK keys), the rows' base-2 scores against it, and its LTIS and STIS masks."""
-    k, kpos = _load_block(k_base, kt, L, HKV * D, BK, dofs, dmask)
-    v = _load_block(v_base, kt, L, HKV * D, BK, dofs, dmask)[0]
+    """Key and value tile `kt` (BK keys) of kv head `h` of the history at token row `start`, the rows' base-2 scores
+    against it, and its LTIS and STIS masks."""
+    k, kpos = _load_block(K + (start * HKV + h) * D, kt, L, HKV * D, BK, dofs, dmask)
+    v = _load_block(V + (start * HKV + h) * D, kt, L, HKV * D, BK, dofs, dmask)[0]
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     ltis, stis = _one_pass_masks(bits, pos, kpos, blk, row_ok, L, SEL_B, WINDOW)
     return k, v, s, ltis, stis
@@ -661,8 +662,6 @@ def one_pass_forward(
     R: tl.constexpr = SEL_B * G
     pos, head, row_ok, dofs, dmask, q = _query_block(Q, start, L, blk, h, HKV, G, SEL_B, D, BLOCK_D)
     bits = _selection_bits(BIDX, start, pos, row_ok, h, HKV, N_SEL)
-    k_base = K + (start * HKV + h) * D
-    v_base = V + (start * HKV + h) * D
     m_s = tl.full([R], NEG_INF, tl.float32)
     l_s = tl.zeros([R], tl.float32)
     acc_s = tl.zeros([R, BLOCK_D], tl.float32)
@@ -670,8 +669,8 @@ def one_pass_forward(
     l_t = tl.zeros([R], tl.float32)
     acc_t = tl.zeros([R, BLOCK_D], tl.float32)
     for kt in range(0, tl.cdiv(tl.minimum((blk + 1) * SEL_B, L), BK)):
-        k, v, s, ltis, stis = _key_tile_scores(q, k_base, v_base, kt, bits, pos, blk, row_ok, L, qk_scale, HKV, D, BK,
-                                               SEL_B, WINDOW, dofs, dmask, DOT_PREC)
+        k, v, s, ltis, stis = _key_tile_scores(q, K, V, start, h, kt, bits, pos, blk, row_ok, L, qk_scale, HKV, D,
+                                               BK, SEL_B, WINDOW, dofs, dmask, DOT_PREC)
         m_s, l_s, acc_s = _online_dot(m_s, l_s, acc_s, tl.where(ltis, s, NEG_INF), v, DOT_PREC)
         m_t, l_t, acc_t = _online_dot(m_t, l_t, acc_t, tl.where(stis, s, NEG_INF), v, DOT_PREC)
     _store_branch(OS, LSES, m_s, l_s, acc_s, start, pos, head, row_ok, HKV * G, D, dofs, dmask)
@@ -697,12 +696,10 @@ def one_pass_backward_dq(
     do_s, lse_s, delta_s = _branch_rows(OS, DOS, LSES, DELS, start, pos, head, row_ok, HKV * G, D, dofs, dmask)
     do_t, lse_t, delta_t = _branch_rows(OT, DOT, LSET, DELT, start, pos, head, row_ok, HKV * G, D, dofs, dmask)
     bits = _selection_bits(BIDX, start, pos, row_ok, h, HKV, N_SEL)
-    k_base = K + (start * HKV + h) * D
-    v_base = V + (start * HKV + h) * D
     dq = tl.zeros([R, BLOCK_D], tl.float32)
     for kt in range(0, tl.cdiv(tl.minimum((blk + 1) * SEL_B, L), BK)):
-        k, v, s, ltis, stis = _key_tile_scores(q, k_base, v_base, kt, bits, pos, blk, row_ok, L, qk_scale, HKV, D, BK,
-                                               SEL_B, WINDOW, dofs, dmask, DOT_PREC)
+        k, v, s, ltis, stis = _key_tile_scores(q, K, V, start, h, kt, bits, pos, blk, row_ok, L, qk_scale, HKV, D,
+                                               BK, SEL_B, WINDOW, dofs, dmask, DOT_PREC)
         ds = _branch_ds(s, ltis, do_s, lse_s, delta_s, v, DOT_PREC)[1] + \
             _branch_ds(s, stis, do_t, lse_t, delta_t, v, DOT_PREC)[1]
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
