@@ -266,8 +266,10 @@ class BlossomRecAttention(nn.Module):
         self.branches = config.attention_branches  # in the gate's order
         self.num_branches = len(self.branches)
         self.learned_gate = self.is_blossom and config.gate_type == "learned"
-        self.split_sizes = [(self.num_heads + self.num_kv_heads) * self.head_dim, self.num_kv_heads * self.head_dim,
-                            self.num_heads * self.num_branches if self.learned_gate else 0]
+        # queries and keys, values, and the gate's logits where the gate is learned (no empty slice otherwise)
+        self.split_sizes = [(self.num_heads + self.num_kv_heads) * self.head_dim, self.num_kv_heads * self.head_dim]
+        if self.learned_gate:
+            self.split_sizes.append(self.num_heads * self.num_branches)
         self.input_proj = nn.Linear(config.hidden_size, sum(self.split_sizes))
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size)
         if self.is_blossom:
@@ -286,7 +288,7 @@ class BlossomRecAttention(nn.Module):
         tokens = hidden.shape[0]
         if layout.num_histories == 0:  # packed input of padding only: nothing to attend
             return self.o_proj(hidden.new_zeros(0, self.num_heads * self.head_dim))
-        query_key, v, gate_logits = self.input_proj(hidden).split(self.split_sizes, dim=-1)
+        query_key, v, *gate_logits = self.input_proj(hidden).split(self.split_sizes, dim=-1)
         query_key = query_key.view(1, tokens, self.num_heads + self.num_kv_heads, self.head_dim)
         if rotary is not None:
             q, k = rotate_queries_and_keys(query_key, *rotary, self.num_heads)
@@ -302,7 +304,7 @@ class BlossomRecAttention(nn.Module):
             # the gated sum takes [batch, heads, length, head_dim]: the tokens as one row
             rows = [branches[name].unsqueeze(0).transpose(1, 2) for name in self.branches]
             if self.learned_gate:
-                gate_logits = gate_logits.view(1, tokens, self.num_heads, self.num_branches)
+                gate_logits = gate_logits[0].view(1, tokens, self.num_heads, self.num_branches)
             else:  # fixed gate: sigmoid(0) = 0.5 for every branch (exactly), through the same (fused) sum
                 gate_logits = rows[0].new_zeros(1, tokens, self.num_heads, self.num_branches)
             out = gated_sum(gate_logits, rows, fused=implementation == "blossom_triton").transpose(1, 2).squeeze(0)
