@@ -125,11 +125,18 @@ def main() -> int:
         sys.exit("run with TRITON_INTERPRET unset: the interpreter replaces the kernels this compiles")
     launches = record_launches([attention, rotary, loss])
     # bfloat16 as training runs them: the model's defaults, and a wide head with 8 query heads per kv head, whose tiles
-    # are halved, on the long path (float32 changes the dots' precision, not the code's types; every variant costs
-    # ~2 s a launch)
+    # are halved, on the long path; float32 at torch's "high" matmul precision, whose dots take three TF32 passes
+    # (custom_ops.dot_precision; every variant costs ~2 s a launch)
     attention_launches(torch.bfloat16)
     attention_launches(torch.bfloat16, heads=8, kv_heads=1, dim=128, lengths=(2000,))
     other_launches(torch.bfloat16)
+    default_precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        attention_launches(torch.float32)
+        other_launches(torch.float32)
+    finally:
+        torch.set_float32_matmul_precision(default_precision)
     failures, seen = 0, set()
     for kernel, args, kwargs in launches:
         source_args = source_of(kernel, args, dict(kwargs))

@@ -199,3 +199,39 @@ def test_a_copy_of_other_code_defines_and_runs_its_own_operators(load_copy):
     got = copy.fused_cross_entropy.linear_cross_entropy(hidden, weight, targets, fused=False)
     assert torch.equal(got, 2 * before)
     assert torch.equal(linear_cross_entropy(hidden, weight, targets, fused=False), before)
+
+
+
+class LaunchRecorder:
+    """Stands in for a Triton kernel: `kernel[grid](...)` records the launch's arguments instead of running it."""
+
+    def __init__(self, kernel, launches: list):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.kernel, kwargs))
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype, setting, expected", [
+    (torch.float32, "highest", "ieee"), (torch.float32, "high", "tf32x3"), (torch.float32, "medium", "tf32"),
+    (torch.bfloat16, "highest", "tf32")])
+def test_kernels_take_torchs_float32_matmul_precision(monkeypatch, dtype, setting, expected):
+    """Every loss and attention kernel launch gets the dot precision of the setting in force when it runs."""
+    from blossomrec_hf.model import blossom_attention_triton as attention
+    launches = []
+    for module in (fused_cross_entropy, attention):
+        for name, value in list(vars(module).items()):
+            if hasattr(value, "arg_names"):  # a kernel, compiled or interpreted
+                monkeypatch.setattr(module, name, LaunchRecorder(value, launches))
+    length, compressed = 40, 2
+    q, k, v = torch.zeros(3, length, 2, DIM, dtype=dtype)
+    ck, cv = torch.zeros(2, compressed, 2, DIM, dtype=dtype)
+    bounds = torch.tensor([0, length], dtype=torch.int32), torch.tensor([0, compressed], dtype=torch.int32)
+    hidden, weight = torch.zeros(8, DIM, dtype=dtype), torch.zeros(12, DIM, dtype=dtype)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: setting)
+    attention._forward(q, k, v, ck, cv, *bounds, length, 32, 16, 16, 4, 8)
+    fused_cross_entropy._forward(hidden, weight, torch.ones(8, dtype=torch.long), -100, dtype, True)
+    kernels = {kernel.__name__ for kernel, kwargs in launches if kwargs.get("DOT_PREC") == expected}
+    assert {"compressed_forward", "softmax_forward"} <= kernels
+    assert all(kwargs["DOT_PREC"] == expected for kernel, kwargs in launches if "DOT_PREC" in kernel.arg_names)

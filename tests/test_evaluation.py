@@ -104,6 +104,23 @@ def test_full_ranking_with_a_fake_model():
     assert metrics["mrr@10"] == pytest.approx((4 + 1 / 8 + 1 / 4) / 6)
 
 
+def test_models_score_with_exact_float32_matmuls_whatever_training_uses():
+    class PrecisionRecorder(NextIdScorer):
+        def forward(self, *args, **kwargs):
+            seen.add(torch.get_float32_matmul_precision())
+            return super().forward(*args, **kwargs)
+
+    seen = set()
+    default = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # as a TF32 training run sets it
+    try:
+        _evaluator().evaluate_model(PrecisionRecorder())
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(default)
+    assert seen == {"highest"}
+
+
 def test_history_exclusion_with_a_fake_model():
     metrics = _evaluator(exclude_history=True).evaluate_model(NextIdScorer())
     assert metrics["mrr@10"] == pytest.approx((4 + 1 / 7 + 1 / 3) / 6)

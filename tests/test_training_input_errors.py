@@ -57,3 +57,12 @@ def test_evaluate_warns_once_about_repeated_events(tmp_path):
         REPEAT_WARNING.format(log),
         f"error: dataset '{log}': its item vocabulary (2 items) differs from the model's (3 items); evaluate on the "
         f"data the model was trained on, with the same --k_core and --min_history_length"]
+
+
+def test_tf32_without_a_gpu_that_has_it_is_one_error_line(tmp_path):
+    result = run_script(python_command(TRAIN, "--tf32", "true", "--max_steps", "1",
+                                       "--output_dir", str(tmp_path / "run")))
+    assert result.returncode == 2
+    assert _stderr_lines(result)[-1] == ("error: arguments: --tf32 needs a CUDA GPU of compute capability 8.0 or "
+                                         "newer; this run trains on cpu")
+    assert not (tmp_path / "run" / "metrics.json").exists()

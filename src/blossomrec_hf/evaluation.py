@@ -146,12 +146,16 @@ class RankingEvaluator:
         return ranking_metrics(collect_ranks(score_fn, self.dataloader, self.accelerator, self.num_users), self.ks)
 
     def evaluate_model(self, model) -> dict[str, float]:
-        """Metrics of ``model`` (put in eval mode for the evaluation, its training mode restored afterwards)."""
+        """Metrics of ``model`` (put in eval mode for the evaluation, its training mode restored afterwards), scored
+        with exact float32 matmuls whatever training uses (TF32 keeps 10 mantissa bits: more ties)."""
         was_training = model.training
+        precision = torch.get_float32_matmul_precision()
         model.eval()
+        torch.set_float32_matmul_precision("highest")
         try:
             return self.evaluate(model_score_function(model))
         finally:
+            torch.set_float32_matmul_precision(precision)
             model.train(was_training)
 
     def evaluate_popularity(self) -> dict[str, float]:

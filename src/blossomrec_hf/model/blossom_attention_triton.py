@@ -22,7 +22,7 @@ import warnings
 import torch
 
 from .blossom_attention_torch import blossom_attention_torch_varlen
-from .custom_ops import define_op
+from .custom_ops import define_op, dot_precision
 from .sparse_patterns import SparseGeometry
 
 try:
@@ -163,7 +163,7 @@ class _Plan:
         self.sm_scale = 1.0 / math.sqrt(self.dim)
         self.common = dict(CU_SEQLENS=cu_seqlens, qk_scale=self.sm_scale * math.log2(math.e), HKV=self.kv_heads,
                            G=self.group, D=self.dim, BLOCK_D=self.block_d, SEL_B=size,
-                           DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+                           DOT_PREC=dot_precision(q.dtype))
         self.cu_compressed = cu_compressed
         # the backward follows its forward (whatever TUNING says by then): one pass there left no sort keys
         self.one_pass = uses_one_pass(max_length, geometry) if one_pass is None else one_pass

@@ -11,6 +11,11 @@ checkpoint's copy of these files can both run in one process, and torch.library 
 The library's name therefore carries a hash of the files the operators run: a copy with the same code finds its
 operators already defined and uses them; a copy that differs (saved by another version) defines its own instead of
 silently running the other version's kernels.
+
+Float32 operands: the Triton kernels' dot products follow torch.get_float32_matmul_precision(), as cuBLAS matmuls
+do: "highest" (torch's default) keeps every product exact on the CUDA cores, which Triton runs far below the tensor
+cores' rate; "high" splits each operand into three TF32 parts on the tensor cores (float32-level accuracy); "medium"
+takes one TF32 pass. 16-bit operands always run on the tensor cores as they are.
 """
 
 import functools
@@ -24,6 +29,17 @@ OPERATOR_FILES = ("custom_ops.py", "chunked_cross_entropy.py", "fused_cross_entr
                   "blossom_attention_triton.py", "triton_blossom_kernels.py", "sparse_patterns.py")
 LIBRARY = "blossomrec_" + hashlib.sha256(
     b"".join((Path(__file__).parent / name).read_bytes() for name in OPERATOR_FILES)).hexdigest()[:12]
+
+
+FLOAT32_DOT_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Triton's `input_precision` for dot products of operands in `dtype` (read when a kernel launches, so a compiled
+    graph follows the setting of its call, not of its tracing)."""
+    if dtype != torch.float32:
+        return "tf32"  # not read for 16-bit operands
+    return FLOAT32_DOT_PRECISION[torch.get_float32_matmul_precision()]
 
 
 def define_op(name: str, impl, fake, backward=None, setup_context=None):

@@ -10,10 +10,10 @@ for the GPU.
 
 Precision: the operands are taken in the autocast dtype when autocast is on (as a matmul would be; decided here,
 since the operators run with autocast off), else in the inputs' dtype; products accumulate in float32, the softmax
-is float32, and float32 operands use exact (not tf32) dot products; gradients come back in the inputs' dtypes. The
-forward pass computes the log-sum-exp and the softmax-weighted item sum of every row (the hidden state's gradient
-needs nothing else); the backward pass computes the item embeddings' gradient. No atomics: results are bitwise
-reproducible.
+is float32, and float32 operands take the dot-product precision of torch.get_float32_matmul_precision() (exact by
+default; custom_ops.py); gradients come back in the inputs' dtypes. The forward pass computes the log-sum-exp and the
+softmax-weighted item sum of every row (the hidden state's gradient needs nothing else); the backward pass computes
+the item embeddings' gradient. No atomics: results are bitwise reproducible.
 """
 
 import math
@@ -22,7 +22,7 @@ import os
 import torch
 
 from .chunked_cross_entropy import IGNORE_INDEX, chunked_linear_cross_entropy, kept_count, scaled_gradient
-from .custom_ops import define_op
+from .custom_ops import define_op, dot_precision
 
 try:
     import triton
@@ -82,7 +82,7 @@ def _split(length: int, blocks: int, block: int, device: torch.device) -> tuple[
 def _common(hidden: torch.Tensor) -> dict:
     dim = hidden.shape[1]
     return dict(D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
-                DOT_PREC="ieee" if hidden.dtype == torch.float32 else "tf32")
+                DOT_PREC=dot_precision(hidden.dtype))
 
 
 def softmax_statistics(hidden, weight, targets, ignore_index: int, with_grad: bool):

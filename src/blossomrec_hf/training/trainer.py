@@ -136,6 +136,18 @@ def peak_gpu_memory_mib(device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
 
 
+def use_tf32(accelerator, tf32: bool | None) -> bool:
+    """``--tf32``: torch's "high" float32 matmul precision (TF32) where a CUDA GPU of compute capability 8.0+ trains,
+    unless turned off; exact float32 otherwise. Returns whether TF32 is on."""
+    device = accelerator.device
+    capable = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+    if tf32 and not capable:
+        raise ValueError(f"--tf32 needs a CUDA GPU of compute capability 8.0 or newer; this run trains on {device}")
+    enabled = capable if tf32 is None else tf32
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    return enabled
+
+
 def compile_model(model, args) -> None:
     """``--torch_compile``: compile ``model`` in place, the whole forward as one graph (and its backward)."""
     model.compile(fullgraph=True, backend=args.torch_compile_backend or "inductor", mode=args.torch_compile_mode)
@@ -162,6 +174,8 @@ class Trainer:
         self.accelerator, self.args, self.eval_args, self.output_dir = accelerator, args, eval_args, output_dir
         self.data, self.config, self.stop_signals = data, config, stop_signals
         self.num_windows = len(windows)
+        with user_input_errors("arguments", accelerator):
+            self.tf32 = use_tf32(accelerator, args.tf32)
         model = BlossomRecForSequentialRecommendation(config)
         # Evaluation scores an unprepared float32 copy: bf16 scores would tie often, and ties favour the target.
         self.eval_model = copy.deepcopy(model).to(accelerator.device)
@@ -207,7 +221,8 @@ class Trainer:
             f"{dataset}: {data.vocab.n_items} items, {len(data.splits['test'])} users, "
             f"{self.num_windows} training windows; {config.attention_type} attention "
             f"({config._attn_implementation}), {sum(p.numel() for p in self.model.parameters()):,} parameters; "
-            f"{accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision}; "
+            f"{accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision}"
+            f"{', TF32 matmuls' if self.tf32 else ''}; "
             f"{self.total_steps} steps of {self.steps_per_epoch} per epoch, {self.sampler.batches_per_step} "
             f"batch(es) per step")
 
