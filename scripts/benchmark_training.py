@@ -397,7 +397,9 @@ def run_row(accelerator, *, spec: DatasetSpec, data, windows, model: str, layout
             row.update(status="OOM", error=first_line(error))
         else:
             traceback.print_exc()
-            row.update(status="error", error=f"{type(error).__name__}: {first_line(error)}")
+            # the rest of the message names what failed (e.g. the operator an inductor lowering error was in)
+            row.update(status="error", error=f"{type(error).__name__}: {first_line(error)}",
+                       error_detail=str(error)[:4000])
         if device.type == "cuda":
             row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     finally:
