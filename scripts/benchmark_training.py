@@ -349,6 +349,42 @@ def measure(trainer: Trainer, *, device: torch.device, epoch_targets: int, args)
     }
 
 
+def kernel_profile(trainer: Trainer, *, device: torch.device, steps: int, rows: int = 12) -> dict:
+    """Where ``steps`` training steps (after the timed ones) spend the device's time: milliseconds per step of the
+    busiest kernels (torch.profiler; on the CPU, its operators' own time), their total and the step's wall time."""
+    cuda = device.type == "cuda"
+    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    batches = epoch_batches(trainer, 0)
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=[activity]) as profiler:
+        for done, batch in enumerate(batches, start=1):
+            trainer.training_step(batch)
+            if done == steps:
+                break
+        synchronize(device)
+    wall_ms = (time.perf_counter() - start) * 1e3 / done
+    close(batches)
+    busy = [(event.device_time_total if cuda else event.self_cpu_time_total, event)
+            for event in profiler.key_averages()]
+    busy = sorted(((us, event) for us, event in busy if us > 0), key=lambda pair: pair[0], reverse=True)
+    return {"steps": done, "device_ms_per_step": sum(us for us, _ in busy) / 1e3 / done, "wall_ms_per_step": wall_ms,
+            "kernels": [{"name": event.key[:90], "ms_per_step": us / 1e3 / done, "calls_per_step": event.count / done}
+                        for us, event in busy[:rows]]}
+
+
+def profile_lines(rows) -> list[str]:
+    lines = []
+    for row in rows:
+        profile = row.get("profile")
+        if profile:
+            lines.append(f"{row['dataset']} {row['model']} {row['layout']}: {profile['device_ms_per_step']:.2f} ms of "
+                         f"kernels in a {profile['wall_ms_per_step']:.2f} ms step (profiled), the busiest:")
+            lines += [f"  {kernel['ms_per_step']:8.3f} ms {kernel['calls_per_step']:6.1f}x  {kernel['name']}"
+                      for kernel in profile["kernels"]]
+    return lines
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or (
         isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
@@ -391,6 +427,8 @@ def run_row(accelerator, *, spec: DatasetSpec, data, windows, model: str, layout
         row["attention_path"] = attention_path(row["attn_implementation"], device)
         row["batches_per_epoch"] = trainer.steps_per_epoch  # optimizer steps: one batch per process each
         row.update(measure(trainer, device=device, epoch_targets=row["epoch_targets"], args=args))
+        if args.profile_steps:
+            row["profile"] = kernel_profile(trainer, device=device, steps=args.profile_steps)
         row["status"] = "ok"
     except Exception as error:  # noqa: BLE001 -- one row's failure is recorded; the others still run
         if is_out_of_memory(error):
@@ -614,8 +652,11 @@ def result_path(prefix: str, suffix: str) -> Path:
 
 
 def report_lines(result: dict) -> list[str]:
-    """The table, the ratios, the targets and the warnings seen while training."""
+    """The table, the ratios, the targets, the kernel profiles (--profile_steps) and the warnings seen while
+    training."""
     lines = table_lines(result["rows"]) + ratio_lines(result["ratios"]) + target_lines(result["targets"])
+    profiles = profile_lines(result["rows"])
+    lines += ["", *profiles] if profiles else []
     return lines + (["", "warnings:", *(f"  {w}" for w in result["warnings"])] if result["warnings"] else [])
 
 
@@ -874,6 +915,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "the warm-up steps absorb the compilation)")
     parser.add_argument("--torch_compile_mode", default=None, help="as train.py's (e.g. reduce-overhead)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--profile_steps", type=int, default=0,
+                        help="profile this many further steps per row: time per kernel (torch.profiler; CUDA kernels on a "
+                             "GPU, operators on the CPU)")
     parser.add_argument("--no_plot", action="store_true", help="skip the PNG")
     parser.add_argument("--multi_gpu", type=int, nargs="+", default=None, metavar="N",
                         help="scaling over processes: run every row on each of these numbers of processes (e.g. 1 2 4 "
@@ -903,8 +947,9 @@ def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[DatasetSp
                  "longtail_users", "longtail_items"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive")
-    if args.warmup_steps < 0:
-        parser.error("--warmup_steps must not be negative")
+    for name in ("warmup_steps", "profile_steps"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must not be negative")
     if args.multi_gpu is not None:
         if os.environ.get(LAUNCHED):  # an abbreviation (--multi) left in a launched run's arguments
             parser.error("--multi_gpu in a run that --multi_gpu launched")

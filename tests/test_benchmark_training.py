@@ -106,3 +106,19 @@ def test_short_epochs_are_timed_over_several_whole_epochs(training_benchmark, tm
     assert row["timed_epochs"] == -(-5 // per_epoch) and row["timed_steps"] == row["timed_epochs"] * per_epoch
     assert not row["epoch_extrapolated"]
     assert row["epoch_s"] == pytest.approx(row["timed_seconds"] / row["timed_epochs"])
+
+
+def test_profiled_steps_list_the_busiest_kernels(training_benchmark, tmp_path):
+    result = training_benchmark.main([
+        "--datasets", "longtail64", "--models", "blossom", "--layouts", "packed", "--device", "cpu",
+        "--blossom_implementation", "blossom_torch", "--data_dir", str(tmp_path / "no_data"), *TINY_MODEL,
+        "--longtail_users", "30", "--longtail_items", "100", "--max_tokens_per_batch", "256", "--warmup_steps", "1",
+        "--max_steps", "2", "--profile_steps", "2", "--no_plot", "--output", str(tmp_path / "profiled")])
+    (row,) = result["rows"]
+    profile = row["profile"]
+    assert row["status"] == "ok" and profile["steps"] == 2
+    assert 0 < profile["device_ms_per_step"] and 0 < profile["wall_ms_per_step"]
+    times = [kernel["ms_per_step"] for kernel in profile["kernels"]]
+    assert len(times) == 12 and times == sorted(times, reverse=True) and sum(times) <= profile["device_ms_per_step"]
+    assert any("mm" in kernel["name"] for kernel in profile["kernels"])  # the projections and the loss
+    assert "longtail64 blossom packed:" in (tmp_path / "profiled.txt").read_text()
