@@ -44,12 +44,13 @@ if stage train_modes; then
 fi
 # quality_beauty, quality_ml100k: packed vs padded, 3 seeds, one dataset per stage, one training process at a time:
 # 12 at once on one H100 ran at ~4,000 items/s each against 30,000-190,000 alone (time-sliced GPU, starved CPU).
-# --time_limit_s stops the queue; finished runs are tabulated, the rest are listed as not run.
+# --time_limit_s stops the queue (a stopped run checkpoints); the same stage in a later call on the same warm machine
+# continues it (--resume: finished runs are read, interrupted ones resume, the rest start).
 for dataset in beauty ml100k; do
   if stage quality_$dataset; then
     timeout 585 python3 scripts/benchmark_quality.py --data_dir "$DATA_DIR" \
       --runs ${QUALITY_RUNS:-$dataset-blossom $dataset-dense} --layouts ${LAYOUTS:-packed padded} --seeds 0 1 2 \
-      --blossom_backend blossom_triton --max_parallel 1 --time_limit_s ${QUALITY_LIMIT:-560} \
+      --blossom_backend blossom_triton --max_parallel 1 --time_limit_s ${QUALITY_LIMIT:-560} --resume \
       --output_root /tmp/quality --results "$OUT/quality_$dataset.json" > "$OUT/quality_$dataset.log" 2>&1
     grep -v '^\$' "$OUT/quality_$dataset.log" | tail -30
   fi
@@ -59,7 +60,7 @@ for dataset in beauty ml100k; do
   if stage ablation_$dataset; then
     timeout 585 python3 scripts/benchmark_quality.py --data_dir "$DATA_DIR" --table ablation \
       --runs $dataset-blossom $dataset-ltis $dataset-stis $dataset-nogate $dataset-nocomp $dataset-dense \
-      --seeds 0 1 2 --max_parallel 1 --time_limit_s 560 --output_root /tmp/ablation \
+      --seeds 0 1 2 --max_parallel 1 --time_limit_s 560 --resume --output_root /tmp/ablation \
       --results "$OUT/ablation_$dataset.json" > "$OUT/ablation_$dataset.log" 2>&1
     grep -v '^\$' "$OUT/ablation_$dataset.log" | tail -30
   fi

@@ -112,7 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data"), help="where the logs are")
     parser.add_argument("--output_root", default="outputs/quality")
     parser.add_argument("--resume", action="store_true",
-                        help="continue interrupted runs from their last checkpoint (runs without one start afresh)")
+                        help="continue interrupted runs from their last checkpoint (runs without one start afresh); "
+                             "runs that finished are read, not trained again")
     parser.add_argument("--results", default="benchmarks/results/quality.json")
     parser.add_argument("--time_limit_s", type=float, default=0,
                         help="after this long, send SIGTERM to runs still going (they checkpoint and stop) and start "
@@ -125,6 +126,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+RUN_RECORD = "benchmark_quality_run.json"  # a finished run's command and measured peak memory, in its output folder
+
+
 def plan(args) -> list[dict]:
     """One job per run, layout and seed, with its train.py command."""
     jobs = []
@@ -133,6 +137,7 @@ def plan(args) -> list[dict]:
             config = f"{name}{'-padded' if layout == 'padded' else ''}{args.tag}"
             for seed in args.seeds:
                 output_dir = Path(args.output_root) / f"{config}-seed{seed}"
+                finished = args.resume and all((output_dir / name).exists() for name in ("metrics.json", RUN_RECORD))
                 resume = args.resume and any((output_dir / "checkpoints").glob("step-*"))
                 command = [sys.executable, str(REPO / "scripts" / "train.py"),
                            *(flag.format(data=args.data_dir) for flag in RUNS[name]), *LAYOUTS[layout],
@@ -142,7 +147,8 @@ def plan(args) -> list[dict]:
                            "--output_dir", str(output_dir),
                            *(["--resume_from_checkpoint", "latest"] if resume else ["--overwrite_output_dir"])]
                 jobs.append({"run": f"{config}-seed{seed}", "config": config, "name": name, "layout": layout,
-                             "seed": seed, "output_dir": output_dir, "command": command, "resume": resume})
+                             "seed": seed, "output_dir": output_dir, "command": command, "resume": resume,
+                             "finished": finished})
     return jobs
 
 
@@ -225,6 +231,8 @@ def collect(job: dict, returncode: int | None, signalled: bool) -> dict:
         return {"status": "not started: --time_limit_s reached (start it with --resume)", **entry}
     if returncode == 0 and metrics_file.exists():
         measured = {key: job.get(key) for key in ("peak_gpu_memory_mib", "peak_rss_mib")}
+        # what a later --resume reads instead of training the run again
+        (job["output_dir"] / RUN_RECORD).write_text(json.dumps({"command": job["command"], **measured}))
         return {"status": "ok", **entry, **measured, **json.loads(metrics_file.read_text())}
     if signalled:
         return {"status": f"stopped at --time_limit_s (continue with --resume), see {job['output_dir']}.log", **entry}
@@ -376,7 +384,13 @@ def write_results(path: Path, results: dict, summary: dict, comparison: dict, te
 def main(argv=None) -> int:
     args = parse_args(argv)
     jobs = plan(args)
-    returncodes, signalled = run_queue(jobs, args.max_parallel, args.time_limit_s)
+    # with --resume, runs that finished in an earlier call are read, not trained again
+    for job in jobs:
+        if job["finished"]:
+            job.update(json.loads((job["output_dir"] / RUN_RECORD).read_text()))
+    returncodes, signalled = run_queue([job for job in jobs if not job["finished"]], args.max_parallel,
+                                       args.time_limit_s)
+    returncodes.update((job["run"], 0) for job in jobs if job["finished"])
     results = {job["run"]: collect(job, returncodes[job["run"]], job["run"] in signalled) for job in jobs}
     summary = aggregate(results)
     comparison = compare(summary)

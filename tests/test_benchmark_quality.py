@@ -83,6 +83,14 @@ def test_seeds_and_layouts_are_aggregated_and_compared(quality_benchmark, data_d
     text = results.with_suffix(".txt").read_text()
     assert text in printed and "over seeds" in text and "packed vs padded" in text
 
+    # --resume in a later call: every run had finished, so each is read (peak memory included), none trained again
+    again = quality_benchmark.main([
+        "--runs", "beauty-blossom", "--seeds", "0", "1", "--layouts", "packed", "padded", "--resume",
+        "--data_dir", str(data_dir), "--output_root", str(tmp_path / "runs"), "--results", str(results),
+        "--extra", TINY])
+    assert again == 0 and "$ " not in capsys.readouterr().out
+    assert json.loads(results.read_text())["runs"] == runs
+
 
 def test_a_failed_run_is_one_line_and_exit_code_1(data_dir, tmp_path):
     results = tmp_path / "quality.json"

@@ -9,7 +9,8 @@ from accelerate import Accelerator
 from datasets import Dataset
 
 from blossomrec_hf.batching import NegativeSampler, left_pad
-from blossomrec_hf.evaluation import RankingEvaluator, item_popularity, target_ranks
+from blossomrec_hf.evaluation import (MAX_SCORES_PER_BATCH, RankingEvaluator, default_eval_batch_size, item_popularity,
+                                      target_ranks)
 
 N_ITEMS = 200
 
@@ -89,10 +90,10 @@ def _split():
     return Dataset.from_dict({"user": [f"u{i}" for i in range(6)], "history": histories, "target": targets})
 
 
-def _evaluator(**options):
+def _evaluator(batch_size=4, **options):
     train = Dataset.from_dict({"items": [[3, 3, 3, 1], [3, 2]]})
     return RankingEvaluator(_split(), train, n_items=N_ITEMS, max_seq_length=5, accelerator=Accelerator(cpu=True),
-                            batch_size=4, **options)
+                            batch_size=batch_size, **options)
 
 
 def test_full_ranking_with_a_fake_model():
@@ -171,3 +172,16 @@ def test_every_user_is_scored_once_whatever_the_process_count():
                                     process_index=rank, num_processes=2) for rank in range(2)]
     users = [int(i) for share in shares for batch in share for i in batch["user_index"]]
     assert sorted(users) == list(range(6))
+
+
+def test_evaluation_batches_default_to_a_score_budget_and_refuse_bad_sizes():
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert default_eval_batch_size(12101, gpu) == 2772
+    assert default_eval_batch_size(1682, gpu) * 1683 <= MAX_SCORES_PER_BATCH
+    assert default_eval_batch_size(10**9, gpu) == 1 and default_eval_batch_size(12101, cpu) == 256
+    batches = list(_evaluator(batch_size=None).dataloader)  # 6 users on the CPU: one batch of at most 256
+    assert len(batches) == 1 and len(batches[0]["targets"]) == 6
+    assert len(list(_evaluator(batch_size=4).dataloader)) == 2
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="--per_device_eval_batch_size must be a positive int"):
+            _evaluator(batch_size=bad)
