@@ -3,8 +3,8 @@
 #   STAGES="profile attention" OUT=results_dir DATA_DIR=folder_with_Beauty.txt bash benchmarks/gpu_runs.sh
 # Stages: check (correctness of the packed kernels), profile (eager vs compiled kernels), attention (module and
 # model tables: eager, compiled, graph, host), train (packed vs padded training throughput), train_modes (eager vs
-# --torch_compile, packed), quality_beauty / quality_ml100k (packed vs padded, 3 seeds), ablation_beauty /
-# ablation_ml100k (issue 14's table). Text logs read Beauty.txt / ml-100k.inter without the
+# --torch_compile, packed), quality_beauty / quality_ml100k (packed vs padded, 3 seeds), tune_ml100k (validation-only
+# tuning), ablation_beauty / ablation_ml100k (issue 14's table). Text logs read Beauty.txt / ml-100k.inter without the
 # `datasets` library, so nothing needs installing on a machine with torch, triton and transformers.
 set -o pipefail
 cd "$(dirname "$0")/.."
@@ -55,6 +55,21 @@ for dataset in beauty ml100k; do
     grep -v '^\$' "$OUT/quality_$dataset.log" | tail -30
   fi
 done
+# tune_ml100k: issue 14's validation-only tuning where BlossomRec trailed dense (packed, 3 seeds, one process at a
+# time): five variants each for BlossomRec and dense, half of the call's time each. Continues across calls like the
+# quality stages.
+if stage tune_ml100k; then
+  shared=(base= drop3="--hidden_dropout_prob 0.3" warmup="--lr_scheduler_type cosine --warmup_steps 100"
+          long="--max_seq_length 737")
+  for model in blossom dense; do
+    extra=$([[ $model == blossom ]] && echo 'pubgate=--gate_init published' || echo 'lr5=--learning_rate 5e-4')
+    timeout $((${TUNE_LIMIT:-270} + 20)) python3 scripts/benchmark_quality.py --data_dir "$DATA_DIR" \
+      --runs ml100k-$model --seeds 0 1 2 --blossom_backend blossom_triton --max_parallel 1 \
+      --time_limit_s ${TUNE_LIMIT:-270} --resume --variants "${shared[@]}" "$extra" --output_root /tmp/tune \
+      --results "$OUT/tune_ml100k_$model.json" > "$OUT/tune_ml100k_$model.log" 2>&1
+    grep -A4 "chosen on validation" "$OUT/tune_ml100k_$model.log"
+  done
+fi
 # ablation_beauty, ablation_ml100k: issue 14's table, one dataset per stage, one process at a time
 for dataset in beauty ml100k; do
   if stage ablation_$dataset; then

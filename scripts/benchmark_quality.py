@@ -20,6 +20,13 @@ with NDCG@10 and HR@10 (mean +- std over seeds), training seconds to the best ep
 
     python scripts/benchmark_quality.py --table ablation --seeds 0 1 2 --results benchmarks/results/ablation.json
 
+Tuning on validation only (issue 14's protocol): `--variants NAME=FLAGS ...` trains every run once more per variant
+(its train.py flags after the run's own; configuration `<run>[-padded]-NAME`), and a block names, per run and layout,
+the variant whose mean validation NDCG@10 over the seeds is best, with that variant's test metrics only:
+
+    python scripts/benchmark_quality.py --runs ml100k-blossom --seeds 0 1 2 \
+        --variants base= pubgate='--gate_init published' drop3='--hidden_dropout_prob 0.3'
+
 Peak memory: train.py's metrics.json does not record it, so this script measures each run from outside: the GPU
 memory of the run's process as nvidia-smi reports it (sampled every second; CUDA context and the allocator's cache
 included, so above what tensors need; n/a where nvidia-smi lists no processes, e.g. in some containers), and the peak
@@ -31,9 +38,11 @@ train.py flag given there comes after the run's own, so it wins.
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -109,6 +118,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--blossom_backend", default=None, choices=["blossom_torch", "blossom_triton"],
                         help="attn_implementation of the BlossomRec runs (default: the model's choice)")
     parser.add_argument("--tag", default="", help="suffix of the run names and output folders")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="NAME=FLAGS",
+                        help="tuning on validation: every run is also trained with each variant's train.py flags "
+                             "(e.g. pubgate='--gate_init published'; configuration `<run>[-padded]-NAME`), and a "
+                             "block names, per run and layout, the variant of the best mean validation NDCG@10 "
+                             "with its test metrics (the test split never chooses)")
     parser.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data"), help="where the logs are")
     parser.add_argument("--output_root", default="outputs/quality")
     parser.add_argument("--resume", action="store_true",
@@ -123,32 +137,49 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--max_parallel must be at least 1")
     if args.runs is None:
         args.runs = list(TABLES[args.table])
+    try:
+        args.variants = parse_variants(args.variants)
+    except ValueError as error:
+        parser.error(str(error))
     return args
+
+
+def parse_variants(specs: list[str] | None) -> dict[str, list[str]]:
+    """--variants NAME=FLAGS ... -> {name: train.py flags}; without --variants one unnamed variant of no flags."""
+    if not specs:
+        return {"": []}
+    variants = {}
+    for spec in specs:
+        name, _, flags = spec.partition("=")
+        if not re.fullmatch(r"[a-z0-9_]+", name) or name in variants:
+            raise ValueError(f"--variants: {spec!r} is not NAME=FLAGS with a new name of lowercase letters, digits "
+                             f"and _")
+        variants[name] = shlex.split(flags)
+    return variants
 
 
 RUN_RECORD = "benchmark_quality_run.json"  # a finished run's command and measured peak memory, in its output folder
 
 
 def plan(args) -> list[dict]:
-    """One job per run, layout and seed, with its train.py command."""
+    """One job per run, layout, variant and seed, with its train.py command."""
     jobs = []
-    for name in args.runs:
-        for layout in args.layouts:
-            config = f"{name}{'-padded' if layout == 'padded' else ''}{args.tag}"
-            for seed in args.seeds:
-                output_dir = Path(args.output_root) / f"{config}-seed{seed}"
-                finished = args.resume and all((output_dir / name).exists() for name in ("metrics.json", RUN_RECORD))
-                resume = args.resume and any((output_dir / "checkpoints").glob("step-*"))
-                command = [sys.executable, str(REPO / "scripts" / "train.py"),
-                           *(flag.format(data=args.data_dir) for flag in RUNS[name]), *LAYOUTS[layout],
-                           "--seed", str(seed), *shlex.split(args.extra),
-                           *(["--attn_implementation", args.blossom_backend]
-                             if args.blossom_backend and "blossom" in RUNS[name] else []),
-                           "--output_dir", str(output_dir),
-                           *(["--resume_from_checkpoint", "latest"] if resume else ["--overwrite_output_dir"])]
-                jobs.append({"run": f"{config}-seed{seed}", "config": config, "name": name, "layout": layout,
-                             "seed": seed, "output_dir": output_dir, "command": command, "resume": resume,
-                             "finished": finished})
+    for name, layout, (variant, variant_flags) in itertools.product(args.runs, args.layouts, args.variants.items()):
+        config = f"{name}{'-padded' if layout == 'padded' else ''}{'-' + variant if variant else ''}{args.tag}"
+        for seed in args.seeds:
+            output_dir = Path(args.output_root) / f"{config}-seed{seed}"
+            finished = args.resume and all((output_dir / file).exists() for file in ("metrics.json", RUN_RECORD))
+            resume = args.resume and any((output_dir / "checkpoints").glob("step-*"))
+            command = [sys.executable, str(REPO / "scripts" / "train.py"),
+                       *(flag.format(data=args.data_dir) for flag in RUNS[name]), *LAYOUTS[layout], *variant_flags,
+                       "--seed", str(seed), *shlex.split(args.extra),
+                       *(["--attn_implementation", args.blossom_backend]
+                         if args.blossom_backend and "blossom" in RUNS[name] else []),
+                       "--output_dir", str(output_dir),
+                       *(["--resume_from_checkpoint", "latest"] if resume else ["--overwrite_output_dir"])]
+            jobs.append({"run": f"{config}-seed{seed}", "config": config, "name": name, "layout": layout,
+                         "variant": variant, "seed": seed, "output_dir": output_dir, "command": command,
+                         "resume": resume, "finished": finished})
     return jobs
 
 
@@ -224,8 +255,8 @@ def run_queue(jobs: list[dict], max_parallel: int, time_limit_s: float = 0) -> t
 
 def collect(job: dict, returncode: int | None, signalled: bool) -> dict:
     """The JSON entry of one run: how it was run, and its metrics.json, or a one-line reason it has none."""
-    entry = {"config": job["config"], "name": job["name"], "layout": job["layout"], "seed": job["seed"],
-             "command": shlex.join(job["command"])}
+    entry = {"config": job["config"], "name": job["name"], "layout": job["layout"], "variant": job["variant"],
+             "seed": job["seed"], "command": shlex.join(job["command"])}
     metrics_file = job["output_dir"] / "metrics.json"
     if returncode is None:
         return {"status": "not started: --time_limit_s reached (start it with --resume)", **entry}
@@ -261,8 +292,9 @@ def aggregate(results: dict) -> dict:
         if not ok:
             continue
         summary[config] = {
-            "name": ok[0]["name"], "layout": ok[0]["layout"], "n": len(ok), "seeds": [e["seed"] for e in ok],
-            "failed_seeds": [e["seed"] for e in entries if e["status"] != "ok"],
+            "name": ok[0]["name"], "layout": ok[0]["layout"], "variant": ok[0].get("variant", ""), "n": len(ok),
+            "seeds": [e["seed"] for e in ok], "failed_seeds": [e["seed"] for e in entries if e["status"] != "ok"],
+            "validation": {c: describe([e["validation"]["model"][c] for e in ok]) for c in COLUMNS},
             "test": {c: describe([e["test"]["model"][c] for e in ok]) for c in COLUMNS},
             "popularity": {c: statistics.fmean(e["test"]["popularity"][c] for e in ok) for c in COLUMNS},
             **{key: describe([e.get(key) for e in ok]) for key, _, _ in TRAINING}}
@@ -274,7 +306,8 @@ def compare(summary: dict) -> dict:
     error of the difference, and how much faster does packing reach the best epoch and push items."""
     by_pair = {}
     for stats in summary.values():
-        by_pair.setdefault(stats["name"], {})[stats["layout"]] = stats
+        key = stats["name"] + (f"-{stats['variant']}" if stats.get("variant") else "")
+        by_pair.setdefault(key, {})[stats["layout"]] = stats
     comparison = {}
     for name, layouts in by_pair.items():
         if set(layouts) != {"packed", "padded"}:
@@ -292,6 +325,23 @@ def compare(summary: dict) -> dict:
             "items_per_second_ratio": _ratio(packed["train_items_per_second"]["mean"],
                                              padded["train_items_per_second"]["mean"])}
     return comparison
+
+
+def choose_on_validation(summary: dict) -> dict:
+    """Per run and layout trained with --variants: the variant of the best mean validation NDCG@10 over its seeds,
+    every candidate's validation mean beside it, and the chosen one's test metrics (the test split never chooses)."""
+    groups = {}
+    for config, stats in summary.items():
+        if stats.get("variant"):
+            groups.setdefault(stats["name"] + ("-padded" if stats["layout"] == "padded" else ""), {})[config] = stats
+    chosen = {}
+    for group, candidates in groups.items():
+        best = max(candidates, key=lambda config: candidates[config]["validation"]["ndcg@10"]["mean"])
+        chosen[group] = {"variant": candidates[best]["variant"], "config": best, "n": candidates[best]["n"],
+                         "validation_ndcg@10": {stats["variant"]: stats["validation"]["ndcg@10"]["mean"]
+                                                for stats in candidates.values()},
+                         "test": candidates[best]["test"]}
+    return chosen
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -361,6 +411,15 @@ def format_tables(results: dict, summary: dict, comparison: dict) -> str:
         lines += ["", "ablations (test split; mean +- std over seeds; s to best and peak memory: means):",
                   *_table(["configuration", "variant", "n", "NDCG@10", "HR@10", "s to best", "peak GPU MiB",
                            "peak RSS MiB"], ablation)]
+    chosen_rows = [[group, c["variant"], str(c["n"]),
+                    ", ".join(f"{variant} {value:.4f}" for variant, value in c["validation_ndcg@10"].items()),
+                    _mean_std(c["test"]["ndcg@10"]), _mean_std(c["test"]["recall@10"])]
+                   for group, c in choose_on_validation(summary).items()]
+    if chosen_rows:
+        lines += ["", "chosen on validation (best mean validation NDCG@10 over seeds; test: mean +- std of the chosen "
+                      "variant only):",
+                  *_table(["run", "chosen", "n", "validation NDCG@10 of each variant", "test NDCG@10", "test HR@10"],
+                          chosen_rows)]
     if compare_rows:
         lines += ["", "packed vs padded (mean NDCG@10; se of the difference: sqrt(se_packed^2 + se_padded^2); "
                       "ratios packed/padded of the mean):",
@@ -376,7 +435,8 @@ def write_results(path: Path, results: dict, summary: dict, comparison: dict, te
     path.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(path.read_text()) if path.exists() else {}
     previous = previous if "runs" in previous else {"runs": previous}
-    sections = {"runs": results, "aggregate": summary, "comparison": comparison}
+    sections = {"runs": results, "aggregate": summary, "comparison": comparison,
+                "chosen_on_validation": choose_on_validation(summary)}
     path.write_text(json.dumps({key: {**previous.get(key, {}), **new} for key, new in sections.items()}, indent=2))
     path.with_suffix(".txt").write_text(text)
 

@@ -123,3 +123,30 @@ def test_the_queue_runs_at_most_max_parallel_and_stops_at_the_time_limit(quality
     jobs = [_job(tmp_path, "long", "import time; time.sleep(60)"), _job(tmp_path, "queued", "pass")]
     returncodes, signalled = quality_benchmark.run_queue(jobs, max_parallel=1, time_limit_s=0.5)
     assert signalled == {"long"} and returncodes["long"] != 0 and returncodes["queued"] is None
+
+
+def test_variants_are_chosen_on_validation_only(quality_benchmark, data_dir, tmp_path, capsys):
+    results = tmp_path / "variants.json"
+    code = quality_benchmark.main([
+        "--runs", "beauty-blossom", "--seeds", "0", "1", "--max_parallel", "4", "--data_dir", str(data_dir),
+        "--output_root", str(tmp_path / "runs"), "--results", str(results), "--extra", TINY,
+        "--variants", "base=", "drop1=--hidden_dropout_prob 0.1"])
+    assert code == 0, capsys.readouterr().out
+    written = json.loads(results.read_text())
+    assert set(written["aggregate"]) == {"beauty-blossom-base", "beauty-blossom-drop1"}
+    for entry in written["runs"].values():
+        assert ("--hidden_dropout_prob 0.1" in entry["command"]) == (entry["variant"] == "drop1")
+    validation = {variant: statistics.fmean(e["validation"]["model"]["ndcg@10"] for e in written["runs"].values()
+                                            if e["variant"] == variant) for variant in ("base", "drop1")}
+    chosen = written["chosen_on_validation"]["beauty-blossom"]
+    assert chosen["variant"] == max(validation, key=validation.get)
+    assert chosen["validation_ndcg@10"] == pytest.approx(validation)
+    assert chosen["test"] == written["aggregate"][f"beauty-blossom-{chosen['variant']}"]["test"]
+    assert "chosen on validation" in results.with_suffix(".txt").read_text()
+
+
+@pytest.mark.parametrize("spec", ["Bad=--x", "a b=--x", "=--x"])
+def test_a_bad_variant_is_one_usage_error(quality_benchmark, spec, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        quality_benchmark.parse_args(["--variants", spec])
+    assert stopped.value.code == 2 and "--variants" in capsys.readouterr().err
