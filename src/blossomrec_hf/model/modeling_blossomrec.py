@@ -39,6 +39,7 @@ from .configuration_blossomrec import BlossomRecConfig
 from .history_layout import CompressedBlocks, HistoryLayout, check_ids_tensor, check_item_ids
 from .rotary_embedding import rotary_tables, rotate_queries_and_keys
 from .sparse_patterns import SparseGeometry
+from .varlen_flash_attention import FLASH_OPERATORS, TAKES_GROUPED_HEADS, varlen_flash_attention
 
 try:  # variable-length flash attention (torch >= 2.10)
     from torch.nn.attention.varlen import varlen_attn
@@ -151,19 +152,21 @@ def flash_varlen_usable(q: torch.Tensor) -> bool:
 
 
 def causal_varlen_attention(q, k, v, cu_seqlens, max_length: int) -> torch.Tensor:
-    """Causal flash attention over packed histories; torch 2.10 spells causality `is_causal`, later releases
-    `window_size=(-1, 0)`, and grouped heads need `enable_gqa` where it exists (else one kv head per query head)."""
-    options = {"is_causal": True} if "is_causal" in VARLEN_PARAMETERS else {"window_size": (-1, 0)}
+    """Causal flash attention over packed histories. Compiled: this package's operator around torch's
+    (varlen_flash_attention.py). Eager: `varlen_attn`, which spells causality `is_causal` in some torch releases and
+    `window_size=(-1, 0)` in others; grouped heads need `enable_gqa` where it exists (else one kv head per query
+    head)."""
     group = q.shape[1] // k.shape[1]
+    if torch.compiler.is_compiling() and FLASH_OPERATORS is not None:
+        if group > 1 and not TAKES_GROUPED_HEADS:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return varlen_flash_attention(q, k, v, cu_seqlens, max_length)
+    options = {"is_causal": True} if "is_causal" in VARLEN_PARAMETERS else {"window_size": (-1, 0)}
     if group > 1 and "enable_gqa" in VARLEN_PARAMETERS:
         options["enable_gqa"] = True
     elif group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     cu_seqlens = cu_seqlens.to(torch.int32)
-    if torch.compiler.is_compiling():
-        # v is a column slice of the input projection; inductor cannot hand a slice view to this operator
-        # ("NotImplementedError: SliceView", torch 2.11 on an H100), so it gets dense copies
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_length, max_length, **options)
 
 
