@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of the open speed and quality work, in stages that fit one 10-minute device call each:
 #   STAGES="profile attention" OUT=results_dir DATA_DIR=folder_with_Beauty.txt bash benchmarks/gpu_runs.sh
-# Stages: check (correctness of the packed kernels), profile (eager vs compiled kernels), attention (module and
+# Stages: check (correctness of the packed kernels; check_tf32: float32 at "high" precision), profile (eager vs compiled kernels), attention (module and
 # model tables: eager, compiled, graph, host), train (packed vs padded training throughput), train_modes (eager vs
 # --torch_compile, packed), quality_beauty / quality_ml100k (packed vs padded, 3 seeds), tune_ml100k (validation-only
 # tuning), ablation_beauty / ablation_ml100k (issue 14's table). Text logs read Beauty.txt / ml-100k.inter without the
@@ -19,6 +19,11 @@ python3 -c "import torch, triton, transformers; print(torch.__version__, triton.
 stage() { [[ " ${STAGES:-check profile attention train} " == *" $1 "* ]]; }
 if stage check; then
   timeout 200 python3 scripts/check_triton_attention.py --kind varlen --output "$OUT/triton_varlen.json" 2>&1 | tee "$OUT/check.log" | tail -12
+fi
+# check_tf32: the same sweep with float32 at torch's "high" precision (train.py --tf32: three TF32 passes)
+if stage check_tf32; then
+  timeout 200 python3 scripts/check_triton_attention.py --kind varlen --float32_matmul_precision high \
+    --output "$OUT/triton_varlen_tf32.json" 2>&1 | tee "$OUT/check_tf32.log" | tail -12
 fi
 if stage profile; then
   timeout 150 python3 benchmarks/profile_attention.py --lengths 200 4096 --compiled --rows 25 2>&1 | tee "$OUT/attention_profile_modes.txt"

@@ -306,6 +306,7 @@ def cases(seed: int):
 
 def run_case(case):
     """One case in a worker process: its result row."""
+    torch.set_float32_matmul_precision(case["float32_matmul_precision"])  # float32 dots: exact, or TF32 passes
     if case["kind"] == "kernel":
         start = time.time()
         dtype = getattr(torch, case["dtype"])
@@ -385,6 +386,9 @@ def main():
                         help="only the cases up to this length (varlen cases: the longest history, + < one block)")
     parser.add_argument("--kind", choices=KINDS, action="append",
                         help="only cases of this kind (repeatable); all kinds by default")
+    parser.add_argument("--float32_matmul_precision", choices=["highest", "high", "medium"], default="highest",
+                        help="torch's setting the float32 cases run at: the kernels' float32 dots are exact at "
+                             "highest, three TF32 passes at high (train.py --tf32), one at medium")
     args = parser.parse_args()
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -404,7 +408,8 @@ def main():
           "pass")
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         kinds = args.kind or KINDS
-        chosen = [c for c in all_cases(args.seed, args.device, args.max_length) if c["kind"] in kinds]
+        chosen = [dict(c, float32_matmul_precision=args.float32_matmul_precision)
+                  for c in all_cases(args.seed, args.device, args.max_length) if c["kind"] in kinds]
         for row in pool.map(run_case, chosen):
             rows.append(row)
             print_row(row)
