@@ -9,11 +9,15 @@
 set -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src PYTHONUNBUFFERED=1
+if [[ -n "${OUT:-}" ]]; then
+  # a device call brings back at most 8 files: everything the stages write is also packed into one archive, made
+  # outside $OUT and then moved in (not when writing into the repository's own results)
+  OUT=${OUT%/}
+  trap 'tar czf /tmp/gpu_runs_files.tgz -C "$(dirname "$OUT")" "$(basename "$OUT")" && mv /tmp/gpu_runs_files.tgz "$OUT/all_files.tgz"' EXIT
+fi
 OUT=${OUT:-benchmarks/results}
 DATA_DIR=${DATA_DIR:-../shared/data}
 mkdir -p "$OUT"
-# a device call brings back at most 8 files: everything a stage writes is also packed into one archive at the end
-trap 'tar czf "$OUT.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")" && mv "$OUT.tgz" "$OUT/all_files.tgz"' EXIT
 nvidia-smi --query-gpu=name --format=csv,noheader
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
 stage() { [[ " ${STAGES:-check profile attention train} " == *" $1 "* ]]; }
@@ -53,9 +57,9 @@ fi
 # continues it (--resume: finished runs are read, interrupted ones resume, the rest start).
 for dataset in beauty ml100k; do
   if stage quality_$dataset; then
-    timeout 585 python3 scripts/benchmark_quality.py --data_dir "$DATA_DIR" \
+    timeout 570 python3 scripts/benchmark_quality.py --data_dir "$DATA_DIR" \
       --runs ${QUALITY_RUNS:-$dataset-blossom $dataset-dense} --layouts ${LAYOUTS:-packed padded} --seeds 0 1 2 \
-      --blossom_backend blossom_triton --max_parallel 1 --time_limit_s ${QUALITY_LIMIT:-560} --resume \
+      --blossom_backend blossom_triton --max_parallel 1 --time_limit_s ${QUALITY_LIMIT:-530} --resume \
       --output_root /tmp/quality --results "$OUT/quality_$dataset.json" > "$OUT/quality_$dataset.log" 2>&1
     grep -v '^\$' "$OUT/quality_$dataset.log" | tail -30
   fi
@@ -68,9 +72,9 @@ if stage tune_ml100k; then
           long="--max_seq_length 737")
   for model in blossom dense; do
     extra=$([[ $model == blossom ]] && echo 'pubgate=--gate_init published' || echo 'lr5=--learning_rate 5e-4')
-    timeout $((${TUNE_LIMIT:-270} + 20)) python3 scripts/benchmark_quality.py --data_dir "$DATA_DIR" \
+    timeout $((${TUNE_LIMIT:-260} + 20)) python3 scripts/benchmark_quality.py --data_dir "$DATA_DIR" \
       --runs ml100k-$model --seeds 0 1 2 --blossom_backend blossom_triton --max_parallel 1 \
-      --time_limit_s ${TUNE_LIMIT:-270} --resume --variants "${shared[@]}" "$extra" --output_root /tmp/tune \
+      --time_limit_s ${TUNE_LIMIT:-260} --resume --variants "${shared[@]}" "$extra" --output_root /tmp/tune \
       --results "$OUT/tune_ml100k_$model.json" > "$OUT/tune_ml100k_$model.log" 2>&1
     grep -A4 "chosen on validation" "$OUT/tune_ml100k_$model.log"
   done
@@ -78,9 +82,9 @@ fi
 # ablation_beauty, ablation_ml100k: issue 14's table, one dataset per stage, one process at a time
 for dataset in beauty ml100k; do
   if stage ablation_$dataset; then
-    timeout 585 python3 scripts/benchmark_quality.py --data_dir "$DATA_DIR" --table ablation \
+    timeout 570 python3 scripts/benchmark_quality.py --data_dir "$DATA_DIR" --table ablation \
       --runs $dataset-blossom $dataset-ltis $dataset-stis $dataset-nogate $dataset-nocomp $dataset-dense \
-      --seeds 0 1 2 --max_parallel 1 --time_limit_s 560 --resume --output_root /tmp/ablation \
+      --seeds 0 1 2 --max_parallel 1 --time_limit_s 530 --resume --output_root /tmp/ablation \
       --results "$OUT/ablation_$dataset.json" > "$OUT/ablation_$dataset.log" 2>&1
     grep -v '^\$' "$OUT/ablation_$dataset.log" | tail -30
   fi

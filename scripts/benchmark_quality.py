@@ -161,7 +161,25 @@ def parse_variants(specs: list[str] | None) -> dict[str, list[str]]:
     return variants
 
 
-RUN_RECORD = "benchmark_quality_run.json"  # a finished run's command and measured peak memory, in its output folder
+RUN_RECORD = "benchmark_quality_run.json"  # how this script started a run, and its end; in the run's output folder
+
+
+def read_record(output_dir: Path, training: list[str]) -> dict | None:
+    """What this script recorded of the run in `output_dir` (its train.py flags at start; its command, peak memory
+    and `finished` once it exited cleanly with its metrics), if it was started with exactly these train.py flags."""
+    record_file = output_dir / RUN_RECORD
+    if not record_file.exists():
+        return None
+    record = json.loads(record_file.read_text())
+    return record if record.get("training") == training else None
+
+
+def write_record(job: dict, finished: bool) -> None:
+    """Record a run when it starts, and again when it exits 0 with its metrics (at once, so that a later --resume
+    finds it even if this call is killed before the tables)."""
+    measured = {key: job.get(key) for key in ("peak_gpu_memory_mib", "peak_rss_mib")} if finished else {}
+    (job["output_dir"] / RUN_RECORD).write_text(json.dumps({"training": job["training"], "command": job["command"],
+                                                             "finished": finished, **measured}))
 
 
 def plan(args) -> list[dict]:
@@ -171,18 +189,20 @@ def plan(args) -> list[dict]:
         config = f"{name}{'-padded' if layout == 'padded' else ''}{'-' + variant if variant else ''}{args.tag}"
         for seed in args.seeds:
             output_dir = Path(args.output_root) / f"{config}-seed{seed}"
-            finished = args.resume and all((output_dir / file).exists() for file in ("metrics.json", RUN_RECORD))
-            resume = args.resume and any((output_dir / "checkpoints").glob("step-*"))
-            command = [sys.executable, str(REPO / "scripts" / "train.py"),
-                       *(flag.format(data=args.data_dir) for flag in RUNS[name]), *LAYOUTS[layout], *variant_flags,
-                       "--seed", str(seed), *shlex.split(args.extra),
-                       *(["--attn_implementation", args.blossom_backend]
-                         if args.blossom_backend and "blossom" in RUNS[name] else []),
-                       "--output_dir", str(output_dir),
-                       *(["--resume_from_checkpoint", "latest"] if resume else ["--overwrite_output_dir"])]
+            training = [sys.executable, str(REPO / "scripts" / "train.py"),
+                        *(flag.format(data=args.data_dir) for flag in RUNS[name]), *LAYOUTS[layout], *variant_flags,
+                        "--seed", str(seed), *shlex.split(args.extra),
+                        *(["--attn_implementation", args.blossom_backend]
+                          if args.blossom_backend and "blossom" in RUNS[name] else []),
+                        "--output_dir", str(output_dir)]
+            # --resume continues only a run started with the same flags; one started otherwise starts afresh
+            record = read_record(output_dir, training) if args.resume else None
+            finished = bool(record and record["finished"] and (output_dir / "metrics.json").exists())
+            resume = record is not None and any((output_dir / "checkpoints").glob("step-*"))
+            command = training + (["--resume_from_checkpoint", "latest"] if resume else ["--overwrite_output_dir"])
             jobs.append({"run": f"{config}-seed{seed}", "config": config, "name": name, "layout": layout,
-                         "variant": variant, "seed": seed, "output_dir": output_dir, "command": command,
-                         "resume": resume, "finished": finished})
+                         "variant": variant, "seed": seed, "output_dir": output_dir, "training": training,
+                         "command": command, "resume": resume, **(record if finished else {}), "finished": finished})
     return jobs
 
 
@@ -232,6 +252,9 @@ def run_queue(jobs: list[dict], max_parallel: int, time_limit_s: float = 0) -> t
         while waiting and len(running) < max_parallel and not out_of_time:
             job = waiting.pop(0)
             job["output_dir"].parent.mkdir(parents=True, exist_ok=True)
+            (job["output_dir"] / "metrics.json").unlink(missing_ok=True)  # no earlier run's may pass for this one's
+            job["output_dir"].mkdir(exist_ok=True)
+            write_record(job, finished=False)
             print("$", shlex.join(job["command"]), flush=True)
             with open(f"{job['output_dir']}.log", "a" if job["resume"] else "w") as log:
                 running[job["run"]] = subprocess.Popen(job["command"], stdout=log, stderr=subprocess.STDOUT)
@@ -251,6 +274,8 @@ def run_queue(jobs: list[dict], max_parallel: int, time_limit_s: float = 0) -> t
             finished = _reap(process)
             if finished is not None:
                 returncodes[run], by_run[run]["peak_rss_mib"] = finished
+                if finished[0] == 0 and (by_run[run]["output_dir"] / "metrics.json").exists():
+                    write_record(by_run[run], finished=True)
                 del running[run]
         time.sleep(0.2)
     return returncodes, signalled
@@ -265,8 +290,6 @@ def collect(job: dict, returncode: int | None, signalled: bool) -> dict:
         return {"status": "not started: --time_limit_s reached (start it with --resume)", **entry}
     if returncode == 0 and metrics_file.exists():
         measured = {key: job.get(key) for key in ("peak_gpu_memory_mib", "peak_rss_mib")}
-        # what a later --resume reads instead of training the run again
-        (job["output_dir"] / RUN_RECORD).write_text(json.dumps({"command": job["command"], **measured}))
         return {"status": "ok", **entry, **measured, **json.loads(metrics_file.read_text())}
     if signalled:
         return {"status": f"stopped at --time_limit_s (continue with --resume), see {job['output_dir']}.log", **entry}
@@ -340,7 +363,11 @@ def choose_on_validation(summary: dict) -> dict:
     chosen = {}
     for group, candidates in groups.items():
         best = max(candidates, key=lambda config: candidates[config]["validation"]["ndcg@10"]["mean"])
+        # means over different seeds (a run cut short or failed) are not comparable: such a choice is marked
+        seed_sets = {tuple(sorted(stats["seeds"])) for stats in candidates.values()}
+        complete = len(seed_sets) == 1 and not any(stats["failed_seeds"] for stats in candidates.values())
         chosen[group] = {"variant": candidates[best]["variant"], "config": best, "n": candidates[best]["n"],
+                         "complete": complete,
                          "validation_ndcg@10": {stats["variant"]: stats["validation"]["ndcg@10"]["mean"]
                                                 for stats in candidates.values()},
                          "test": candidates[best]["test"]}
@@ -414,7 +441,7 @@ def format_tables(results: dict, summary: dict, comparison: dict) -> str:
         lines += ["", "ablations (test split; mean +- std over seeds; s to best and peak memory: means):",
                   *_table(["configuration", "variant", "n", "NDCG@10", "HR@10", "s to best", "peak GPU MiB",
                            "peak RSS MiB"], ablation)]
-    chosen_rows = [[group, c["variant"], str(c["n"]),
+    chosen_rows = [[group, c["variant"] + ("" if c["complete"] else " (incomplete: seeds differ)"), str(c["n"]),
                     ", ".join(f"{variant} {value:.4f}" for variant, value in c["validation_ndcg@10"].items()),
                     _mean_std(c["test"]["ndcg@10"]), _mean_std(c["test"]["recall@10"])]
                    for group, c in choose_on_validation(summary).items()]
@@ -447,10 +474,7 @@ def write_results(path: Path, results: dict, summary: dict, comparison: dict, te
 def main(argv=None) -> int:
     args = parse_args(argv)
     jobs = plan(args)
-    # with --resume, runs that finished in an earlier call are read, not trained again
-    for job in jobs:
-        if job["finished"]:
-            job.update(json.loads((job["output_dir"] / RUN_RECORD).read_text()))
+    # with --resume, runs that finished in an earlier call with the same flags are read, not trained again
     returncodes, signalled = run_queue([job for job in jobs if not job["finished"]], args.max_parallel,
                                        args.time_limit_s)
     returncodes.update((job["run"], 0) for job in jobs if job["finished"])

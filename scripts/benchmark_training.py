@@ -185,7 +185,7 @@ def training_arguments(spec: DatasetSpec, *, model: str, layout: str, args) -> T
         per_device_train_batch_size=windows_per_batch(spec, args),
         max_tokens_per_batch=token_budget(spec, args) if layout == "packed" else 0,
         seed=args.seed, dataloader_num_workers=args.dataloader_num_workers, torch_compile=args.torch_compile,
-        torch_compile_mode=args.torch_compile_mode)
+        torch_compile_mode=args.torch_compile_mode, tf32=args.tf32)
 
 
 def build_trainer(accelerator, *, data, windows, training_args: TrainingArguments, model_overrides: dict) -> Trainer:
@@ -356,15 +356,17 @@ def kernel_profile(trainer: Trainer, *, device: torch.device, steps: int, rows: 
     activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
     batches = epoch_batches(trainer, 0)
     synchronize(device)
-    start = time.perf_counter()
+    start, done = time.perf_counter(), 0
     with torch.profiler.profile(activities=[activity]) as profiler:
         for done, batch in enumerate(batches, start=1):
             trainer.training_step(batch)
             if done == steps:
                 break
         synchronize(device)
-    wall_ms = (time.perf_counter() - start) * 1e3 / done
+    wall_ms = (time.perf_counter() - start) * 1e3 / max(done, 1)
     close(batches)
+    if not done:  # an epoch of no batches
+        return {"steps": 0, "device_ms_per_step": None, "wall_ms_per_step": None, "kernels": []}
     busy = [(event.device_time_total if cuda else event.self_cpu_time_total, event)
             for event in profiler.key_averages()]
     busy = sorted(((us, event) for us, event in busy if us > 0), key=lambda pair: pair[0], reverse=True)
@@ -377,7 +379,7 @@ def profile_lines(rows) -> list[str]:
     lines = []
     for row in rows:
         profile = row.get("profile")
-        if profile:
+        if profile and profile["steps"]:
             lines.append(f"{row['dataset']} {row['model']} {row['layout']}: {profile['device_ms_per_step']:.2f} ms of "
                          f"kernels in a {profile['wall_ms_per_step']:.2f} ms step (profiled), the busiest:")
             lines += [f"  {kernel['ms_per_step']:8.3f} ms {kernel['calls_per_step']:6.1f}x  {kernel['name']}"
@@ -915,6 +917,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "the warm-up steps absorb the compilation)")
     parser.add_argument("--torch_compile_mode", default=None, help="as train.py's (e.g. reduce-overhead)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--tf32", type=parse_bool, default=None,
+                        help="as train.py's: TF32 float32 matmuls (default: on where a CUDA GPU of capability 8.0+ "
+                             "trains; false: exact float32)")
     parser.add_argument("--profile_steps", type=int, default=0,
                         help="profile this many further steps per row: time per kernel (torch.profiler; CUDA kernels on a "
                              "GPU, operators on the CPU)")

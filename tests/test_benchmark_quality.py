@@ -107,7 +107,8 @@ def test_a_failed_run_is_one_line_and_exit_code_1(data_dir, tmp_path):
 
 
 def _job(tmp_path, name: str, code: str) -> dict:
-    return {"run": name, "output_dir": tmp_path / name, "resume": False, "command": [sys.executable, "-c", code]}
+    command = [sys.executable, "-c", code]
+    return {"run": name, "output_dir": tmp_path / name, "resume": False, "training": command, "command": command}
 
 
 def test_the_queue_runs_at_most_max_parallel_and_stops_at_the_time_limit(quality_benchmark, tmp_path):
@@ -142,7 +143,16 @@ def test_variants_are_chosen_on_validation_only(quality_benchmark, data_dir, tmp
     assert chosen["variant"] == max(validation, key=validation.get)
     assert chosen["validation_ndcg@10"] == pytest.approx(validation)
     assert chosen["test"] == written["aggregate"][f"beauty-blossom-{chosen['variant']}"]["test"]
-    assert "chosen on validation" in results.with_suffix(".txt").read_text()
+    assert chosen["complete"] and "chosen on validation" in results.with_suffix(".txt").read_text()
+    capsys.readouterr()
+
+    # --resume with a variant's flags changed under the same name: its runs are trained again, the others read
+    assert quality_benchmark.main([
+        "--runs", "beauty-blossom", "--seeds", "0", "1", "--data_dir", str(data_dir), "--resume",
+        "--output_root", str(tmp_path / "runs"), "--results", str(results), "--extra", TINY,
+        "--variants", "base=", "drop1=--hidden_dropout_prob 0.2"]) == 0
+    launched = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
+    assert len(launched) == 2 and all("--hidden_dropout_prob 0.2" in line for line in launched)
 
 
 @pytest.mark.parametrize("spec", ["Bad=--x", "a b=--x", "=--x"])

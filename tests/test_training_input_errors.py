@@ -66,3 +66,10 @@ def test_tf32_without_a_gpu_that_has_it_is_one_error_line(tmp_path):
     assert _stderr_lines(result)[-1] == ("error: arguments: --tf32 needs a CUDA GPU of compute capability 8.0 or "
                                          "newer; this run trains on cpu")
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_bad_evaluation_batch_size_is_one_error_line(tmp_path):
+    result = run_script(python_command(TRAIN, "--per_device_eval_batch_size", "0", "--max_steps", "1",
+                                       "--output_dir", str(tmp_path / "run")))
+    assert result.returncode == 2
+    assert _stderr_lines(result)[-1] == "error: arguments: --per_device_eval_batch_size must be a positive int, got 0"

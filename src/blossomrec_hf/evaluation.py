@@ -144,8 +144,9 @@ class RankingEvaluator:
             raise ValueError("the evaluation split has no users")
         if not isinstance(max_tokens_per_forward, int) or max_tokens_per_forward < 1:
             raise ValueError(f"max_tokens_per_forward must be a positive int, got {max_tokens_per_forward!r}")
-        if batch_size is None:
-            batch_size = default_eval_batch_size(n_items, accelerator.device)
+        if batch_size is None:  # and at most a process's share of the users, so that every process gets batches
+            batch_size = min(default_eval_batch_size(n_items, accelerator.device),
+                             -(-len(split) // accelerator.num_processes))
         elif isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"--per_device_eval_batch_size must be a positive int, got {batch_size!r}")
         self.accelerator = accelerator

@@ -109,9 +109,10 @@ class TrainingArguments:
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
     tf32: bool | None = field(default=None, metadata={
         "help": "TensorFloat-32 in training on a CUDA GPU of compute capability 8.0 or newer: torch's 'high' float32 "
-                "matmul precision (cuBLAS in TF32, the Triton kernels in three TF32 passes, float32-level accuracy); "
-                "default: on where such a GPU trains; false: exact float32 products (the Triton kernels then run "
-                "on the CUDA cores, several times slower). Evaluation always scores in exact float32."})
+                "matmul precision (cuBLAS and compiled matmuls in one TF32 pass; the Triton attention and loss in "
+                "three, float32-level accuracy); default: on where such a GPU trains; false: exact float32 products "
+                "(the Triton kernels then run on the CUDA cores, several times slower). Evaluation always scores in "
+                "exact float32."})
     torch_compile: bool = field(default=False, metadata={
         "help": "compile the model with torch.compile(fullgraph=True): the training step (forward and backward) and "
                 "the evaluation forward, on batches of static shapes (packed batches filled to the token budget, "

@@ -12,10 +12,10 @@ The library's name therefore carries a hash of the files the operators run: a co
 operators already defined and uses them; a copy that differs (saved by another version) defines its own instead of
 silently running the other version's kernels.
 
-Float32 operands: the Triton kernels' dot products follow torch.get_float32_matmul_precision(), as cuBLAS matmuls
-do: "highest" (torch's default) keeps every product exact on the CUDA cores, which Triton runs far below the tensor
-cores' rate; "high" splits each operand into three TF32 parts on the tensor cores (float32-level accuracy); "medium"
-takes one TF32 pass. 16-bit operands always run on the tensor cores as they are.
+Float32 operands: the Triton kernels' dot products follow torch.get_float32_matmul_precision(): "highest" (torch's
+default) keeps every product exact on the CUDA cores, which Triton runs far below the tensor cores' rate; "high"
+splits each operand into three TF32 parts on the tensor cores (float32-level accuracy; cuBLAS takes one TF32 pass
+at "high"); "medium" takes one TF32 pass. 16-bit operands always run on the tensor cores as they are.
 """
 
 import functools

@@ -5,7 +5,7 @@ torch's `varlen_attn` is itself a pair of custom operators (`torch_attn::_varlen
 inside the dense model on CUDA, inductor failed to lower them (torch 2.11, H100: `NotImplementedError: SliceView`),
 while this package's own operators, which take the same queries, keys and values, compile. This operator calls
 torch's pair at run time, out of inductor's sight, and takes the histories' boundaries as the model keeps them
-(int64; the kernels' int32 copy is made inside). Eager steps keep calling `varlen_attn` directly.
+(int32 or int64; the kernels' int32 copy is made inside). Eager steps keep calling `varlen_attn` directly.
 """
 
 import torch

@@ -190,10 +190,10 @@ class Trainer:
                 args.dataloader_num_workers, args.tokens_per_batch, static_shapes=args.torch_compile,
                 num_processes=accelerator.num_processes, process_index=accelerator.process_index,
                 accumulation_steps=args.gradient_accumulation_steps)
+            self.evaluators = {split: ranking_evaluator(accelerator, data, split, args.max_seq_length, eval_args,
+                                                        static_shapes=args.torch_compile)
+                               for split in ("validation", "test")}
         self.sampler = self.dataloader.batch_sampler  # the epoch's order and each step's batches
-        self.evaluators = {split: ranking_evaluator(accelerator, data, split, args.max_seq_length, eval_args,
-                                                    static_shapes=args.torch_compile)
-                           for split in ("validation", "test")}
         optimizer = torch.optim.AdamW(optimizer_groups(model, args.weight_decay), lr=args.learning_rate)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.steps_per_epoch = self.sampler.steps_per_epoch
