@@ -97,9 +97,15 @@ def test_the_compiled_dense_model_runs_it_and_matches_eager(stand_in, monkeypatc
     torch whose operator takes no grouped heads (2.11) gets one kv head per query head."""
     monkeypatch.setattr(modeling, "TAKES_GROUPED_HEADS", grouped_heads)
     monkeypatch.setattr(modeling, "flash_varlen_usable", lambda q: True)
-    monkeypatch.setattr(modeling, "VARLEN_PARAMETERS", frozenset({"is_causal", "enable_gqa"}))
-    monkeypatch.setattr(modeling, "varlen_attn", lambda q, k, v, cu_q, cu_k, max_q, max_k, **options:
-                        causal_attention(q, k, v, cu_q)[0])
+    monkeypatch.setattr(modeling, "VARLEN_PARAMETERS",
+                        frozenset({"is_causal", "enable_gqa"} if grouped_heads else {"is_causal"}))
+
+    def eager_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **options):
+        assert set(options) <= modeling.VARLEN_PARAMETERS and options["is_causal"]
+        assert options.get("enable_gqa", False) == (q.shape[1] != k.shape[1])
+        return causal_attention(q, k, v, cu_q)[0]
+
+    monkeypatch.setattr(modeling, "varlen_attn", eager_varlen_attn)
     calls = []
     monkeypatch.setattr(flash, "FLASH_OPERATORS",
                         (lambda *args, **kwargs: calls.append(1) or stand_in_forward(*args, **kwargs),

@@ -157,15 +157,15 @@ def causal_varlen_attention(q, k, v, cu_seqlens, max_length: int) -> torch.Tenso
     `window_size=(-1, 0)` in others; grouped heads need `enable_gqa` where it exists (else one kv head per query
     head)."""
     group = q.shape[1] // k.shape[1]
-    if torch.compiler.is_compiling() and FLASH_OPERATORS is not None:
-        if group > 1 and not TAKES_GROUPED_HEADS:
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    compiled = torch.compiler.is_compiling() and FLASH_OPERATORS is not None
+    grouped = TAKES_GROUPED_HEADS if compiled else "enable_gqa" in VARLEN_PARAMETERS
+    if group > 1 and not grouped:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    if compiled:
         return varlen_flash_attention(q, k, v, cu_seqlens, max_length)
     options = {"is_causal": True} if "is_causal" in VARLEN_PARAMETERS else {"window_size": (-1, 0)}
-    if group > 1 and "enable_gqa" in VARLEN_PARAMETERS:
+    if group > 1 and grouped:
         options["enable_gqa"] = True
-    elif group > 1:
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     cu_seqlens = cu_seqlens.to(torch.int32)
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_length, max_length, **options)
 

@@ -38,8 +38,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torc
     forward, _ = FLASH_OPERATORS
     bounds = cu_seqlens.to(torch.int32)
     grouped = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
-    out, lse, rng_state = forward(q, k, v, bounds, bounds, max_length, max_length, is_causal=True, **grouped)
-    return out, lse, rng_state
+    return tuple(forward(q, k, v, bounds, bounds, max_length, max_length, is_causal=True, **grouped))
 
 
 def _forward_fake(q, k, v, cu_seqlens, max_length):
