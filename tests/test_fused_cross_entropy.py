@@ -119,3 +119,40 @@ def test_cpu_tensors_take_the_pytorch_path_unless_asked(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="fused cross-entropy cannot run here: cpu tensors"):
         linear_cross_entropy(hidden, weight, targets, fused=True)
+
+
+def test_tiles_shrink_where_the_gpu_has_too_little_shared_memory(monkeypatch):
+    """A launch that Triton refuses for want of shared memory (float32 at three TF32 passes needs 262,144 bytes on
+    sm_90's 232,448 with the tuned tiles) is retried with half the rows per tile, the result unchanged, and the tile
+    that fitted is remembered for the next call."""
+    from triton.runtime.errors import OutOfResources
+
+    tried = []
+
+    def small_tiles_only(kernel):
+        class StandIn:
+            def __getitem__(self, grid):
+                def launch(*args, BM, **kwargs):
+                    tried.append((kernel.__name__, BM))
+                    if BM > 32:
+                        raise OutOfResources(BM * 2048, 32 * 2048, "shared memory")
+                    return kernel[grid](*args, BM=BM, **kwargs)
+                return launch
+        return StandIn()
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(70, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(90, 16, generator=generator, requires_grad=True)
+    targets = torch.randint(1, 90, (70,), generator=generator)
+    want = linear_cross_entropy(hidden, weight, targets, fused=True)
+    want_grads = torch.autograd.grad(want, [hidden, weight])
+    monkeypatch.setattr(fused_cross_entropy, "_FITTING_ROWS", {})
+    for name in ("softmax_forward", "item_gradient"):
+        monkeypatch.setattr(fused_cross_entropy, name, small_tiles_only(getattr(fused_cross_entropy, name)))
+    for _ in range(2):
+        loss = linear_cross_entropy(hidden, weight, targets, fused=True)
+        assert torch.equal(loss, want)
+        for got, expected in zip(torch.autograd.grad(loss, [hidden, weight]), want_grads):
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    assert tried == [("softmax_forward", 128), ("softmax_forward", 64), ("softmax_forward", 32),
+                     ("item_gradient", 64), ("item_gradient", 32), ("softmax_forward", 32), ("item_gradient", 32)]

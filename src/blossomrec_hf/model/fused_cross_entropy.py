@@ -26,6 +26,7 @@ from .custom_ops import define_op, dot_precision
 
 try:
     import triton
+    from triton.runtime.errors import OutOfResources
 except ImportError:
     triton = None
 
@@ -39,6 +40,10 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TUNING = dict(forward_rows=128, forward_items=64, forward_warps=8, gradient_rows=64, gradient_items=64,
               gradient_warps=4, programs_per_sm=4)
 LN2 = math.log(2.0)
+# Rows per tile that fit a GPU's shared memory, by kernel, operands and device, where the tuned ones did not (float32
+# operands take 2-4x bf16's shared memory, three TF32 passes the most; smaller GPUs have half an H100's).
+_FITTING_ROWS: dict[tuple, int] = {}
+MIN_ROWS = 16  # the smallest tile tl.dot takes
 
 
 def _interpreting() -> bool:
@@ -85,13 +90,35 @@ def _common(hidden: torch.Tensor) -> dict:
                 DOT_PREC=dot_precision(hidden.dtype))
 
 
+def with_fitting_rows(kernel_name: str, hidden: torch.Tensor, launch):
+    """`launch(rows_tile)` with the tuned rows per tile, halved while the GPU has too little shared memory for the
+    kernel (Triton raises before the kernel runs, so nothing is half written); the tile that fits is remembered."""
+    key = (kernel_name, hidden.dtype, hidden.shape[1], dot_precision(hidden.dtype), hidden.device)
+    rows_tile = _FITTING_ROWS.get(key, TUNING[f"{kernel_name}_rows"])
+    while True:
+        try:
+            result = launch(rows_tile)
+        except OutOfResources:
+            if rows_tile <= MIN_ROWS:
+                raise
+            rows_tile //= 2
+            continue
+        _FITTING_ROWS[key] = rows_tile
+        return result
+
+
 def softmax_statistics(hidden, weight, targets, ignore_index: int, with_grad: bool):
     """Per row [N]: the base-2 log-sum-exp over items 1.. and the loss (natural log, 0 on ignored rows); with
     `with_grad` also the unscaled gradient of the loss in hidden [N, D] float32 (softmax-weighted item sum minus the
     target's embedding, 0 on ignored rows). The item range is split into parts when there are too few row blocks to
     fill the device."""
+    return with_fitting_rows("forward", hidden, lambda rows_tile: _softmax_statistics(
+        hidden, weight, targets, ignore_index, with_grad, rows_tile))
+
+
+def _softmax_statistics(hidden, weight, targets, ignore_index: int, with_grad: bool, rows_tile: int):
     rows, dim = hidden.shape
-    rows_tile, items_tile = TUNING["forward_rows"], TUNING["forward_items"]
+    items_tile = TUNING["forward_items"]
     row_blocks = triton.cdiv(rows, rows_tile)
     parts, per_part = _split(weight.shape[0] - 1, row_blocks, items_tile, hidden.device)
     lse, target_score = torch.empty(2, parts, rows, device=hidden.device, dtype=torch.float32)
@@ -120,9 +147,14 @@ def _combine_parts(lse, target_score, weighted, weight, targets, kept, with_grad
 def item_embedding_gradient(hidden, weight, lse, targets, scale, ignore_index: int, dtype) -> torch.Tensor:
     """`scale` times the sum over kept rows of (softmax - one-hot target) times hidden, for every item: [V, D] in
     `dtype` (row 0, padding, zero). Written by the kernel directly unless the rows are split into parts."""
+    return with_fitting_rows("gradient", hidden, lambda rows_tile: _item_embedding_gradient(
+        hidden, weight, lse, targets, scale, ignore_index, dtype, rows_tile))
+
+
+def _item_embedding_gradient(hidden, weight, lse, targets, scale, ignore_index: int, dtype, rows_tile: int):
     rows, dim = hidden.shape
     items = weight.shape[0]
-    rows_tile, items_tile = TUNING["gradient_rows"], TUNING["gradient_items"]
+    items_tile = TUNING["gradient_items"]
     item_blocks = triton.cdiv(items - 1, items_tile)
     parts, per_part = _split(rows, item_blocks, rows_tile, hidden.device)
     grad = torch.empty(items, dim, device=hidden.device, dtype=dtype)
