@@ -2,10 +2,12 @@
 
 The other tests run the kernels under Triton's interpreter, which executes them as Python and skips the compiler's
 checks: a kernel can pass them all and still fail to compile on a GPU (a loop-carried variable whose type changed
-did). Here the launch sites run on CPU tensors with each kernel replaced by a recorder; every distinct recorded launch
-is then compiled with its argument types, constexprs and warps for sm_90 (not with the alignment specialisations
-the JIT adds on a GPU). Prints a line per launch; exits 1 if any fails, 3 where this Triton's compiler entry points
-differ from the ones used here. Run with TRITON_INTERPRET unset (`tests/test_kernel_compilation.py` does).
+did), or need more shared memory than
+the GPU has (only a launch finds out). Here the launch sites run on CPU tensors with each kernel replaced by a
+stand-in that compiles the launch with its argument types, constexprs and warps for sm_90 (not with the alignment
+specialisations the JIT adds on a GPU) and raises Triton's OutOfResources where an H100 would, so the fallbacks to
+smaller tiles run as there. Prints a line per launch; exits 1 if any fails, 3 where this Triton's compiler entry
+points differ from the ones used here. Run with TRITON_INTERPRET unset (`tests/test_kernel_compilation.py` does).
 """
 
 import os
@@ -19,6 +21,7 @@ try:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
 except ImportError as error:
     print(f"triton {triton.__version__}: compiler API differs ({error})")
     sys.exit(API_CHANGED)
@@ -28,28 +31,58 @@ from blossomrec_hf.model import fused_cross_entropy as loss
 from blossomrec_hf.model import rotary_embedding as rotary
 
 TARGET = GPUTarget("cuda", 90, 32)
+SHARED_MEMORY_LIMIT = 232448  # bytes a block may use on an H100 or H200 (227 KiB)
 POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int32: "*i32",
                  torch.int64: "*i64"}
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
-class Recorder:
-    """Stands in for a kernel: `kernel[grid](...)` records the launch instead of running it."""
-
-    def __init__(self, kernel, launches: list):
-        self.kernel, self.launches = kernel, launches
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
+class ApiChanged(Exception):
+    """This Triton's compiler entry points differ from the ones used here."""
 
 
-def record_launches(modules) -> list:
-    launches = []
-    for module in modules:
-        for name, value in list(vars(module).items()):
-            if isinstance(value, triton.runtime.jit.JITFunction):
-                setattr(module, name, Recorder(value, launches))
-    return launches
+class Compiler:
+    """Stands in for the kernels of some modules: `kernel[grid](...)` compiles the launch for sm_90 instead of running
+    it, once per specialisation, and raises Triton's OutOfResources where it needs more shared memory than sm_90 has,
+    as a launch on an H100 would (so the launch sites' fallbacks run as there)."""
+
+    def __init__(self, modules):
+        self.results = {}  # specialisation key -> (kernel name, shared memory bytes or None where it did not compile)
+        for module in modules:
+            for name, value in list(vars(module).items()):
+                if isinstance(value, triton.runtime.jit.JITFunction):
+                    setattr(module, name, self.stand_in(value))
+
+    def stand_in(self, kernel):
+        compiler = self
+
+        class StandIn:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: compiler.launch(kernel, args, kwargs)
+        return StandIn()
+
+    def launch(self, kernel, args, kwargs) -> None:
+        source, options, key = source_of(kernel, args, dict(kwargs))
+        if key not in self.results:
+            self.results[key] = (kernel.__name__, compile_once(kernel, source, options, key))
+        shared = self.results[key][1]
+        if shared is not None and shared > SHARED_MEMORY_LIMIT:
+            raise OutOfResources(shared, SHARED_MEMORY_LIMIT, "shared memory")
+
+
+def compile_once(kernel, source, options, key) -> int | None:
+    """The launch's shared memory in bytes, None where it does not compile (printed either way)."""
+    settings = {name: value for name, value in key[2]}
+    try:
+        shared = triton.compile(source, target=TARGET, options=options).metadata.shared
+    except CompilationError as error:  # the kernel's code: reported, then the exit status says it failed
+        print(f"FAIL  {kernel.__name__}: {type(error).__name__}: {str(error)[:2000]}")
+        return None
+    except (TypeError, AttributeError) as error:  # how this Triton's compile() is called
+        raise ApiChanged(f"{type(error).__name__}: {error}") from error
+    verdict = "ok  " if shared <= SHARED_MEMORY_LIMIT else "over"
+    print(f"{verdict}  {kernel.__name__}: {shared} bytes of shared memory {settings}")
+    return shared
 
 
 def argument_type(value) -> str:
@@ -64,9 +97,9 @@ def argument_type(value) -> str:
     raise ValueError(f"no Triton type for {type(value).__name__}")
 
 
-def source_of(kernel, args, kwargs) -> tuple[ASTSource, dict, tuple] | None:
+def source_of(kernel, args, kwargs) -> tuple[ASTSource, dict, tuple]:
     """The launch as the compiler takes it (a signature of types and constexpr values), its launch options, and a
-    key that tells one specialisation from another; None where this Triton's ASTSource takes other arguments."""
+    key that tells one specialisation from another."""
     options = {key: kwargs.pop(key) for key in LAUNCH_OPTIONS if key in kwargs}
     values = dict(zip(kernel.arg_names, args)) | kwargs
     signature, constexprs = {}, {}
@@ -76,12 +109,12 @@ def source_of(kernel, args, kwargs) -> tuple[ASTSource, dict, tuple] | None:
             constexprs[(index,)] = values[param.name]
         else:
             signature[param.name] = argument_type(values[param.name])
-    key = (kernel.__name__, tuple(signature.items()), tuple(sorted(constexprs.items())), tuple(sorted(options.items())))
+    named = tuple((param.name, values[param.name]) for param in kernel.params if param.is_constexpr)
+    key = (kernel.__name__, tuple(signature.items()), named + tuple(sorted(options.items())))
     try:
         return ASTSource(fn=kernel, signature=signature, constexprs=constexprs), options, key
     except TypeError as error:
-        print(f"triton {triton.__version__}: compiler API differs ({error})")
-        return None
+        raise ApiChanged(str(error)) from error
 
 
 def attention_launches(dtype: torch.dtype, heads: int = 8, kv_heads: int = 2, dim: int = 16,
@@ -101,7 +134,7 @@ def attention_launches(dtype: torch.dtype, heads: int = 8, kv_heads: int = 2, di
 
 
 def other_launches(dtype: torch.dtype) -> None:
-    """The gated sum, rotary embedding and item-softmax loss kernels, forward and backward."""
+    """The gated sum and rotary embedding kernels, forward and backward."""
     heads, length, dim = 8, 64, 16
     for branches in (2, 3):
         logits = torch.zeros(1, length, heads, branches, dtype=dtype)
@@ -113,50 +146,57 @@ def other_launches(dtype: torch.dtype) -> None:
     cos, sin = torch.zeros(2, length, dim)
     rotary._forward(query_key, cos, sin, heads)
     rotary._backward_impl(query_key[:, :, :heads], query_key[:, :, heads:], cos, sin)
-    hidden, weight = torch.zeros(256, 64, dtype=dtype), torch.zeros(1000, 64, dtype=dtype)
-    targets = torch.zeros(256, dtype=torch.long)
-    for hidden_grad in (True, False):
-        _, lse, _ = loss._forward(hidden, weight, targets, -100, dtype, hidden_grad)
-    loss._backward_impl(hidden, weight, targets, lse, torch.ones(()), -100, dtype)
+
+
+def loss_launches(dtype: torch.dtype, dims=(64, 128, 256)) -> None:
+    """The item-softmax loss kernels, forward (with and without the hidden state's gradient) and backward, up to the
+    widest hidden size they take."""
+    for dim in dims:
+        hidden, weight = torch.zeros(256, dim, dtype=dtype), torch.zeros(1000, dim, dtype=dtype)
+        targets = torch.zeros(256, dtype=torch.long)
+        for hidden_grad in (True, False):
+            _, lse, _ = loss._forward(hidden, weight, targets, -100, dtype, hidden_grad)
+        loss._backward_impl(hidden, weight, targets, lse, torch.ones(()), -100, dtype)
+
+
+def launch_groups():
+    """(name, launches) for bfloat16 as training runs them: the model's defaults, and a wide head with 8 query heads
+    per kv head, whose tiles are halved, on the long path; and for float32 at torch's "high" matmul precision (train.py
+    --tf32: the dots take three TF32 passes, custom_ops.dot_precision) and the loss also at "highest" (exact; every
+    variant costs ~2 s a launch)."""
+    yield "bfloat16", lambda: attention_launches(torch.bfloat16)
+    yield "bfloat16 wide heads", lambda: attention_launches(torch.bfloat16, heads=8, kv_heads=1, dim=128, lengths=(2000,))
+    yield "bfloat16 gate and rotary", lambda: other_launches(torch.bfloat16)
+    yield "bfloat16 loss", lambda: loss_launches(torch.bfloat16)
+    for precision in ("high", "highest"):
+        yield f"float32 loss at {precision!r}", lambda: loss_launches(torch.float32)
+    yield "float32 at 'high'", lambda: attention_launches(torch.float32)
+    yield "float32 wide heads at 'high'", lambda: attention_launches(torch.float32, heads=8, kv_heads=1, dim=128)
+    yield "float32 gate and rotary at 'high'", lambda: other_launches(torch.float32)
 
 
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("run with TRITON_INTERPRET unset: the interpreter replaces the kernels this compiles")
-    launches = record_launches([attention, rotary, loss])
-    # bfloat16 as training runs them: the model's defaults, and a wide head with 8 query heads per kv head, whose tiles
-    # are halved, on the long path; float32 at torch's "high" matmul precision, whose dots take three TF32 passes
-    # (custom_ops.dot_precision; every variant costs ~2 s a launch)
-    attention_launches(torch.bfloat16)
-    attention_launches(torch.bfloat16, heads=8, kv_heads=1, dim=128, lengths=(2000,))
-    other_launches(torch.bfloat16)
-    default_precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
+    compiler = Compiler([attention, rotary, loss])
+    default_precision, failed_groups = torch.get_float32_matmul_precision(), []
     try:
-        attention_launches(torch.float32)
-        other_launches(torch.float32)
+        for name, launches in launch_groups():
+            torch.set_float32_matmul_precision("highest" if name.endswith("'highest'") else "high")
+            try:
+                launches()
+            except OutOfResources as error:  # a launch site with no smaller tiles to fall back on
+                failed_groups.append(name)
+                print(f"FAIL  {name}: {error}")
+    except ApiChanged as error:
+        print(f"triton {triton.__version__}: compiler API differs ({error})")
+        return API_CHANGED
     finally:
         torch.set_float32_matmul_precision(default_precision)
-    failures, seen = 0, set()
-    for kernel, args, kwargs in launches:
-        source_args = source_of(kernel, args, dict(kwargs))
-        if source_args is None:
-            return API_CHANGED
-        source, options, key = source_args
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            triton.compile(source, target=TARGET, options=options)
-            print(f"ok    {kernel.__name__}")
-        except CompilationError as error:  # the kernel's code: reported, then the exit status says it failed
-            failures += 1
-            print(f"FAIL  {kernel.__name__}: {type(error).__name__}: {str(error)[:2000]}")
-        except (TypeError, AttributeError) as error:  # how this Triton's compile() is called
-            print(f"triton {triton.__version__}: compiler API differs ({type(error).__name__}: {error})")
-            return API_CHANGED
-    print(f"{len(seen) - failures}/{len(seen)} launches compile for sm_90")
-    return 1 if failures or not seen else 0
+    did_not_compile = sum(shared is None for _, shared in compiler.results.values())
+    print(f"{len(compiler.results) - did_not_compile}/{len(compiler.results)} launches compile for sm_90; "
+          f"{len(failed_groups)} launch groups need more shared memory than it has")
+    return 1 if did_not_compile or failed_groups or not compiler.results else 0
 
 
 if __name__ == "__main__":

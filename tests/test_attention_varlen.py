@@ -191,12 +191,25 @@ def test_short_batches_take_the_one_pass_kernels(monkeypatch):
     """The one-pass kernels serve batches of at most `one_pass_max_blocks` selection blocks, and never more than the
     64 an int64 of selection bits holds."""
     from blossomrec_hf.model import blossom_attention_triton as backend
+    q, k = torch.zeros(1, 8, 16), torch.zeros(1, 2, 16)
     limit = backend.TUNING["one_pass_max_blocks"] * GEOMETRY.selection_block_size
-    assert backend.uses_one_pass(limit, GEOMETRY)
-    assert not backend.uses_one_pass(limit + 1, GEOMETRY)
+    assert backend.uses_one_pass(limit, GEOMETRY, q, k)
+    assert not backend.uses_one_pass(limit + 1, GEOMETRY, q, k)
     monkeypatch.setitem(backend.TUNING, "one_pass_max_blocks", 1000)
-    assert backend.uses_one_pass(64 * GEOMETRY.selection_block_size, GEOMETRY)
-    assert not backend.uses_one_pass(64 * GEOMETRY.selection_block_size + 1, GEOMETRY)
+    assert backend.uses_one_pass(64 * GEOMETRY.selection_block_size, GEOMETRY, q, k)
+    assert not backend.uses_one_pass(64 * GEOMETRY.selection_block_size + 1, GEOMETRY, q, k)
+
+
+def test_query_blocks_too_wide_for_the_one_pass_kernels_take_the_gathered_ones():
+    """A selection block of every head of a kv group, at the padded head width, must fit the one-pass kernels' shared
+    memory: float32 up to 4,096 elements, 16-bit up to 16,384 (measured for sm_90)."""
+    from blossomrec_hf.model import blossom_attention_triton as backend
+    short = GEOMETRY.selection_block_size
+    for kv_heads, dim, dtype, expected in [(4, 128, torch.float32, True), (2, 128, torch.float32, False),
+                                           (1, 32, torch.float32, True), (1, 64, torch.float32, False),
+                                           (1, 128, torch.bfloat16, True), (1, 100, torch.float32, False)]:
+        q, k = torch.zeros(1, 8, dim, dtype=dtype), torch.zeros(1, kv_heads, dim, dtype=dtype)
+        assert backend.uses_one_pass(short, GEOMETRY, q, k) == expected, (kv_heads, dim, dtype)
 
 
 @requires_triton
@@ -207,7 +220,7 @@ def test_one_pass_key_tiles_of_other_sizes(monkeypatch, keys_per_tile):
     monkeypatch.setitem(backend.TUNING, "one_pass_keys", keys_per_tile)
     leaves, sizes = packed_inputs([32, 3, 13, 50], True, torch.float32, seed=12)
     weights = [w.float() for w in weights_for([32, 3, 13, 50], seed=13)]
-    assert backend.uses_one_pass(sizes["max_length"], GEOMETRY)
+    assert backend.uses_one_pass(sizes["max_length"], GEOMETRY, *split(leaves[0])[:2])
     assert_kernels_match_the_reference(leaves, sizes, weights)
 
 
@@ -219,7 +232,7 @@ def test_the_backward_follows_the_path_its_forward_took(monkeypatch):
     leaves, sizes = packed_inputs(MIXED, True, torch.float32, seed=14)
     weights = [w.float() for w in weights_for(MIXED, seed=15)]
     reference, reference_grads = run(blossom_attention_torch_varlen, leaves, sizes, weights)
-    assert backend.uses_one_pass(sizes["max_length"], GEOMETRY)
+    assert backend.uses_one_pass(sizes["max_length"], GEOMETRY, *split(leaves[0])[:2])
     outputs = blossom_attention_triton_varlen(*split(leaves[0]), *leaves[1:], **sizes, geometry=GEOMETRY)
     monkeypatch.setitem(backend.TUNING, "one_pass_max_blocks", 0)  # the gathered path, from now on
     grads = torch.autograd.grad(sum((w * o).sum() for w, o in zip(weights, outputs)), leaves)

@@ -6,7 +6,7 @@ The GPU comparison in bf16 against cut-cross-entropy and liger-kernel is scripts
 import pytest
 import torch
 
-from blossomrec_hf.model import fused_cross_entropy
+from blossomrec_hf.model import fused_cross_entropy, tile_fitting
 from blossomrec_hf.model.chunked_cross_entropy import chunked_linear_cross_entropy
 from blossomrec_hf.model.fused_cross_entropy import compute_dtype, linear_cross_entropy
 from triton_support import requires_triton
@@ -146,7 +146,7 @@ def test_tiles_shrink_where_the_gpu_has_too_little_shared_memory(monkeypatch):
     targets = torch.randint(1, 90, (70,), generator=generator)
     want = linear_cross_entropy(hidden, weight, targets, fused=True)
     want_grads = torch.autograd.grad(want, [hidden, weight])
-    monkeypatch.setattr(fused_cross_entropy, "_FITTING_ROWS", {})
+    monkeypatch.setattr(tile_fitting, "_FITTED", {})
     for name in ("softmax_forward", "item_gradient"):
         monkeypatch.setattr(fused_cross_entropy, name, small_tiles_only(getattr(fused_cross_entropy, name)))
     for _ in range(2):

@@ -24,6 +24,7 @@ import torch
 from .blossom_attention_torch import blossom_attention_torch_varlen
 from .custom_ops import define_op, dot_precision
 from .sparse_patterns import SparseGeometry
+from .tile_fitting import fit_tiles
 
 try:
     import triton
@@ -60,6 +61,11 @@ TUNING = dict(forward_rows=64, forward_keys=64, forward_keys_long=128, long_from
               one_pass_max_blocks=16, one_pass_keys=32, one_pass_forward_warps=4, one_pass_dq_warps=4,
               one_pass_dkdv_warps=4)
 ONE_PASS_BLOCK_LIMIT = 64
+# Query-block elements (rows x padded head width) the one-pass backward fits in an H100's shared memory, by operand
+# size: compiled for sm_90 (tests/compile_kernels_for_hopper.py), float32 at three TF32 passes needs 147,456 bytes at
+# 4,096 (16 rows x 2 heads x 128) and 245,760 (over the 232,448 there are) at 8,192; bf16 needs 114,688 at 16,384.
+# Larger blocks take the gathered kernels, whose tiles shrink to fit (`_Plan.launch`).
+ONE_PASS_ELEMENTS = {2: 16384, 4: 4096}
 _warned: set[str] = set()
 Tensor = torch.Tensor
 
@@ -130,6 +136,7 @@ class _Plan:
     def __init__(self, q, k, cu_seqlens, cu_compressed, max_length: int, geometry: SparseGeometry,
                  one_pass: bool | None = None):
         self.tokens, self.heads, self.dim = q.shape
+        self.dtype, self.device = q.dtype, q.device
         self.kv_heads = k.shape[1]
         self.group = self.heads // self.kv_heads
         self.programs = (cu_seqlens.shape[0] - 1) * self.kv_heads
@@ -166,24 +173,33 @@ class _Plan:
                            DOT_PREC=dot_precision(q.dtype))
         self.cu_compressed = cu_compressed
         # the backward follows its forward (whatever TUNING says by then): one pass there left no sort keys
-        self.one_pass = uses_one_pass(max_length, geometry) if one_pass is None else one_pass
+        self.one_pass = uses_one_pass(max_length, geometry, q, k) if one_pass is None else one_pass
         if self.one_pass:
             self.one_pass_common = dict(**self.common, N_SEL=self.num_selected, WINDOW=geometry.stis_window)
 
-    def query_grid(self):
-        return (self.programs, triton.cdiv(self.max_length, self.forward_tile[0]))
+    def query_grid(self, rows_tile: int):
+        return (self.programs, triton.cdiv(self.max_length, rows_tile))
 
     def sparse_grid(self):
         return (self.programs, self.num_blocks)
 
-    def compressed_grid(self):
-        return (self.programs, triton.cdiv(self.num_compressed, self.dkdv_tile[1]))
+    def compressed_grid(self, keys_tile: int):
+        return (self.programs, triton.cdiv(self.num_compressed, keys_tile))
+
+    def launch(self, name: str, kernel, grid, tiles: dict[str, int], **arguments) -> None:
+        """`kernel[grid(tiles)](**arguments, **tiles)`, with smaller tiles where the GPU lacks the shared memory for
+        these (tile_fitting): at the least 16 keys, and rows tiles (BM, times the group's heads) of 16 rows."""
+        smallest = {tile: max(1, 16 // self.group) if tile == "BM" else 16 for tile in tiles}
+        key = (name, self.dtype, self.dim, self.group, self.common["DOT_PREC"], self.device)
+        fit_tiles(key, tiles, smallest, lambda fitted: kernel[grid(fitted)](**arguments, **fitted))
 
 
-def uses_one_pass(max_length: int, geometry: SparseGeometry) -> bool:
-    """Whether a batch whose longest history is `max_length` takes the one-pass kernels (short histories)."""
+def uses_one_pass(max_length: int, geometry: SparseGeometry, q: Tensor, k: Tensor) -> bool:
+    """Whether a batch whose longest history is `max_length` takes the one-pass kernels: short histories, and a query
+    block (a selection block of every head of a kv group) that their shared memory holds (`ONE_PASS_ELEMENTS`)."""
     limit = min(TUNING["one_pass_max_blocks"], ONE_PASS_BLOCK_LIMIT)
-    return geometry.num_selection_blocks(max_length) <= limit
+    block = geometry.selection_block_size * (q.shape[1] // k.shape[1]) * max(16, _pow2(q.shape[2]))
+    return geometry.num_selection_blocks(max_length) <= limit and block <= ONE_PASS_ELEMENTS.get(q.element_size(), 0)
 
 
 def _compressed_forward(plan: _Plan, q, ck, cv, sort_keys: bool):
@@ -193,10 +209,11 @@ def _compressed_forward(plan: _Plan, q, ck, cv, sort_keys: bool):
     lse = torch.empty(plan.tokens, plan.heads, dtype=torch.float32, device=q.device)
     block_indices = torch.empty(plan.tokens, plan.kv_heads, plan.num_selected, dtype=torch.int32, device=q.device)
     keys = torch.empty(block_indices.shape, dtype=torch.int64, device=q.device) if sort_keys else block_indices
-    compressed_forward[plan.query_grid()](
+    plan.launch(
+        "compressed_forward", compressed_forward, lambda tiles: plan.query_grid(tiles["BM"]),
+        dict(BM=plan.forward_tile[0], BW=plan.forward_tile[1]),
         Q=q, CK=ck, CV=ck if cv is None else cv, OC=q if out is None else out, LSEC=lse, BIDX=block_indices,
-        SKEYS=keys, CU_COMPRESSED=plan.cu_compressed, T=plan.tokens, **plan.common, BM=plan.forward_tile[0],
-        BW=plan.forward_tile[1], SPAN=plan.span, N_SEL=plan.num_selected, NS=max(2, _pow2(plan.num_selected)),
+        SKEYS=keys, CU_COMPRESSED=plan.cu_compressed, T=plan.tokens, **plan.common, SPAN=plan.span, N_SEL=plan.num_selected, NS=max(2, _pow2(plan.num_selected)),
         HAS_CV=cv is not None, SORT_KEYS=sort_keys, num_warps=plan.forward_warps,
     )
     return out, lse, block_indices, (keys if sort_keys else None)
@@ -219,14 +236,14 @@ def _sparse_forward(plan: _Plan, q, k, v, block_indices):
     o_sel, o_stis = torch.empty_like(q), torch.empty_like(q)
     lse_sel = torch.empty(plan.tokens, plan.heads, dtype=torch.float32, device=q.device)
     lse_stis = torch.empty_like(lse_sel)
+    tensors = dict(Q=q, K=k, V=v, BIDX=block_indices, OS=o_sel, OT=o_stis, LSES=lse_sel, LSET=lse_stis)
     if plan.one_pass:
-        kernel, options = one_pass_forward, dict(**plan.one_pass_common, BK=TUNING["one_pass_keys"],
-                                                 num_warps=TUNING["one_pass_forward_warps"])
+        plan.launch("one_pass_forward", one_pass_forward, lambda tiles: plan.sparse_grid(),
+                    dict(BK=TUNING["one_pass_keys"]), **tensors, **plan.one_pass_common,
+                    num_warps=TUNING["one_pass_forward_warps"])
     else:
-        kernel, options = sparse_forward, dict(**plan.common, **plan.stis, **plan.gather,
-                                               num_warps=TUNING["sparse_forward_warps"])
-    kernel[plan.sparse_grid()](Q=q, K=k, V=v, BIDX=block_indices, OS=o_sel, OT=o_stis, LSES=lse_sel, LSET=lse_stis,
-                               **options)
+        sparse_forward[plan.sparse_grid()](**tensors, **plan.common, **plan.stis, **plan.gather,
+                                           num_warps=TUNING["sparse_forward_warps"])
     return o_sel, o_stis, lse_sel, lse_stis
 
 
@@ -259,7 +276,7 @@ def _forward_fake(q, k, v, ck, cv, cu_seqlens, cu_compressed, max_length, compre
     selection = (tokens, k.shape[1], num_selected_blocks)
     geometry = SparseGeometry(compress_block_size, compress_stride, selection_block_size, num_selected_blocks,
                               stis_window)
-    key_rows = 0 if uses_one_pass(max_length, geometry) else tokens
+    key_rows = 0 if uses_one_pass(max_length, geometry, q, k) else tokens
     return (torch.empty_like(q), torch.empty_like(q), _no_rows(q) if cv is None else torch.empty_like(q),
             *(q.new_empty(tokens, heads, dtype=torch.float32) for _ in range(3)),
             q.new_empty(selection, dtype=torch.int32), q.new_empty((key_rows, *selection[1:]), dtype=torch.int64))
@@ -288,18 +305,18 @@ def _backward_impl(q: Tensor, k: Tensor, v: Tensor, ck: Tensor, cv: Tensor | Non
     branches = dict(Q=q, OS=o_sel, OT=o_stis, DOS=do_sel, DOT=do_stis, LSES=lse_sel, LSET=lse_stis, DELS=delta_sel,
                     DELT=delta_stis)
     compressed = dict(K=k, V=v, BIDX=block_indices, CK=ck, CV=cv, OC=oc, DOC=do_c, LSEC=lse_c, DELC=delta_c, DQ=dq,
-                      CU_COMPRESSED=plan.cu_compressed, sm_scale=plan.sm_scale, HAS_CV=has_compressed,
-                      BW=plan.dq_keys)
+                      CU_COMPRESSED=plan.cu_compressed, sm_scale=plan.sm_scale, HAS_CV=has_compressed)
     dkdv = {name: branches[name] for name in ("Q", "DOS", "DOT", "LSES", "LSET", "DELS", "DELT")}
     if plan.one_pass:
-        one_pass_backward_dq[plan.sparse_grid()](**branches, **compressed, **plan.one_pass_common,
-                                                 BK=TUNING["one_pass_keys"], num_warps=TUNING["one_pass_dq_warps"])
+        plan.launch("one_pass_backward_dq", one_pass_backward_dq, lambda tiles: plan.sparse_grid(),
+                    dict(BK=TUNING["one_pass_keys"], BW=plan.dq_keys), **branches, **compressed,
+                    **plan.one_pass_common, num_warps=TUNING["one_pass_dq_warps"])
         one_pass_backward_dkdv[plan.sparse_grid()](
             **dkdv, K=k, V=v, BIDX=block_indices, DK=dk, DV=dv, sm_scale=plan.sm_scale, **plan.one_pass_common,
             num_warps=TUNING["one_pass_dkdv_warps"])
     else:
-        backward_dq[plan.sparse_grid()](**branches, **compressed, **plan.common, **plan.stis, **plan.gather,
-                                        num_warps=TUNING["dq_warps"])
+        plan.launch("backward_dq", backward_dq, lambda tiles: plan.sparse_grid(), dict(BW=plan.dq_keys), **branches,
+                    **compressed, **plan.common, **plan.stis, **plan.gather, num_warps=TUNING["dq_warps"])
         offsets, queries = _selection_csr(sort_keys, plan)
         sparse_backward_dkdv[plan.sparse_grid()](
             **dkdv, K=k, V=v, CSR_OFFSETS=offsets, CSR_QUERIES=queries, DK=dk, DV=dv, T=plan.tokens,
@@ -310,11 +327,11 @@ def _backward_impl(q: Tensor, k: Tensor, v: Tensor, ck: Tensor, cv: Tensor | Non
     # zeros: rows past cu_compressed[-1] (a static batch's spare rows) are not written by the kernel
     dck, dcv = torch.zeros_like(ck), torch.zeros_like(cv)
     if plan.num_compressed:
-        compressed_backward_dkdv[plan.compressed_grid()](
-            Q=q, CK=ck, CV=cv, DOC=do_c, LSEC=lse_c, DELC=delta_c, DCK=dck, DCV=dcv,
-            CU_COMPRESSED=plan.cu_compressed, sm_scale=plan.sm_scale, **plan.common, BM=plan.dkdv_tile[0],
-            BW=plan.dkdv_tile[1], num_warps=TUNING["compressed_dkdv_warps"],
-        )
+        plan.launch(
+            "compressed_backward_dkdv", compressed_backward_dkdv, lambda tiles: plan.compressed_grid(tiles["BW"]),
+            dict(BM=plan.dkdv_tile[0], BW=plan.dkdv_tile[1]), Q=q, CK=ck, CV=cv, DOC=do_c, LSEC=lse_c,
+            DELC=delta_c, DCK=dck, DCV=dcv, CU_COMPRESSED=plan.cu_compressed, sm_scale=plan.sm_scale,
+            **plan.common, num_warps=TUNING["compressed_dkdv_warps"])
     return dq, dk, dv, dck, dcv
 
 

@@ -23,10 +23,10 @@ import torch
 
 from .chunked_cross_entropy import IGNORE_INDEX, chunked_linear_cross_entropy, kept_count, scaled_gradient
 from .custom_ops import define_op, dot_precision
+from .tile_fitting import fit_tiles
 
 try:
     import triton
-    from triton.runtime.errors import OutOfResources
 except ImportError:
     triton = None
 
@@ -40,10 +40,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TUNING = dict(forward_rows=128, forward_items=64, forward_warps=8, gradient_rows=64, gradient_items=64,
               gradient_warps=4, programs_per_sm=4)
 LN2 = math.log(2.0)
-# Rows per tile that fit a GPU's shared memory, by kernel, operands and device, where the tuned ones did not (float32
-# operands take 2-4x bf16's shared memory, three TF32 passes the most; smaller GPUs have half an H100's).
-_FITTING_ROWS: dict[tuple, int] = {}
-MIN_ROWS = 16  # the smallest tile tl.dot takes
 
 
 def _interpreting() -> bool:
@@ -91,20 +87,9 @@ def _common(hidden: torch.Tensor) -> dict:
 
 
 def with_fitting_rows(kernel_name: str, hidden: torch.Tensor, launch):
-    """`launch(rows_tile)` with the tuned rows per tile, halved while the GPU has too little shared memory for the
-    kernel (Triton raises before the kernel runs, so nothing is half written); the tile that fits is remembered."""
+    """`launch(rows_tile)` with the tuned rows per tile, fewer where the GPU lacks the shared memory (tile_fitting)."""
     key = (kernel_name, hidden.dtype, hidden.shape[1], dot_precision(hidden.dtype), hidden.device)
-    rows_tile = _FITTING_ROWS.get(key, TUNING[f"{kernel_name}_rows"])
-    while True:
-        try:
-            result = launch(rows_tile)
-        except OutOfResources:
-            if rows_tile <= MIN_ROWS:
-                raise
-            rows_tile //= 2
-            continue
-        _FITTING_ROWS[key] = rows_tile
-        return result
+    return fit_tiles(key, {"rows": TUNING[f"{kernel_name}_rows"]}, {"rows": 16}, lambda tiles: launch(tiles["rows"]))
 
 
 def softmax_statistics(hidden, weight, targets, ignore_index: int, with_grad: bool):
