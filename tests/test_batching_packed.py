@@ -121,3 +121,28 @@ def test_packed_training_resumes_to_the_uninterrupted_run(tmp_path):
     assert stopped.returncode != 0 and "stopped by signal at step 7" in stopped.stdout
     check(run_script(python_command(TRAIN, *arguments(interrupted), "--resume_from_checkpoint", "latest")))
     assert_same_run(reference, interrupted, 12)
+
+
+def test_columnar_batches_equal_row_batches():
+    """The loaders fetch a batch's columns at once (`TrainingWindows`, `EvaluationRows`); the collators give the same
+    batch from them as from row mappings."""
+    from datasets import Dataset
+
+    from blossomrec_hf.batching import (EvaluationCollator, EvaluationRows, NegativeSampler, PackedTrainingCollator,
+                                        TrainingCollator, TrainingWindows)
+
+    windows = Dataset.from_dict({"input_ids": [[5, 6, 7], [1, 2, 3, 4, 9], [8, 3]]})
+    store, picked = TrainingWindows(windows, window_length=4), [2, 0, 1]
+    for collator in (PackedTrainingCollator(3), PackedTrainingCollator(3, static_shape=(14, 6)), TrainingCollator(3)):
+        from_rows, from_columns = collator([windows[i] for i in picked]), collator(store.__getitems__(picked))
+        assert from_rows.keys() == from_columns.keys()
+        for name, value in from_rows.items():
+            assert torch.equal(value, from_columns[name]) if torch.is_tensor(value) else value == from_columns[name]
+    split = Dataset.from_dict({"user": ["a", "b", "c"], "history": [[1, 2], [3] * 7, [4]], "target": [5, 6, 7]})
+    rows, picked = EvaluationRows(split), [2, 0]
+    for collator in (EvaluationCollator(5, exclude_history=True),
+                     EvaluationCollator(5, negative_sampler=NegativeSampler(9, 2, seed=0))):
+        from_rows, from_columns = collator([rows[i] for i in picked]), collator(rows.__getitems__(picked))
+        assert from_rows.keys() == from_columns.keys()
+        for name, value in from_rows.items():
+            assert torch.equal(value, from_columns[name]), name

@@ -420,26 +420,33 @@ class EvaluationCollator:
         self.negative_sampler = negative_sampler
         self.static_shape = static_shape
 
-    def __call__(self, rows: Sequence[Mapping]) -> dict:
-        histories = as_ragged([row["history"] for row in rows])
+    def __call__(self, rows: Sequence[Mapping] | dict) -> dict:
+        """`rows`: row mappings, or a batch's columns as `EvaluationRows` fetches them."""
+        columns = rows if isinstance(rows, dict) else evaluation_columns(rows)
+        histories = columns["history"]
         recent = keep_last(histories, self.max_seq_length)
         if self.static_shape is not None:
             batch = pack_static(recent, *self.static_shape, self.max_seq_length)
         else:
             input_ids, position_ids = pack(recent)
             batch = {"input_ids": input_ids, "position_ids": position_ids}
-        batch.update({
-            "targets": torch.as_tensor([row["target"] for row in rows], dtype=torch.long),
-            "user_index": torch.as_tensor([row["index"] for row in rows], dtype=torch.long),
-        })
+        batch.update({"targets": torch.as_tensor(np.asarray(columns["target"], dtype=np.int64)),
+                      "user_index": torch.as_tensor(np.asarray(columns["index"], dtype=np.int64))})
         if self.exclude_history:
             batch["history_items"] = left_pad(histories)
         if self.negative_sampler is not None:
             batch["candidates"] = torch.as_tensor(
-                [self.negative_sampler(row["user"], [*row["history"], row["target"]]) for row in rows],
+                [self.negative_sampler(user, [*histories[row].tolist(), int(target)])
+                 for row, (user, target) in enumerate(zip(columns["user"], columns["target"]))],
                 dtype=torch.long,
             )
         return batch
+
+
+def evaluation_columns(rows: Sequence[Mapping]) -> dict:
+    """Row mappings (``user``, ``history``, ``target``, ``index``) as the columns `EvaluationRows` fetches."""
+    return {"user": [row["user"] for row in rows], "history": as_ragged([row["history"] for row in rows]),
+            "target": [row["target"] for row in rows], "index": [row["index"] for row in rows]}
 
 
 def evaluation_batches(lengths: Sequence[int], max_tokens: int, max_histories: int) -> list[list[int]]:
@@ -456,18 +463,26 @@ def evaluation_batches(lengths: Sequence[int], max_tokens: int, max_histories: i
     return batches + [current] if current else batches
 
 
-class IndexedRows(Dataset):
-    """A split's rows with their index added (``index``), so that ranks gathered from several processes can be put
-    back in split order and counted once each."""
+class EvaluationRows(Dataset):
+    """A split's rows (``user``, ``history``, ``target``) with their index added (``index``), so that ranks gathered
+    from several processes can be put back in split order and counted once each. A DataLoader fetches a batch with
+    ``__getitems__``: the batch's columns at once (histories as one `Ragged`), not a Python object per user."""
 
     def __init__(self, split):
-        self.split = split
+        self.columns = read_columns(split, ["user", "history", "target"], what="the evaluation split")
 
     def __len__(self) -> int:
-        return len(self.split)
+        return len(self.columns["target"])
 
     def __getitem__(self, index: int) -> dict:
-        return {**self.split[index], "index": index}
+        return {"user": self.columns["user"][index], "history": self.columns["history"][index].tolist(),
+                "target": int(self.columns["target"][index]), "index": index}
+
+    def __getitems__(self, indices: Sequence[int]) -> dict:
+        indices = np.asarray(indices, dtype=np.int64)
+        history = self.columns["history"]
+        return {"user": self.columns["user"][indices], "target": self.columns["target"][indices], "index": indices,
+                "history": history.slices(history.offsets[indices], history.offsets[indices + 1])}
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -534,5 +549,5 @@ def evaluation_dataloader(split, collator: EvaluationCollator, *, max_seq_length
         num_tokens = max(max(sum(batch) for batch in batch_lengths), 1)
         collator.static_shape = (num_tokens, static_num_histories(batch_lengths, num_tokens, max_seq_length))
     batches = batches[process_index::num_processes]
-    return DataLoader(IndexedRows(split), batch_sampler=batches, collate_fn=collator, num_workers=num_workers,
+    return DataLoader(EvaluationRows(split), batch_sampler=batches, collate_fn=collator, num_workers=num_workers,
                       generator=_private_generator(0))
