@@ -152,7 +152,8 @@ def test_prepare_synthetic_save_and_load(tmp_path):
 
 
 def test_without_the_datasets_library(tmp_path):
-    """The GPU machine has no `datasets`: text formats and synthetic data still prepare, as ColumnTables."""
+    """The GPU machine has no `datasets`: text formats and synthetic data still prepare, as ColumnTables, and the
+    training and evaluation loaders batch them."""
     path = tmp_path / "seqs.txt"
     path.write_text("1 1 2 3 4\n2 2 3 4 5 6\n")
     code = f"""
@@ -165,6 +166,14 @@ assert data.splits["test"][1] == {{"user": "2", "history": [2, 3, 4, 5], "target
 assert data.splits["train"]["items"] == [[1, 2], [2, 3, 4]]
 assert training_windows(data.splits["train"], 2)["input_ids"] == [[1, 2], [2, 3, 4]]
 assert len(prepare_data("synthetic").splits["validation"]) == 2000
+from blossomrec_hf.batching import EvaluationCollator, evaluation_dataloader, training_dataloader
+windows = training_windows(data.splits["train"], 2)
+batch = next(iter(training_dataloader(windows, 2, 4, 0, max_tokens_per_batch=10)))
+assert batch["num_targets"] == 3 and batch["input_ids"].shape == (1, 5), batch
+batch = next(iter(evaluation_dataloader(data.splits["test"], EvaluationCollator(3, exclude_history=True),
+                                        max_seq_length=3, max_tokens=100, max_histories=4)))
+assert batch["targets"].tolist() == [4, 6] and batch["input_ids"].tolist() == [[1, 2, 3, 3, 4, 5]], batch
+assert batch["history_items"].tolist() == [[0, 1, 2, 3], [2, 3, 4, 5]], batch
 """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "src"),
                                                         os.environ.get("PYTHONPATH", "")])}
