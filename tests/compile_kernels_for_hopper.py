@@ -160,18 +160,23 @@ def loss_launches(dtype: torch.dtype, dims=(64, 128, 256)) -> None:
 
 
 def launch_groups():
-    """(name, launches) for bfloat16 as training runs them: the model's defaults, and a wide head with 8 query heads
-    per kv head, whose tiles are halved, on the long path; and for float32 at torch's "high" matmul precision (train.py
-    --tf32: the dots take three TF32 passes, custom_ops.dot_precision) and the loss also at "highest" (exact; every
-    variant costs ~2 s a launch)."""
+    """(name, launches) for bfloat16 as training runs them: the model's defaults, wide heads with 8 query heads per
+    kv head (whose tiles are halved) and the one-pass kernels' widest block (4 heads of 128); and for float32 at
+    torch's "high" matmul precision (train.py --tf32: the dots take three TF32 passes, custom_ops.dot_precision), the
+    loss also at "highest" (exact). Every variant costs ~2 s a launch."""
     yield "bfloat16", lambda: attention_launches(torch.bfloat16)
-    yield "bfloat16 wide heads", lambda: attention_launches(torch.bfloat16, heads=8, kv_heads=1, dim=128, lengths=(2000,))
+    yield "bfloat16 wide heads", lambda: attention_launches(torch.bfloat16, heads=8, kv_heads=1, dim=128)
+    yield "bfloat16 one pass at its limit", lambda: attention_launches(torch.bfloat16, heads=8, kv_heads=2, dim=128,
+                                                                       lengths=(200,))
     yield "bfloat16 gate and rotary", lambda: other_launches(torch.bfloat16)
     yield "bfloat16 loss", lambda: loss_launches(torch.bfloat16)
     for precision in ("high", "highest"):
         yield f"float32 loss at {precision!r}", lambda: loss_launches(torch.float32)
     yield "float32 at 'high'", lambda: attention_launches(torch.float32)
-    yield "float32 wide heads at 'high'", lambda: attention_launches(torch.float32, heads=8, kv_heads=1, dim=128)
+    # the widest float32 query group the kernels take (4 heads x 128), and the widest one-pass float32 block
+    yield "float32 wide heads at 'high'", lambda: attention_launches(torch.float32, heads=8, kv_heads=2, dim=128)
+    yield "float32 one pass at its limit at 'high'", lambda: attention_launches(torch.float32, heads=8, kv_heads=4,
+                                                                                dim=128, lengths=(200,))
     yield "float32 gate and rotary at 'high'", lambda: other_launches(torch.float32)
 
 

@@ -202,12 +202,13 @@ def test_short_batches_take_the_one_pass_kernels(monkeypatch):
 
 def test_query_blocks_too_wide_for_the_one_pass_kernels_take_the_gathered_ones():
     """A selection block of every head of a kv group, at the padded head width, must fit the one-pass kernels' shared
-    memory: float32 up to 4,096 elements, 16-bit up to 16,384 (measured for sm_90)."""
+    memory: float32 up to 4,096 elements, 16-bit up to 8,192 (measured for sm_90)."""
     from blossomrec_hf.model import blossom_attention_triton as backend
     short = GEOMETRY.selection_block_size
     for kv_heads, dim, dtype, expected in [(4, 128, torch.float32, True), (2, 128, torch.float32, False),
                                            (1, 32, torch.float32, True), (1, 64, torch.float32, False),
-                                           (1, 128, torch.bfloat16, True), (1, 100, torch.float32, False)]:
+                                           (2, 128, torch.bfloat16, True), (1, 128, torch.bfloat16, False),
+                                           (1, 100, torch.float32, False)]:
         q, k = torch.zeros(1, 8, dim, dtype=dtype), torch.zeros(1, kv_heads, dim, dtype=dtype)
         assert backend.uses_one_pass(short, GEOMETRY, q, k) == expected, (kv_heads, dim, dtype)
 
@@ -238,3 +239,38 @@ def test_the_backward_follows_the_path_its_forward_took(monkeypatch):
     grads = torch.autograd.grad(sum((w * o).sum() for w, o in zip(weights, outputs)), leaves)
     for index, (got, want) in enumerate(zip([*split(grads[0]), *grads[1:]], reference_grads)):
         assert_near(got, want, index)
+
+
+@requires_triton
+def test_launches_refused_for_shared_memory_run_with_smaller_tiles(kernel_path, monkeypatch):
+    """A GPU without the shared memory for the tuned tiles (Triton raises OutOfResources before a kernel runs): the
+    launches retry with smaller tiles, and grids follow the tiles, so outputs and gradients still match the
+    reference."""
+    from triton.runtime.errors import OutOfResources
+
+    from blossomrec_hf.model import blossom_attention_triton as backend
+    from blossomrec_hf.model import tile_fitting
+
+    smallest = {"BM": 16 // (HEADS // KV_HEADS), "BW": 16, "BK": 16}
+    shrunk = set()
+
+    def small_tiles_only(kernel):
+        class StandIn:
+            def __getitem__(self, grid):
+                def launch(**arguments):
+                    tiles = {name: arguments[name] for name in smallest if name in arguments}
+                    if any(size > smallest[name] for name, size in tiles.items()):
+                        raise OutOfResources(65536, 32768, "shared memory")
+                    shrunk.add(kernel.__name__)
+                    return kernel[grid](**arguments)
+                return launch
+        return StandIn()
+
+    monkeypatch.setattr(tile_fitting, "_FITTED", {})
+    for name in ("compressed_forward", "one_pass_forward", "one_pass_backward_dq", "backward_dq",
+                 "compressed_backward_dkdv"):
+        monkeypatch.setattr(backend, name, small_tiles_only(getattr(backend, name)))
+    leaves, sizes = packed_inputs(MIXED, True, torch.float32, seed=16)
+    assert_kernels_match_the_reference(leaves, sizes, [w.float() for w in weights_for(MIXED, seed=17)])
+    dq_kernel = "one_pass_backward_dq" if kernel_path == "one_pass" else "backward_dq"
+    assert {"compressed_forward", dq_kernel, "compressed_backward_dkdv"} <= shrunk

@@ -542,12 +542,13 @@ def evaluation_dataloader(split, collator: EvaluationCollator, *, max_seq_length
     """This process's share of the evaluation batches (`evaluation_batches`, dealt round-robin): every row lands in
     exactly one process, with no padding rows or duplicates. ``static_shapes``: the collator fills every batch to
     the size that every batch of every process fits in (the most tokens of a batch)."""
-    lengths = [min(len(history), max_seq_length) for history in split["history"]]
+    rows = EvaluationRows(split)
+    lengths = np.minimum(rows.columns["history"].lengths, max_seq_length).tolist()
     batches = evaluation_batches(lengths, max_tokens, max_histories)
     if static_shapes:
         batch_lengths = [[lengths[index] for index in batch] for batch in batches]
         num_tokens = max(max(sum(batch) for batch in batch_lengths), 1)
         collator.static_shape = (num_tokens, static_num_histories(batch_lengths, num_tokens, max_seq_length))
     batches = batches[process_index::num_processes]
-    return DataLoader(EvaluationRows(split), batch_sampler=batches, collate_fn=collator, num_workers=num_workers,
+    return DataLoader(rows, batch_sampler=batches, collate_fn=collator, num_workers=num_workers,
                       generator=_private_generator(0))

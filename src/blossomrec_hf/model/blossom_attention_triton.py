@@ -62,10 +62,11 @@ TUNING = dict(forward_rows=64, forward_keys=64, forward_keys_long=128, long_from
               one_pass_dkdv_warps=4)
 ONE_PASS_BLOCK_LIMIT = 64
 # Query-block elements (rows x padded head width) the one-pass backward fits in an H100's shared memory, by operand
-# size: compiled for sm_90 (tests/compile_kernels_for_hopper.py), float32 at three TF32 passes needs 147,456 bytes at
-# 4,096 (16 rows x 2 heads x 128) and 245,760 (over the 232,448 there are) at 8,192; bf16 needs 114,688 at 16,384.
-# Larger blocks take the gathered kernels, whose tiles shrink to fit (`_Plan.launch`).
-ONE_PASS_ELEMENTS = {2: 16384, 4: 4096}
+# size, compiled for sm_90 (tests/compile_kernels_for_hopper.py): float32 at three TF32 passes needs 147,456 bytes at
+# 4,096 (16 rows x 2 heads x 128) and 245,760 (over the 232,448 there are) at 8,192; bf16 needs 106,496 at 8,192 and
+# up to 217,088 at 16,384, too close to the limit for another Triton version. Larger blocks take the gathered
+# kernels, whose tiles shrink to fit (`_Plan.launch`).
+ONE_PASS_ELEMENTS = {2: 8192, 4: 4096}
 _warned: set[str] = set()
 Tensor = torch.Tensor
 
@@ -190,7 +191,10 @@ class _Plan:
         """`kernel[grid(tiles)](**arguments, **tiles)`, with smaller tiles where the GPU lacks the shared memory for
         these (tile_fitting): at the least 16 keys, and rows tiles (BM, times the group's heads) of 16 rows."""
         smallest = {tile: max(1, 16 // self.group) if tile == "BM" else 16 for tile in tiles}
-        key = (name, self.dtype, self.dim, self.group, self.common["DOT_PREC"], self.device)
+        # what sets the kernel's shared memory besides the tiles: its constexprs and warps (T, the tokens, is not one)
+        settings = tuple(sorted((argument, value) for argument, value in arguments.items()
+                                if isinstance(value, (bool, int, str)) and argument != "T"))
+        key = (name, self.dtype, self.device, settings)
         fit_tiles(key, tiles, smallest, lambda fitted: kernel[grid(fitted)](**arguments, **fitted))
 
 

@@ -86,9 +86,11 @@ def _common(hidden: torch.Tensor) -> dict:
                 DOT_PREC=dot_precision(hidden.dtype))
 
 
-def with_fitting_rows(kernel_name: str, hidden: torch.Tensor, launch):
-    """`launch(rows_tile)` with the tuned rows per tile, fewer where the GPU lacks the shared memory (tile_fitting)."""
-    key = (kernel_name, hidden.dtype, hidden.shape[1], dot_precision(hidden.dtype), hidden.device)
+def with_fitting_rows(kernel_name: str, hidden: torch.Tensor, launch, variant=None):
+    """`launch(rows_tile)` with the tuned rows per tile, fewer where the GPU lacks the shared memory (tile_fitting);
+    `variant`: what else sets the kernel's shared memory."""
+    key = (kernel_name, hidden.dtype, hidden.shape[1], dot_precision(hidden.dtype), hidden.device, variant,
+           tuple(sorted(TUNING.items())))
     return fit_tiles(key, {"rows": TUNING[f"{kernel_name}_rows"]}, {"rows": 16}, lambda tiles: launch(tiles["rows"]))
 
 
@@ -98,7 +100,7 @@ def softmax_statistics(hidden, weight, targets, ignore_index: int, with_grad: bo
     target's embedding, 0 on ignored rows). The item range is split into parts when there are too few row blocks to
     fill the device."""
     return with_fitting_rows("forward", hidden, lambda rows_tile: _softmax_statistics(
-        hidden, weight, targets, ignore_index, with_grad, rows_tile))
+        hidden, weight, targets, ignore_index, with_grad, rows_tile), variant=with_grad)
 
 
 def _softmax_statistics(hidden, weight, targets, ignore_index: int, with_grad: bool, rows_tile: int):

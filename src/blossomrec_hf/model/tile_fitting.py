@@ -3,7 +3,8 @@
 Triton compiles a kernel at its first launch and only then learns how much shared memory it needs; where that is more
 than the GPU has, it raises OutOfResources before the kernel runs, so nothing is half written. The tuned tiles fit
 bf16 on an H100, but float32 operands at three TF32 passes need up to three times as much, and smaller GPUs have
-half an H100's. `fit_tiles` retries such a launch with smaller tiles and remembers the tiles that fitted.
+half an H100's. `fit_tiles` retries such a launch with smaller tiles and remembers the tiles that fitted. (Launches
+with no tile to shrink are sized for an H100 where they are chosen: blossom_attention_triton.ONE_PASS_ELEMENTS.)
 """
 
 try:
