@@ -44,6 +44,11 @@ def keep_last(sequences: Ragged, count: int) -> Ragged:
     return sequences.slices(np.maximum(sequences.offsets[:-1], ends - max(count, 0)), ends)
 
 
+def training_windows_of(rows: Sequence[Mapping] | Ragged) -> Ragged:
+    """A batch's windows: `TrainingWindows` gives them flat already; rows (mappings) have them in ``input_ids``."""
+    return rows if isinstance(rows, Ragged) else as_ragged([row["input_ids"] for row in rows])
+
+
 def left_pad(sequences, max_length: int | None = None, *, width: int | None = None,
              rows: int | None = None) -> torch.Tensor:
     """Stack id sequences into ``[B, L]``, keeping the last ``max_length`` ids of each and padding on the left with 0.
@@ -79,7 +84,7 @@ class TrainingCollator:
         self.window_length = max_seq_length + 1
         self.num_rows = num_rows
 
-    def __call__(self, rows: Sequence[Mapping]) -> dict:
+    def __call__(self, rows: Sequence[Mapping] | Ragged) -> dict:
         windows = keep_last(training_windows_of(rows), self.window_length)
         static = self.num_rows is not None
         input_ids = left_pad(windows, width=self.window_length if static else None, rows=self.num_rows)
@@ -87,7 +92,7 @@ class TrainingCollator:
             "input_ids": input_ids,
             "labels": input_ids.clone(),
             # Next-item targets in this batch (every real item except each window's first), for items/s.
-            "num_targets": int((input_ids != PADDING_ID).sum()) - len(windows),
+            "num_targets": len(windows.values) - len(windows),
         }
 
 
@@ -158,11 +163,6 @@ class PackedTrainingCollator:
         labels[:len(windows.values)] = windows.values
         labels[windows.offsets[:-1][windows.lengths > 0]] = -100
         return {**batch, "labels": torch.from_numpy(labels)[None], "num_targets": num_targets}
-
-
-def training_windows_of(rows: Sequence[Mapping] | Ragged) -> Ragged:
-    """A batch's windows: `TrainingWindows` gives them flat already; rows (mappings) have them in ``input_ids``."""
-    return rows if isinstance(rows, Ragged) else as_ragged([row["input_ids"] for row in rows])
 
 
 class TrainingWindows(Dataset):

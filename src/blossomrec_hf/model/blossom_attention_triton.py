@@ -217,7 +217,8 @@ def _compressed_forward(plan: _Plan, q, ck, cv, sort_keys: bool):
         "compressed_forward", compressed_forward, lambda tiles: plan.query_grid(tiles["BM"]),
         dict(BM=plan.forward_tile[0], BW=plan.forward_tile[1]),
         Q=q, CK=ck, CV=ck if cv is None else cv, OC=q if out is None else out, LSEC=lse, BIDX=block_indices,
-        SKEYS=keys, CU_COMPRESSED=plan.cu_compressed, T=plan.tokens, **plan.common, SPAN=plan.span, N_SEL=plan.num_selected, NS=max(2, _pow2(plan.num_selected)),
+        SKEYS=keys, CU_COMPRESSED=plan.cu_compressed, T=plan.tokens, **plan.common, SPAN=plan.span,
+        N_SEL=plan.num_selected, NS=max(2, _pow2(plan.num_selected)),
         HAS_CV=cv is not None, SORT_KEYS=sort_keys, num_warps=plan.forward_warps,
     )
     return out, lse, block_indices, (keys if sort_keys else None)
