@@ -4,7 +4,8 @@
 # Stages: check (correctness of the packed kernels; check_tf32: float32 at "high" precision), profile (eager vs
 # compiled kernels), attention (module and model tables: eager, compiled, graph, host), train (packed vs padded
 # training throughput), train_modes (eager vs --torch_compile, packed), quality_beauty / quality_ml100k (packed vs
-# padded, 3 seeds), tune_ml100k (validation-only tuning), ablation_beauty / ablation_ml100k (issue 14's table). Text
+# padded, 3 seeds), tune_ml100k / tune_beauty (validation-only tuning), card_beauty (the model card's checkpoint),
+# ablation_beauty / ablation_ml100k (issue 14's table). Text
 # logs read Beauty.txt / ml-100k.inter without the `datasets` library, so nothing needs installing on a machine with
 # torch, triton and transformers.
 set -o pipefail
@@ -66,20 +67,44 @@ for dataset in beauty ml100k; do
     grep -v '^\$' "$OUT/quality_$dataset.log" | tail -30
   fi
 done
-# tune_ml100k: issue 14's validation-only tuning where BlossomRec trailed dense (packed, 3 seeds, one process at a
-# time): five variants each for BlossomRec and dense, half of the call's time each. Continues across calls like the
-# quality stages.
+# tune_ml100k, tune_beauty: issue 14's validation-only tuning (packed, 3 seeds; the same number of variants for BlossomRec
+# and dense). Runs skip the test split (--do_predict false); evaluate.py ranks the chosen variant's afterwards. Continues
+# across calls on a warm machine like the quality stages. TUNE_MODELS picks the models of one call.
+tune() {  # tune DATASET MODEL NAME=FLAGS...
+  local dataset=$1 model=$2
+  shift 2
+  timeout $((${TUNE_LIMIT:-260} + 90)) python3 scripts/benchmark_quality.py --data_dir "$DATA_DIR" \
+    --runs $dataset-$model --seeds 0 1 2 --blossom_backend blossom_triton --max_parallel ${TUNE_PARALLEL:-1} \
+    --time_limit_s ${TUNE_LIMIT:-260} --resume --variants "$@" --output_root /tmp/tune \
+    --results "$OUT/tune_${dataset}_$model.json" > "$OUT/tune_${dataset}_$model.log" 2>&1
+  grep -A4 "chosen on validation" "$OUT/tune_${dataset}_$model.log"
+}
 if stage tune_ml100k; then
   shared=(base= drop3="--hidden_dropout_prob 0.3" warmup="--lr_scheduler_type cosine --warmup_steps 100"
           long="--max_seq_length 737")
-  for model in blossom dense; do
-    extra=$([[ $model == blossom ]] && echo 'pubgate=--gate_init published' || echo 'lr5=--learning_rate 5e-4')
-    timeout $((${TUNE_LIMIT:-260} + 20)) python3 scripts/benchmark_quality.py --data_dir "$DATA_DIR" \
-      --runs ml100k-$model --seeds 0 1 2 --blossom_backend blossom_triton --max_parallel 1 \
-      --time_limit_s ${TUNE_LIMIT:-260} --resume --variants "${shared[@]}" "$extra" --output_root /tmp/tune \
-      --results "$OUT/tune_ml100k_$model.json" > "$OUT/tune_ml100k_$model.log" 2>&1
-    grep -A4 "chosen on validation" "$OUT/tune_ml100k_$model.log"
+  tune ml100k blossom "${shared[@]}" pubgate="--gate_init published"
+  tune ml100k dense "${shared[@]}" lr5="--learning_rate 5e-4"
+fi
+if stage tune_beauty; then
+  shared=(base= lr2e3="--learning_rate 2e-3" bs128="--per_device_train_batch_size 128" wd="--weight_decay 0.1"
+          layers3="--num_hidden_layers 3")
+  for model in ${TUNE_MODELS:-blossom dense}; do
+    if [[ $model == blossom ]]; then
+      tune beauty blossom "${shared[@]}" pubgate="--gate_init published" nogate="--gate_type fixed"
+    else
+      tune beauty dense "${shared[@]}" warmup="--lr_scheduler_type cosine --warmup_steps 100" \
+        heads2="--num_attention_heads 2 --num_key_value_heads 2"
+    fi
   done
+fi
+# card_beauty: the Beauty model card's checkpoint, trained as the README's recipe says (CARD_FLAGS: the chosen
+# variant's train.py flags), seed 0, test split ranked; packed into $OUT/card_beauty.tgz without its checkpoints
+if stage card_beauty; then
+  timeout 300 python3 scripts/benchmark_quality.py --data_dir "$DATA_DIR" --runs beauty-blossom --seeds 0 \
+    --blossom_backend blossom_triton --extra "${CARD_FLAGS:-}" --tag -card --output_root /tmp/card \
+    --results "$OUT/card_beauty.json" > "$OUT/card_beauty.log" 2>&1
+  tail -3 "$OUT/card_beauty.log"
+  tar czf "$OUT/card_beauty.tgz" -C /tmp/card --exclude checkpoints beauty-blossom-card-seed0
 fi
 # ablation_beauty, ablation_ml100k: issue 14's table, one dataset per stage, one process at a time
 for dataset in beauty ml100k; do

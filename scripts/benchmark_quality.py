@@ -23,7 +23,10 @@ with NDCG@10 and HR@10 (mean +- std over seeds), training seconds to the best ep
 
 Tuning on validation only (issue 14's protocol): `--variants NAME=FLAGS ...` trains every run once more per variant
 (its train.py flags after the run's own; configuration `<run>[-padded]-NAME`), and a block names, per run and layout,
-the variant whose mean validation NDCG@10 over the seeds is best, with that variant's test metrics only:
+the variant whose mean validation NDCG@10 over the seeds is best, with its test metrics. Tuning runs train with
+`--do_predict false`, so no variant's test split is ranked while choosing; afterwards `scripts/evaluate.py` ranks the
+test split of the chosen variant's runs only (each run's saved best model, its data and ranking flags as
+training_args.json records them; into `test_metrics.json` beside it):
 
     python scripts/benchmark_quality.py --runs ml100k-blossom --seeds 0 1 2 \
         --variants base= pubgate='--gate_init published' drop3='--hidden_dropout_prob 0.3'
@@ -39,6 +42,7 @@ train.py flag given there comes after the run's own, so it wins.
 """
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -52,6 +56,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from blossomrec_hf.training_args import DataArguments, EvaluationArguments
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -162,6 +168,7 @@ def parse_variants(specs: list[str] | None) -> dict[str, list[str]]:
 
 
 RUN_RECORD = "benchmark_quality_run.json"  # how this script started a run, and its end; in the run's output folder
+TEST_METRICS = "test_metrics.json"  # a tuning run's test split, ranked by scripts/evaluate.py once it was chosen
 
 
 def read_record(output_dir: Path, training: list[str]) -> dict | None:
@@ -191,7 +198,7 @@ def plan(args) -> list[dict]:
             output_dir = Path(args.output_root) / f"{config}-seed{seed}"
             training = [sys.executable, str(REPO / "scripts" / "train.py"),
                         *(flag.format(data=args.data_dir) for flag in RUNS[name]), *LAYOUTS[layout], *variant_flags,
-                        "--seed", str(seed), *shlex.split(args.extra),
+                        *(["--do_predict", "false"] if variant else []), "--seed", str(seed), *shlex.split(args.extra),
                         *(["--attn_implementation", args.blossom_backend]
                           if args.blossom_backend and "blossom" in RUNS[name] else []),
                         "--output_dir", str(output_dir)]
@@ -252,7 +259,8 @@ def run_queue(jobs: list[dict], max_parallel: int, time_limit_s: float = 0) -> t
         while waiting and len(running) < max_parallel and not out_of_time:
             job = waiting.pop(0)
             job["output_dir"].parent.mkdir(parents=True, exist_ok=True)
-            (job["output_dir"] / "metrics.json").unlink(missing_ok=True)  # no earlier run's may pass for this one's
+            for stale in ("metrics.json", TEST_METRICS):  # no earlier run's may pass for this one's
+                (job["output_dir"] / stale).unlink(missing_ok=True)
             job["output_dir"].mkdir(exist_ok=True)
             write_record(job, finished=False)
             print("$", shlex.join(job["command"]), flush=True)
@@ -317,12 +325,14 @@ def aggregate(results: dict) -> dict:
         ok = [e for e in entries if e["status"] == "ok"]
         if not ok:
             continue
+        tested = [e for e in ok if "test" in e]
         summary[config] = {
             "name": ok[0]["name"], "layout": ok[0]["layout"], "variant": ok[0].get("variant", ""), "n": len(ok),
             "seeds": [e["seed"] for e in ok], "failed_seeds": [e["seed"] for e in entries if e["status"] != "ok"],
             "validation": {c: describe([e["validation"]["model"][c] for e in ok]) for c in COLUMNS},
-            "test": {c: describe([e["test"]["model"][c] for e in ok]) for c in COLUMNS},
-            "popularity": {c: statistics.fmean(e["test"]["popularity"][c] for e in ok) for c in COLUMNS},
+            "test": {c: describe([e["test"]["model"][c] for e in tested]) for c in COLUMNS},
+            "popularity": {c: statistics.fmean(e["test"]["popularity"][c] for e in tested) if tested else None
+                           for c in COLUMNS},
             **{key: describe([e.get(key) for e in ok]) for key, _, _ in TRAINING}}
     return summary
 
@@ -340,6 +350,8 @@ def compare(summary: dict) -> dict:
             continue
         packed, padded = layouts["packed"], layouts["padded"]
         a, b = packed["test"]["ndcg@10"], padded["test"]["ndcg@10"]
+        if a["mean"] is None or b["mean"] is None:  # tuning: a variant's test split is ranked only once chosen
+            continue
         se = math.hypot(a["se"], b["se"]) if a["se"] is not None and b["se"] is not None else None
         difference = a["mean"] - b["mean"]
         comparison[name] = {
@@ -374,6 +386,37 @@ def choose_on_validation(summary: dict) -> dict:
     return chosen
 
 
+def evaluation_flags(output_dir: Path) -> list[str]:
+    """scripts/evaluate.py's data and ranking flags for the best model in `output_dir`, as its training_args.json
+    recorded them (the same data, filters and ranking the run was validated with)."""
+    recorded = json.loads((output_dir / "training_args.json").read_text())
+    names = [f.name for group in (DataArguments, EvaluationArguments) for f in dataclasses.fields(group)]
+    names += ["max_seq_length", "attn_implementation"]
+    return [item for name in names if recorded.get(name) is not None for item in (f"--{name}", str(recorded[name]))]
+
+
+def rank_chosen_test(results: dict, jobs: list[dict]) -> None:
+    """Tuning: rank the test split of the chosen variants' runs (only those), each with scripts/evaluate.py on the
+    best model the run saved, and put the metrics into their entries (read back from test_metrics.json if an earlier
+    invocation ranked them). A failed ranking is noted in the entry as `test_error`."""
+    output_dirs = {job["run"]: job["output_dir"] for job in jobs}
+    chosen = {c["config"] for c in choose_on_validation(aggregate(results)).values()}
+    for run, entry in results.items():
+        if entry["config"] not in chosen or entry["status"] != "ok" or "test" in entry:
+            continue
+        output_dir = output_dirs[run]
+        if not (output_dir / TEST_METRICS).exists():
+            command = [sys.executable, str(REPO / "scripts" / "evaluate.py"), "--model", str(output_dir),
+                       "--split", "test", *evaluation_flags(output_dir), "--output_file", str(output_dir / TEST_METRICS)]
+            print("$", shlex.join(command), flush=True)
+            with open(f"{output_dir}.test.log", "w") as log:
+                returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+            if returncode != 0:
+                entry["test_error"] = f"scripts/evaluate.py failed (exit {returncode}), see {output_dir}.test.log"
+                continue
+        entry["test"] = json.loads((output_dir / TEST_METRICS).read_text())["metrics"]
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
@@ -395,6 +438,8 @@ def ablation_rows(summary: dict) -> list[list[str]]:
 
 
 def _mean_std(stats: dict) -> str:
+    if stats["mean"] is None:
+        return "n/a"
     return f"{stats['mean']:.4f}" + ("" if stats["std"] is None else f" +- {stats['std']:.4f}")
 
 
@@ -417,8 +462,8 @@ def format_tables(results: dict, summary: dict, comparison: dict) -> str:
         if entry["status"] != "ok":
             runs.append([run, entry["status"]])
             continue
-        test = entry["test"]["model"]
-        runs.append([run, *(f"{test[c]:.4f}" for c in COLUMNS),
+        test = entry.get("test", {}).get("model", {})
+        runs.append([run, *(_cell(test.get(c), "{:.4f}") for c in COLUMNS),
                      *(_cell(entry.get(key), pattern) for key, _, pattern in TRAINING)])
     stats_rows = []
     for config, stats in summary.items():
@@ -426,7 +471,7 @@ def format_tables(results: dict, summary: dict, comparison: dict) -> str:
             stats_rows.append([config if statistic == "mean" else "", str(stats["n"]) if statistic == "mean" else "",
                                statistic, *(_cell(stats["test"][c][statistic], "{:.4f}") for c in COLUMNS),
                                *(_cell(stats[key][statistic], pattern) for key, _, pattern in TRAINING)])
-        stats_rows.append(["  popularity", "", "mean", *(f"{stats['popularity'][c]:.4f}" for c in COLUMNS),
+        stats_rows.append(["  popularity", "", "mean", *(_cell(stats["popularity"][c], "{:.4f}") for c in COLUMNS),
                            *([""] * len(TRAINING))])
     compare_rows = [[name, f"{c['ndcg@10_packed']:.4f}", f"{c['ndcg@10_padded']:.4f}",
                      f"{c['ndcg@10_difference']:+.4f}", _cell(c["se_difference"], "{:.4f}"),
@@ -434,6 +479,8 @@ def format_tables(results: dict, summary: dict, comparison: dict) -> str:
                      _cell(c["seconds_to_best_ratio"], "{:.2f}"), _cell(c["items_per_second_ratio"], "{:.2f}")]
                     for name, c in comparison.items()]
     lines = [*_table(["run", *HEADER], runs), "",
+             *(["(tuning: test columns n/a where a variant was not chosen; its test split was never ranked)", ""]
+               if any(e.get("variant") for e in results.values()) else []),
              "over seeds (std: ddof=1; se: std/sqrt(n)):",
              *_table(["configuration", "n", "stat", *HEADER], stats_rows)]
     ablation = ablation_rows(summary)
@@ -479,13 +526,14 @@ def main(argv=None) -> int:
                                        args.time_limit_s)
     returncodes.update((job["run"], 0) for job in jobs if job["finished"])
     results = {job["run"]: collect(job, returncodes[job["run"]], job["run"] in signalled) for job in jobs}
+    rank_chosen_test(results, jobs)
     summary = aggregate(results)
     comparison = compare(summary)
     text = format_tables(results, summary, comparison)
     print(text, end="")
     write_results(Path(args.results), results, summary, comparison, text)
     print(f"wrote {args.results} and {Path(args.results).with_suffix('.txt')}")
-    return 0 if all(entry["status"] == "ok" for entry in results.values()) else 1
+    return 0 if all(entry["status"] == "ok" and "test_error" not in entry for entry in results.values()) else 1
 
 
 if __name__ == "__main__":

@@ -8,15 +8,16 @@ prepared exactly as for training (same filters), and its item vocabulary must ma
 """
 
 import dataclasses
-import json
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from accelerate import Accelerator
 from transformers import AutoModel, HfArgumentParser
 from transformers.utils import logging as transformers_logging
 
+from blossomrec_hf.checkpointing import write_json_atomic
 from blossomrec_hf.data import DataWarning, ItemVocabulary, one_line_data_warnings, prepare_data
 from blossomrec_hf.errors import InputErrors, user_input_errors
 from blossomrec_hf.evaluation import MAX_TOKENS_PER_FORWARD, RankingEvaluator
@@ -95,8 +96,7 @@ def main():
         if args.output_file:
             record = {**dataclasses.asdict(args), **dataclasses.asdict(data_args), **dataclasses.asdict(eval_args),
                       "max_seq_length": max_seq_length, "metrics": metrics}
-            with open(args.output_file, "w") as f:
-                json.dump(record, f, indent=2)
+            write_json_atomic(Path(args.output_file), record)
             print(f"wrote {args.output_file}")
 
 

@@ -144,6 +144,14 @@ def test_variants_are_chosen_on_validation_only(quality_benchmark, data_dir, tmp
     assert chosen["validation_ndcg@10"] == pytest.approx(validation)
     assert chosen["test"] == written["aggregate"][f"beauty-blossom-{chosen['variant']}"]["test"]
     assert chosen["complete"] and "chosen on validation" in results.with_suffix(".txt").read_text()
+    # no run ranks its test split while training; evaluate.py ranks the chosen variant's runs only, afterwards
+    for run, entry in written["runs"].items():
+        assert "--do_predict false" in entry["command"]
+        assert ("test" in entry) == (entry["variant"] == chosen["variant"]), run
+        assert (tmp_path / "runs" / run / "test_metrics.json").exists() == ("test" in entry)
+    tested = [e for e in written["runs"].values() if "test" in e]
+    assert chosen["test"]["ndcg@10"]["mean"] == pytest.approx(statistics.fmean(e["test"]["model"]["ndcg@10"]
+                                                                                for e in tested))
     capsys.readouterr()
 
     # --resume with a variant's flags changed under the same name: its runs are trained again, the others read
@@ -151,7 +159,7 @@ def test_variants_are_chosen_on_validation_only(quality_benchmark, data_dir, tmp
         "--runs", "beauty-blossom", "--seeds", "0", "1", "--data_dir", str(data_dir), "--resume",
         "--output_root", str(tmp_path / "runs"), "--results", str(results), "--extra", TINY,
         "--variants", "base=", "drop1=--hidden_dropout_prob 0.2"]) == 0
-    launched = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
+    launched = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ") and "train.py" in line]
     assert len(launched) == 2 and all("--hidden_dropout_prob 0.2" in line for line in launched)
 
 

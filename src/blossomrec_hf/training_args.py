@@ -98,6 +98,9 @@ class TrainingArguments:
         "help": "evaluate on the validation split every N optimizer steps (default: after every epoch)"})
     early_stopping_patience: int = field(default=10, metadata={
         "help": "stop after this many evaluations without a better validation NDCG@10 (0 = never)"})
+    do_predict: bool = field(default=True, metadata={
+        "help": "rank the test split with the best model at the end; false while tuning, so that only the chosen "
+                "configuration is ever tested (scripts/evaluate.py --split test on its output_dir)"})
     save_steps: int | None = field(default=None, metadata={
         "help": "also checkpoint every N optimizer steps (a checkpoint follows every evaluation anyway)"})
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept in output_dir/checkpoints"})

@@ -374,10 +374,10 @@ class Trainer:
                                     f"evaluations (best at step {state.best_step})")
 
     def finish(self, dataset: str) -> None:
-        """Test the best model (as saved) next to the popularity baseline; write metrics.json, the final state and
+        """Test the best model (as saved) next to the popularity baseline (unless --do_predict false); write metrics.json, the final state and
         the plot; push to the Hub if asked."""
         self.accelerator.wait_for_everyone()
-        results = self._test_results(dataset)
+        results = self._final_results(dataset)
         output_dir = self.output_dir
 
         def write_results():
@@ -388,10 +388,7 @@ class Trainer:
         plot = write_or_stop(self.accelerator, f"the results to {output_dir}", write_results, main_process_only=True)
         if not self.accelerator.is_main_process:
             return
-        name = "BlossomRec" if self.config.attention_type == "blossom" else "dense (SASRec)"
-        print(f"\ntest ({self.eval_args.eval_mode} ranking, {results['test']['model']['num_users']} users), best "
-              f"validation at step {self.state.best_step}, {self.state.best_train_seconds:.1f} s of training:")
-        print(format_metrics_table({name: results["test"]["model"], "popularity": results["test"]["popularity"]}))
+        self._print_test(results)
         print(f"saved to {self.output_dir}")
         if self.args.torch_compile:
             print(f"torch.compile: {compiled_graphs()} graphs captured (training step and evaluation)")
@@ -402,11 +399,18 @@ class Trainer:
 
             print(f"pushed to {push_to_hub(str(self.output_dir), self.args.hub_model_id)}")
 
-    def _test_results(self, dataset: str) -> dict:
+    def _print_test(self, results: dict) -> None:
+        best = f"best validation at step {self.state.best_step}, {self.state.best_train_seconds:.1f} s of training"
+        if "test" not in results:
+            print(f"\n{best}; test split not ranked (--do_predict false)")
+            return
+        name = "BlossomRec" if self.config.attention_type == "blossom" else "dense (SASRec)"
+        print(f"\ntest ({self.eval_args.eval_mode} ranking, {results['test']['model']['num_users']} users), {best}:")
+        print(format_metrics_table({name: results["test"]["model"], "popularity": results["test"]["popularity"]}))
+
+    def _final_results(self, dataset: str) -> dict:
         state, evaluators = self.state, self.evaluators
-        best_model = BlossomRecForSequentialRecommendation.from_pretrained(
-            self.output_dir, attn_implementation=self.config._attn_implementation).to(self.accelerator.device)
-        return {
+        results = {
             "dataset": dataset,
             "attention_type": self.config.attention_type,
             "eval_mode": self.eval_args.eval_mode,
@@ -423,6 +427,10 @@ class Trainer:
             "peak_gpu_memory_mib": peak_gpu_memory_mib(self.accelerator.device),
             "validation": {"model": state.best_validation,
                            "popularity": evaluators["validation"].evaluate_popularity()},
-            "test": {"model": evaluators["test"].evaluate_model(best_model),
-                     "popularity": evaluators["test"].evaluate_popularity()},
         }
+        if self.args.do_predict:
+            best_model = BlossomRecForSequentialRecommendation.from_pretrained(
+                self.output_dir, attn_implementation=self.config._attn_implementation).to(self.accelerator.device)
+            results["test"] = {"model": evaluators["test"].evaluate_model(best_model),
+                               "popularity": evaluators["test"].evaluate_popularity()}
+        return results
