@@ -101,7 +101,7 @@ fi
 # variant's train.py flags), seed 0, test split ranked; packed into $OUT/card_beauty.tgz without its checkpoints
 if stage card_beauty; then
   timeout 300 python3 scripts/benchmark_quality.py --data_dir "$DATA_DIR" --runs beauty-blossom --seeds 0 \
-    --blossom_backend blossom_triton --extra "${CARD_FLAGS:-}" --tag -card --output_root /tmp/card \
+    --blossom_backend blossom_triton --extra "${CARD_FLAGS:-}" --tag=-card --output_root /tmp/card \
     --results "$OUT/card_beauty.json" > "$OUT/card_beauty.log" 2>&1
   tail -3 "$OUT/card_beauty.log"
   tar czf "$OUT/card_beauty.tgz" -C /tmp/card --exclude checkpoints beauty-blossom-card-seed0

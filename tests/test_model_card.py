@@ -46,6 +46,7 @@ def test_training_section_shows_no_local_path_and_names_the_project(saved):
     assert "`Beauty.txt` was a local file on the training machine" in training
     assert "blossomrec-hf" in training and "`scripts/train.py` of **blossomrec-hf**" in training
     assert "It was trained on\n**Beauty**." in card
+    assert "mixed by a learned gate." in card  # gate_type learned, the default
 
 
 def test_a_hub_dataset_id_and_a_recorded_command_are_shown_portably(saved):
@@ -73,3 +74,5 @@ def test_the_committed_beauty_card_is_the_current_template_rendered():
     assert "../.data" not in card and "/tmp/" not in card
     assert "blossomrec-hf" in training
     assert "up to 50 items" in card and "51 items" not in card
+    # the README's Beauty recipe (chosen on validation): every branch weighted 0.5, as the card says
+    assert "--gate_type fixed" in training and "weighted equally (gate_type fixed: 0.5 each)." in card

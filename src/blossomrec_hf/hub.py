@@ -36,10 +36,17 @@ _METRIC_LABELS = {"recall": "Recall", "ndcg": "NDCG", "mrr": "MRR"}
 _ATTENTION_DESCRIPTIONS = {
     "blossom": "BlossomRec attention combines long-term interest selection (block-sparse attention over the blocks of "
                "the history that matter most to each position) with short-term interest selection (the most recent "
-               "items plus items 1, 2, 4, 8, ... steps back), mixed by a learned gate.",
+               "items plus items 1, 2, 4, 8, ... steps back), {mixing}.",
     "dense": "This checkpoint uses dense causal attention in the BlossomRec backbone (a SASRec-style baseline for "
              "comparison with BlossomRec attention).",
 }
+
+
+def _attention_description(config: dict) -> str:
+    """The card's sentence on the attention, with how this checkpoint's branches are mixed (`gate_type`)."""
+    fixed = config.get("gate_type") == "fixed"
+    mixing = "weighted equally (gate_type fixed: 0.5 each)" if fixed else "mixed by a learned gate"
+    return _ATTENTION_DESCRIPTIONS.get(config.get("attention_type"), "").format(mixing=mixing)
 
 
 class HubPublishError(Exception):
@@ -446,7 +453,7 @@ def render_model_card(model_dir: str | Path, *, repo_id: str | None = None, revi
         "revision": revision or "main",
         "revision_comment": "the commit that published these weights" if revision
         else "replace with a full commit sha from this repo's history",
-        "attention_description": _ATTENTION_DESCRIPTIONS.get(config.get("attention_type"), ""),
+        "attention_description": _attention_description(config),
         "vocabulary_code": vocabulary_code,
         "example_history": repr(examples),
         "training_command": _training_command(args),
