@@ -62,26 +62,30 @@ def test_compiled_attention_matches_eager(compressed):
                 assert (a is None and b is None) or torch.equal(a, b)
 
 
-def gate_inputs(num_branches: int, dtype: torch.dtype, tokens: int = 11, dim: int = 16, seed: int = 0):
-    """As the model passes them: gate logits [1, T, H, n], columns of a wider projection (a strided view), and the
-    branches [1, H, T, D], transposed views of token rows [T, H, D]; all needing gradients."""
+def gate_inputs(num_branches: int, dtype: torch.dtype, tokens: int = 11, dim: int = 16, seed: int = 0,
+                token_major: bool = False):
+    """Gate logits, columns of a wider projection (a strided view), and branches, all needing gradients: token-major
+    as the model passes them (logits [T, H, n], branches [T, H, D]), or batched (logits [1, T, H, n], branches
+    [1, H, T, D], transposed views of token rows)."""
     generator = torch.Generator().manual_seed(seed)
     projection = torch.randn(tokens, 5 + HEADS * num_branches, generator=generator).to(dtype).requires_grad_()
-    logits = projection[:, 5:].view(1, tokens, HEADS, num_branches)
-    branches = [torch.randn(tokens, HEADS, dim, generator=generator).to(dtype).unsqueeze(0).transpose(1, 2)
-                .requires_grad_() for _ in range(num_branches)]
-    return logits, branches
+    logits = projection[:, 5:].view(tokens, HEADS, num_branches)
+    branches = [torch.randn(tokens, HEADS, dim, generator=generator).to(dtype) for _ in range(num_branches)]
+    if not token_major:
+        logits, branches = logits[None], [b.unsqueeze(0).transpose(1, 2) for b in branches]
+    return logits, [b.requires_grad_() for b in branches]
 
 
 @pytest.mark.parametrize("num_branches", [2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck_gated_sum_forward_and_backward(num_branches, dtype):
-    logits, branches = gate_inputs(num_branches, dtype)
+@pytest.mark.parametrize("token_major", [False, True])
+def test_opcheck_gated_sum_forward_and_backward(num_branches, dtype, token_major):
+    logits, branches = gate_inputs(num_branches, dtype, token_major=token_major)
     arguments = (logits, *branches, *[None] * (3 - num_branches))
     torch.library.opcheck(blossom_attention_triton._GATED_FORWARD, arguments)
     with torch.no_grad():
         out = blossom_attention_triton._GATED_FORWARD(*arguments)
-    # a contiguous [1, H, T, D] output gradient, where the output is a view of [1, T, H, D] memory
+    # a contiguous output gradient (batched: [1, H, T, D], where the output is a view of [1, T, H, D] memory)
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
     tensors = [None if x is None else x.detach() for x in arguments]
     torch.library.opcheck(blossom_attention_triton._GATED_BACKWARD, (*tensors, dout))
@@ -97,9 +101,9 @@ def test_compiled_attention_then_gated_sum_matches_eager(compressed):
         branches = blossom_attention_triton_varlen(*split(projection), ck, cv, cu_seqlens=cu_seqlens,
                                                    cu_compressed=cu_compressed, max_length=max_length,
                                                    geometry=GEOMETRY)
-        rows = [b.unsqueeze(0).transpose(1, 2) for b in branches if b is not None]
-        logits = gate_projection[:, 5:].view(1, projection.shape[0], HEADS, len(rows))
-        return gated_sum(logits, rows, fused=True)
+        outputs = [b for b in branches if b is not None]
+        logits = gate_projection[:, 5:].view(projection.shape[0], HEADS, len(outputs))
+        return gated_sum(logits, outputs, fused=True)
 
     torch._dynamo.reset()
     compiled = torch.compile(attention_then_gates, fullgraph=True, dynamic=True, backend="inductor")
@@ -110,7 +114,7 @@ def test_compiled_attention_then_gated_sum_matches_eager(compressed):
             generator = torch.Generator().manual_seed(len(lengths))
             gate_projection = torch.randn(sum(lengths), 5 + HEADS * num_branches, generator=generator,
                                           requires_grad=True)
-            weights = weights_for(lengths, seed=1)[0].float().transpose(0, 1)[None]  # [1, H, T, D]
+            weights = weights_for(lengths, seed=1)[0].float()  # [T, H, D]
             results = []
             for function in (compiled, attention_then_gates):
                 out = function(*(leaves + [None])[:3], gate_projection, *sizes.values())
@@ -122,13 +126,15 @@ def test_compiled_attention_then_gated_sum_matches_eager(compressed):
 
 
 @pytest.mark.parametrize("num_branches", [2, 3])
-def test_compiled_plain_gated_sum_needs_no_graph_break(num_branches):
+@pytest.mark.parametrize("token_major", [False, True])
+def test_compiled_plain_gated_sum_needs_no_graph_break(num_branches, token_major):
     """The PyTorch path (fused=False) compiles as one graph too, with dynamic shapes; inductor fuses its arithmetic,
     so results match eager to rounding."""
     torch._dynamo.reset()
     compiled = torch.compile(gated_sum, fullgraph=True, dynamic=True, backend="inductor")
     for tokens in (11, 6):
-        logits, branches = gate_inputs(num_branches, torch.float32, tokens=tokens, seed=tokens)
+        logits, branches = gate_inputs(num_branches, torch.float32, tokens=tokens, seed=tokens,
+                                       token_major=token_major)
         got, want = (function(logits, branches + [None], fused=False) for function in (compiled, gated_sum))
         torch.testing.assert_close(got, want)
         dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(2))

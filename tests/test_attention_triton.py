@@ -127,12 +127,17 @@ def test_selection_merges_candidates_across_key_tiles(monkeypatch, tile):
 
 
 @pytest.mark.parametrize("num_branches", [2, 3])
-def test_fused_gated_sum_matches_the_plain_sum(num_branches):
-    batch, heads, length, dim = 2, 4, 13, 24
+@pytest.mark.parametrize("token_major", [False, True])
+def test_fused_gated_sum_matches_the_plain_sum(num_branches, token_major):
+    """Batched ([B, L, H, n] logits, [B, H, L, D] branches) or token-major ([T, H, n], [T, H, D]) as the model's."""
+    batch, heads, length, dim = (1, 4, 29, 24) if token_major else (2, 4, 13, 24)
     projection = torch.randn(batch, length, 7 + heads * num_branches, requires_grad=True)
     gates = projection[..., 7:].view(batch, length, heads, num_branches)  # strided, like the model's
     branches = [torch.randn(batch, length, heads, dim).transpose(1, 2).requires_grad_() for _ in range(num_branches)]
     weights = torch.randn(batch, heads, length, dim)
+    if token_major:
+        gates, weights = gates[0], weights[0].transpose(0, 1)
+        branches = [torch.randn(length, heads, dim).requires_grad_() for _ in range(num_branches)]
     fused = gated_sum(gates, branches)
     plain = gated_sum(gates, branches, fused=False)
     torch.testing.assert_close(fused, plain)

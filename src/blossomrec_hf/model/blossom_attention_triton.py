@@ -352,9 +352,14 @@ def _setup_context(ctx, inputs, output):
     ctx.sizes = inputs[7:]
     ctx.has_compressed = inputs[4] is not None
     ctx.mark_non_differentiable(*output[3:6])
+    ctx.set_materialize_grads(False)  # no zero gradients for the five statistics on every step
 
 
 def _backward(ctx, do_sel, do_stis, do_c, *_):
+    o_sel, o_stis, oc = ctx.saved_tensors[7:10]
+    # an output left out of the loss (an ablation's unused branch) has no gradient
+    do_sel, do_stis, do_c = (torch.zeros_like(o) if do is None else do
+                             for o, do in ((o_sel, do_sel), (o_stis, do_stis), (oc, do_c)))
     dq, dk, dv, dck, dcv = _BACKWARD(*ctx.saved_tensors, do_sel, do_stis, do_c, *ctx.sizes)
     compressed = (dck, dcv) if ctx.has_compressed else (None, None)
     return dq, dk, dv, *compressed, None, None, *[None] * len(ctx.sizes)  # no gradient for bounds and sizes
@@ -479,16 +484,27 @@ def _gated_output(logits: Tensor, o0: Tensor) -> Tensor:
     return torch.empty(batch, length, heads, dim, dtype=dtype, device=logits.device).transpose(1, 2)
 
 
+def _batched(logits: Tensor, *branches: Tensor | None) -> tuple[Tensor, ...]:
+    """Token-major operands (logits [T, H, n], branches [T, H, D]) as one batch row of the kernels' layout, views;
+    [B, L, H, n] and [B, H, L, D] ones as they are."""
+    if logits.dim() == 4:
+        return logits, *branches
+    return logits.unsqueeze(0), *(None if b is None else b.unsqueeze(0).transpose(1, 2) for b in branches)
+
+
 def _gated_forward(logits: Tensor, o0: Tensor, o1: Tensor, o2: Tensor | None) -> Tensor:
-    """out[b, h, l] = sum_i sigmoid(logits[b, l, h, i]) * o_i[b, h, l] in one pass; o2 is None for two branches."""
-    logits, branches = _gate_rows(logits), _gated_branches(o0, o1, o2)
-    out = _gated_output(logits, o0)
-    _gated_launch(gated_sum_forward, logits, branches, OUT=out, **_named_strides("sout", out))
-    return out
+    """out[b, h, l] = sum_i sigmoid(logits[b, l, h, i]) * o_i[b, h, l] in one pass; o2 is None for two branches.
+    Token-major operands (logits [T, H, n], o_i [T, H, D]) give a token-major out [T, H, D]."""
+    batched_logits, *batched = _batched(logits, o0, o1, o2)
+    batched_logits, branches = _gate_rows(batched_logits), _gated_branches(*batched)
+    out = _gated_output(batched_logits, branches[0])
+    _gated_launch(gated_sum_forward, batched_logits, branches, OUT=out, **_named_strides("sout", out))
+    return out if logits.dim() == 4 else out.transpose(1, 2).squeeze(0)
 
 
 def _gated_forward_fake(logits, o0, o1, o2):
-    return _gated_output(logits, o0)
+    out = _gated_output(*_batched(logits, o0)[:2])
+    return out if logits.dim() == 4 else out.transpose(1, 2).squeeze(0)
 
 
 def _gated_grads(logits: Tensor, o0: Tensor, o1: Tensor, o2: Tensor | None) -> tuple[Tensor, list[Tensor]]:
@@ -500,20 +516,29 @@ def _gated_grads(logits: Tensor, o0: Tensor, o1: Tensor, o2: Tensor | None) -> t
 
 def _gated_backward_impl(logits: Tensor, o0: Tensor, o1: Tensor, o2: Tensor | None,
                          dout: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of the logits and of each branch in one pass; the third is [0, H, L, D] when o2 is None (an
-    operator cannot return None)."""
-    logits, branches = _gate_rows(logits), _gated_branches(o0, o1, o2)
-    dout = _row_major(dout)
-    dlogits, grads = _gated_grads(logits, o0, o1, o2)
+    """Gradients of the logits and of each branch in one pass, shaped as they are (token-major ones too); the third
+    is [0, ...] of o0 when o2 is None (an operator cannot return None)."""
+    batched_logits, b0, b1, b2, dout_rows = _batched(logits, o0, o1, o2, dout)
+    batched_logits, branches = _gate_rows(batched_logits), _gated_branches(b0, b1, b2)
+    dout_rows = _row_major(dout_rows)
+    dlogits, grads = _gated_grads(batched_logits, b0, b1, b2)
     padded = grads + [grads[0]] * (3 - len(grads))
-    _gated_launch(gated_sum_backward, logits, branches, DLOGITS=dlogits, DOUT=dout, DO0=padded[0], DO1=padded[1],
-                  DO2=padded[2], **_named_strides("sd", dout))
-    return dlogits, *grads, *([] if o2 is not None else [_no_rows(o0)])
+    _gated_launch(gated_sum_backward, batched_logits, branches, DLOGITS=dlogits, DOUT=dout_rows, DO0=padded[0],
+                  DO1=padded[1], DO2=padded[2], **_named_strides("sd", dout_rows))
+    return _unbatched(logits, dlogits, grads) + ((_no_rows(o0),) if o2 is None else ())
 
 
 def _gated_backward_fake(logits, o0, o1, o2, dout):
-    dlogits, grads = _gated_grads(logits, o0, o1, o2)
-    return dlogits, *grads, *([] if o2 is not None else [_no_rows(o0)])
+    batched_logits, b0, b1, b2 = _batched(logits, o0, o1, o2)
+    dlogits, grads = _gated_grads(batched_logits, b0, b1, b2)
+    return _unbatched(logits, dlogits, grads) + ((_no_rows(o0),) if o2 is None else ())
+
+
+def _unbatched(logits: Tensor, dlogits: Tensor, grads: list[Tensor]) -> tuple[Tensor, ...]:
+    """The gradients of `_batched` operands in their callers' shapes: token-major back to [T, ...] views."""
+    if logits.dim() == 4:
+        return dlogits, *grads
+    return dlogits.squeeze(0), *(g.transpose(1, 2).squeeze(0) for g in grads)
 
 
 def _gated_setup_context(ctx, inputs, output):
@@ -536,7 +561,8 @@ _GATED_FORWARD = define_op("gated_sum_forward", _gated_forward, _gated_forward_f
 
 
 def gated_sum(gate_logits: torch.Tensor, branches, fused: bool = True) -> torch.Tensor:
-    """sum_i sigmoid(gate_logits[..., i]) * branch_i: logits [B, L, H, n_branches], branches [B, H, L, D].
+    """sum_i sigmoid(gate_logits[..., i]) * branch_i: logits [B, L, H, n_branches] with branches [B, H, L, D], or
+    token-major logits [T, H, n_branches] with branches [T, H, D] (the varlen attention's layout; out [T, H, D]).
 
     With `fused`, one Triton pass each way where the kernels run (same device rules): a custom operator
     (custom_ops.py), forward and backward, so torch.compile(fullgraph=True) traces through it; plain PyTorch
@@ -544,11 +570,12 @@ def gated_sum(gate_logits: torch.Tensor, branches, fused: bool = True) -> torch.
     are contiguous.
     """
     branches = [b for b in branches if b is not None]
-    heads, num_branches = gate_logits.shape[2:]
+    num_branches = gate_logits.shape[-1]
     usable = fused and triton is not None and (gate_logits.is_cuda or _interpreting()) and len(branches) in (2, 3) \
         and all(b.stride(-1) == 1 and b.dtype == branches[0].dtype for b in branches) \
-        and gate_logits.stride(3) == 1 and gate_logits.stride(2) == num_branches
+        and gate_logits.stride(-1) == 1 and gate_logits.stride(-2) == num_branches
     if not usable:
-        weights = torch.sigmoid(gate_logits).permute(0, 2, 1, 3).unsqueeze(-1)
+        weights = torch.sigmoid(gate_logits).unsqueeze(-1)
+        weights = weights.permute(0, 2, 1, 3, 4) if gate_logits.dim() == 4 else weights
         return sum(weights[..., i, :] * branch for i, branch in enumerate(branches))
     return _GATED_FORWARD(gate_logits, *branches, *([None] if len(branches) == 2 else []))

@@ -27,7 +27,7 @@ import torch
 OPERATOR_FILES = ("custom_ops.py", "chunked_cross_entropy.py", "fused_cross_entropy.py",
                   "triton_cross_entropy_kernels.py", "rotary_embedding.py", "triton_rotary_kernels.py",
                   "blossom_attention_triton.py", "triton_blossom_kernels.py", "sparse_patterns.py",
-                  "varlen_flash_attention.py", "tile_fitting.py")
+                  "varlen_flash_attention.py", "tile_fitting.py", "block_compressor.py")
 LIBRARY = "blossomrec_" + hashlib.sha256(
     b"".join((Path(__file__).parent / name).read_bytes() for name in OPERATOR_FILES)).hexdigest()[:12]
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -32,11 +31,12 @@ from transformers.utils import ModelOutput
 
 from .blossom_attention_torch import blossom_attention_torch_varlen
 from .blossom_attention_triton import blossom_attention_triton_varlen, gated_sum, triton_unavailable_reason
+from .block_compressor import BlockCompressor
 from .fused_cross_entropy import linear_cross_entropy
 from .sampled_softmax import sampled_softmax_loss
 from .strict_loading import check_finite, check_loaded_keys, no_safetensors_message, refuse_pickled_source
 from .configuration_blossomrec import BlossomRecConfig
-from .history_layout import CompressedBlocks, HistoryLayout, check_ids_tensor, check_item_ids
+from .history_layout import HistoryLayout, check_ids_tensor, check_item_ids
 from .rotary_embedding import rotary_tables, rotate_queries_and_keys
 from .sparse_patterns import SparseGeometry
 from .varlen_flash_attention import FLASH_OPERATORS, TAKES_GROUPED_HEADS, varlen_flash_attention
@@ -179,66 +179,6 @@ def dense_attention_varlen(q, k, v, layout: HistoryLayout, implementation: str) 
     return layout.unpad(DENSE_BACKENDS[implementation](*rows).transpose(1, 2))
 
 
-class BlockCompressor(nn.Module):
-    """Turns each compressed block of keys (and values) into one key (value) for LTIS scoring.
-
-    Learned (`use_compressed_branch`): as published, an MLP over the block's keys plus intra-block position
-    embeddings, and another over the values; the compressed branch's output is what trains them. The two MLPs are
-    stored stacked (index 0 keys, 1 values) so that both run as one chain of batched matmuls. Otherwise: the mean of
-    the block's keys, with no parameters, so that no parameter is left without a gradient.
-    """
-
-    def __init__(self, config: BlossomRecConfig):
-        super().__init__()
-        self.learned = config.use_compressed_branch
-        if self.learned:
-            block, dim = config.compress_block_size, config.head_dim
-            width = block * dim
-            self.positions = nn.Parameter(torch.zeros(2, block, dim))
-            self.hidden_weight = nn.Parameter(torch.zeros(2, width, width))  # [in, out]
-            self.hidden_bias = nn.Parameter(torch.zeros(2, width))
-            self.output_weight = nn.Parameter(torch.zeros(2, width, dim))  # [in, out]
-            self.output_bias = nn.Parameter(torch.zeros(2, dim))
-            self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """nn.Linear's default initialisation, so that a bare module is usable (the model re-initialises it with
-        `initializer_range`). All-zero weights would make every compressed key equal and every selection a tie."""
-        if not self.learned:
-            return
-        for weight, bias in ((self.hidden_weight, self.hidden_bias), (self.output_weight, self.output_bias)):
-            bound = 1.0 / math.sqrt(weight.shape[1])
-            nn.init.uniform_(weight, -bound, bound)
-            nn.init.uniform_(bias, -bound, bound)
-        nn.init.normal_(self.positions, std=0.02)
-
-    def forward(self, k: torch.Tensor, v: torch.Tensor, blocks: CompressedBlocks, recompute: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """k, v [T, Hkv, D] (tokens, history by history) -> compressed keys and values [W, Hkv, D], one per block of
-        `blocks` (values None when not learned). With `recompute`, the MLPs' activations (their gathered inputs and
-        hidden layer, 512 bytes a token at the default size) are not kept for the backward but recomputed there from
-        k and v, which the attention keeps anyway."""
-        if not self.learned:
-            real_positions = blocks.covered.sum(dim=1).clamp(min=1).to(k.dtype)
-            return blocks.gather(k).sum(dim=1) / real_positions[:, None, None], None
-        if recompute and torch.is_grad_enabled():
-            return checkpoint(self._learned, k, v, blocks, use_reentrant=False)
-        return self._learned(k, v, blocks)
-
-    def _learned(self, k: torch.Tensor, v: torch.Tensor, blocks: CompressedBlocks) -> tuple[torch.Tensor, torch.Tensor]:
-        num_blocks, block_size = blocks.token_rows.shape
-        # keys and values gathered at once, [W, block, 2, Hkv, D] -> [2, W * Hkv, block * D]: one row per (block, kv
-        # head)
-        stacked = blocks.gather(torch.stack([k, v], dim=1)).permute(2, 0, 3, 1, 4)
-        flat = stacked.reshape(2, num_blocks * k.shape[1], block_size * k.shape[2])
-        # (block + positions) @ W + b = block @ W + (positions @ W + b): the position term is one row per MLP
-        first_bias = torch.baddbmm(self.hidden_bias[:, None], self.positions.flatten(1)[:, None], self.hidden_weight)
-        hidden = torch.relu(torch.baddbmm(first_bias, flat, self.hidden_weight))
-        compressed = torch.baddbmm(self.output_bias[:, None], hidden, self.output_weight)
-        keys, values = compressed.view(2, num_blocks, k.shape[1], k.shape[2]).unbind(0)
-        return keys, values
-
-
 # Batches of histories this long (max_length) recompute the compressor's activations in the backward: there they
 # take memory in proportion to the tokens while the few extra launches are spread over many tokens per history;
 # shorter batches keep them (their step is bound by launches, not memory). Compiled packed input that comes with
@@ -304,13 +244,12 @@ class BlossomRecAttention(nn.Module):
             out = dense_attention_varlen(q, k, v, layout, implementation)
         else:
             branches = self.blossom_branches(q, k, v, layout, implementation)
-            # the gated sum takes [batch, heads, length, head_dim]: the tokens as one row
-            rows = [branches[name].unsqueeze(0).transpose(1, 2) for name in self.branches]
+            outputs = [branches[name] for name in self.branches]
             if self.learned_gate:
-                gate_logits = gate_logits[0].view(1, tokens, self.num_heads, self.num_branches)
+                gate_logits = gate_logits[0].view(tokens, self.num_heads, self.num_branches)
             else:  # fixed gate: sigmoid(0) = 0.5 for every branch (exactly), through the same (fused) sum
-                gate_logits = rows[0].new_zeros(1, tokens, self.num_heads, self.num_branches)
-            out = gated_sum(gate_logits, rows, fused=implementation == "blossom_triton").transpose(1, 2).squeeze(0)
+                gate_logits = outputs[0].new_zeros(tokens, self.num_heads, self.num_branches)
+            out = gated_sum(gate_logits, outputs, fused=implementation == "blossom_triton")
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
 
     def blossom_branches(self, q, k, v, layout: HistoryLayout, implementation: str) -> dict[str, torch.Tensor]:
@@ -328,7 +267,7 @@ class BlossomRecAttention(nn.Module):
         if ltis:
             blocks = layout.compressed_blocks(geometry.compress_block_size, geometry.compress_stride)
             recompute = layout.max_length >= RECOMPUTE_COMPRESSOR_FROM
-            compressed_keys, compressed_values = map(blocks.only_valid, self.compressor(k, v, blocks, recompute))
+            compressed_keys, compressed_values = self.compressor(k, v, blocks, recompute)
             cu_compressed = blocks.cu_seqlens
         else:
             compressed_keys, compressed_values = k.new_zeros(0, *k.shape[1:]), None

@@ -1,0 +1,102 @@
+"""The learned block compressor as two custom operators with a written-out backward: its gradients against autograd
+through a plain PyTorch reference (float64, with and without kept activations, a static batch's spare rows),
+torch.library.opcheck, and torch.compile(fullgraph=True) of forward and backward."""
+
+import pytest
+import torch
+
+from blossomrec_hf import BlossomRecConfig
+from blossomrec_hf.model import block_compressor
+from blossomrec_hf.model.block_compressor import BlockCompressor
+from blossomrec_hf.model.history_layout import HistoryLayout
+
+LENGTHS = (3, 17, 9, 1)  # packed histories: blocks of 8 with stride 4 start before a history's first item
+
+
+def compressor_and_inputs(static: bool, seed: int = 0):
+    """A learned compressor with random parameters (float64), packed k and v needing gradients, and their blocks;
+    `static` adds spare rows past the last block (`valid`), as a compiled batch has them."""
+    config = BlossomRecConfig(n_items=5, hidden_size=16, num_attention_heads=2, num_key_value_heads=2,
+                              compress_block_size=8, compress_stride=4, selection_block_size=4)
+    torch.manual_seed(seed)
+    compressor = BlockCompressor(config).double()
+    for parameter in compressor.parameters():
+        torch.nn.init.normal_(parameter, std=0.3)
+    tokens = sum(LENGTHS)
+    positions = torch.cat([torch.arange(n) for n in LENGTHS])[None]
+    cu_seqlens = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+    ids = torch.ones(1, tokens, dtype=torch.long)
+    layout = (HistoryLayout.from_inputs(ids, None, 1, positions, cu_seqlens, max(LENGTHS)) if static
+              else HistoryLayout.from_inputs(ids, None, 1, positions))
+    blocks = layout.compressed_blocks(block_size=8, stride=4)
+    assert (blocks.valid is not None) == static and (not static or not blocks.valid.all())
+    k, v = (torch.randn(tokens, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    return compressor, k, v, blocks
+
+
+def reference(compressor: BlockCompressor, k, v, blocks):
+    """The published compressor by autograd: each block's rows (zeros before its history) plus the position
+    embeddings, flattened, through relu(x W1 + b1) W2 + b2; rows that are no block zeroed."""
+    outputs = []
+    for index, x in enumerate((k, v)):
+        block = x[blocks.slot_tokens] * blocks.covered[:, :, None, None]  # [W, block, Hkv, D]
+        block = (block + compressor.positions[index][None, :, None]).transpose(1, 2).flatten(2)
+        hidden = torch.relu(block @ compressor.hidden_weight[index] + compressor.hidden_bias[index])
+        out = hidden @ compressor.output_weight[index] + compressor.output_bias[index]
+        outputs.append(out if blocks.valid is None else out * blocks.valid[:, None, None])
+    return outputs
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_forward_and_gradients_equal_autograd_through_the_reference(static, recompute):
+    compressor, k, v, blocks = compressor_and_inputs(static)
+    grads = [torch.randn(blocks.slot_tokens.shape[0], 2, 8, dtype=torch.float64) for _ in range(2)]
+    inputs = [k, v, *compressor.parameters()]
+    expected = reference(compressor, k, v, blocks)
+    expected_grads = torch.autograd.grad(expected, inputs, grads)
+    got = compressor(k, v, blocks, recompute=recompute)
+    got_grads = torch.autograd.grad(got, inputs, grads)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e)
+    for name, e, g in zip(["k", "v", *dict(compressor.named_parameters())], expected_grads, got_grads):
+        torch.testing.assert_close(g, e, msg=name)
+
+
+def test_gradcheck():
+    compressor, k, v, blocks = compressor_and_inputs(static=True)
+    parameters = [p.detach().requires_grad_() for p in compressor.parameters()]
+
+    def run(k, v, *weights):
+        return block_compressor._FORWARD(k, v, blocks.slot_tokens, blocks.covered, blocks.token_slot_rows,
+                                         blocks.valid, *weights, False)[0]
+
+    assert torch.autograd.gradcheck(run, (k, v, *parameters))
+
+
+@pytest.mark.parametrize("keep_activations", [False, True])
+def test_opcheck(keep_activations):
+    compressor, k, v, blocks = compressor_and_inputs(static=True)
+    weights = [p.detach().requires_grad_() for p in compressor.parameters()]
+    arguments = (k, v, blocks.slot_tokens, blocks.covered, blocks.token_slot_rows, blocks.valid, *weights,
+                 keep_activations)
+    torch.library.opcheck(block_compressor._FORWARD, arguments)
+    with torch.no_grad():
+        _, flat, hidden = block_compressor._FORWARD(*arguments)
+    grad = torch.randn(2, blocks.slot_tokens.shape[0], 2, 8, dtype=torch.float64)
+    detached = [a.detach() for a in arguments[:10]]  # the backward operator has no autograd formula of its own
+    torch.library.opcheck(block_compressor._BACKWARD, (*detached, flat, hidden, grad))
+
+
+def test_compiled_forward_and_backward_equal_eager():
+    compressor, k, v, blocks = compressor_and_inputs(static=True)
+
+    def step(k, v):
+        keys, values = compressor(k, v, blocks)
+        return (keys.square().sum() + values.sin().sum())
+
+    eager = torch.autograd.grad(step(k, v), [k, v, *compressor.parameters()])
+    compiled = torch.autograd.grad(torch.compile(step, fullgraph=True, backend="aot_eager")(k, v),
+                                   [k, v, *compressor.parameters()])
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e)
