@@ -32,7 +32,7 @@ def forward_arguments(compressed: bool, lengths=LENGTHS):
 @pytest.mark.parametrize("compressed", [True, False])
 def test_opcheck_forward_and_backward(compressed):
     arguments = forward_arguments(compressed)
-    torch.library.opcheck(blossom_attention_triton._FORWARD, arguments)
+    torch.library.opcheck(blossom_attention_triton._FORWARD.op, arguments)
     with torch.no_grad():
         outputs = blossom_attention_triton._FORWARD(*arguments)
     generator = torch.Generator().manual_seed(1)
@@ -40,7 +40,7 @@ def test_opcheck_forward_and_backward(compressed):
     output_grads = [torch.randn(o.shape[1], o.shape[0], o.shape[2], generator=generator).transpose(0, 1)
                     for o in outputs[:3]]
     tensors = [None if x is None else x.detach() for x in arguments[:7]]
-    torch.library.opcheck(blossom_attention_triton._BACKWARD, (*tensors, *outputs, *output_grads, *arguments[7:]))
+    torch.library.opcheck(blossom_attention_triton._BACKWARD.op, (*tensors, *outputs, *output_grads, *arguments[7:]))
 
 
 @pytest.mark.parametrize("compressed", [True, False])
@@ -82,13 +82,13 @@ def gate_inputs(num_branches: int, dtype: torch.dtype, tokens: int = 11, dim: in
 def test_opcheck_gated_sum_forward_and_backward(num_branches, dtype, token_major):
     logits, branches = gate_inputs(num_branches, dtype, token_major=token_major)
     arguments = (logits, *branches, *[None] * (3 - num_branches))
-    torch.library.opcheck(blossom_attention_triton._GATED_FORWARD, arguments)
+    torch.library.opcheck(blossom_attention_triton._GATED_FORWARD.op, arguments)
     with torch.no_grad():
         out = blossom_attention_triton._GATED_FORWARD(*arguments)
     # a contiguous output gradient (batched: [1, H, T, D], where the output is a view of [1, T, H, D] memory)
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
     tensors = [None if x is None else x.detach() for x in arguments]
-    torch.library.opcheck(blossom_attention_triton._GATED_BACKWARD, (*tensors, dout))
+    torch.library.opcheck(blossom_attention_triton._GATED_BACKWARD.op, (*tensors, dout))
 
 
 @pytest.mark.parametrize("compressed", [True, False])

@@ -80,12 +80,12 @@ def test_opcheck(keep_activations):
     weights = [p.detach().requires_grad_() for p in compressor.parameters()]
     arguments = (k, v, blocks.slot_tokens, blocks.covered, blocks.token_slot_rows, blocks.valid, *weights,
                  keep_activations)
-    torch.library.opcheck(block_compressor._FORWARD, arguments)
+    torch.library.opcheck(block_compressor._FORWARD.op, arguments)
     with torch.no_grad():
         _, flat, hidden = block_compressor._FORWARD(*arguments)
     grad = torch.randn(2, blocks.slot_tokens.shape[0], 2, 8, dtype=torch.float64)
     detached = [a.detach() for a in arguments[:10]]  # the backward operator has no autograd formula of its own
-    torch.library.opcheck(block_compressor._BACKWARD, (*detached, flat, hidden, grad))
+    torch.library.opcheck(block_compressor._BACKWARD.op, (*detached, flat, hidden, grad))
 
 
 def test_compiled_forward_and_backward_equal_eager():

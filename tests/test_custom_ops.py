@@ -44,7 +44,7 @@ def projection_view(batch=2, length=5, seed=0):
 @pytest.mark.parametrize("hidden_grad, weight_grad", [(True, True), (False, True), (False, False)])
 def test_opcheck_chunked_loss(hidden_grad, weight_grad):
     hidden, weight, targets = loss_inputs()
-    torch.library.opcheck(chunked_cross_entropy._FORWARD, (hidden.detach().requires_grad_(hidden_grad),
+    torch.library.opcheck(chunked_cross_entropy._FORWARD.op, (hidden.detach().requires_grad_(hidden_grad),
                                                            weight.detach().requires_grad_(weight_grad), targets,
                                                            -100, 4, hidden_grad, weight_grad))
 
@@ -54,10 +54,10 @@ def test_opcheck_chunked_loss(hidden_grad, weight_grad):
 def test_opcheck_fused_loss(monkeypatch, programs_per_sm):
     monkeypatch.setitem(fused_cross_entropy.TUNING, "programs_per_sm", programs_per_sm)
     hidden, weight, targets = loss_inputs(rows=70, items=150)
-    torch.library.opcheck(fused_cross_entropy._FORWARD, (hidden, weight, targets, -100, torch.float32, True))
+    torch.library.opcheck(fused_cross_entropy._FORWARD.op, (hidden, weight, targets, -100, torch.float32, True))
     with torch.no_grad():
         _, lse, _ = fused_cross_entropy._FORWARD(hidden, weight, targets, -100, torch.float32, False)
-    torch.library.opcheck(fused_cross_entropy._BACKWARD, (hidden.detach(), weight.detach(), targets, lse,
+    torch.library.opcheck(fused_cross_entropy._BACKWARD.op, (hidden.detach(), weight.detach(), targets, lse,
                                                           torch.tensor(0.25), -100, torch.float32))
 
 
@@ -65,9 +65,9 @@ def test_opcheck_fused_loss(monkeypatch, programs_per_sm):
 def test_opcheck_fused_rotary():
     _, query_key = projection_view()
     cos, sin = rotary_tables(5, DIM, 10000.0, "cpu", torch.float32)
-    torch.library.opcheck(rotary_embedding._FORWARD, (query_key, cos, sin, HEADS))
+    torch.library.opcheck(rotary_embedding._FORWARD.op, (query_key, cos, sin, HEADS))
     dq, dk = torch.randn(2, 5, HEADS, DIM), torch.randn(2, KV_HEADS, 5, DIM).transpose(1, 2)  # keys' grads strided
-    torch.library.opcheck(rotary_embedding._BACKWARD, (dq, dk, cos, sin))
+    torch.library.opcheck(rotary_embedding._BACKWARD.op, (dq, dk, cos, sin))
 
 
 def attention_free_step(projection, weight, targets, cos, sin, fused: bool):
@@ -164,7 +164,7 @@ def load_copy(tmp_path, monkeypatch):
 
 def installed_and_copied_operators(copy):
     for installed in (chunked_cross_entropy, fused_cross_entropy, rotary_embedding):
-        yield installed._FORWARD, getattr(copy, installed.__name__.split(".")[-1])._FORWARD
+        yield installed._FORWARD.op, getattr(copy, installed.__name__.split(".")[-1])._FORWARD.op
 
 
 @pytest.mark.parametrize("fused", FUSED)
@@ -235,3 +235,29 @@ def test_kernels_take_torchs_float32_matmul_precision(monkeypatch, dtype, settin
     kernels = {kernel.__name__ for kernel, kwargs in launches if kwargs.get("DOT_PREC") == expected}
     assert {"compressed_forward", "softmax_forward"} <= kernels
     assert all(kwargs["DOT_PREC"] == expected for kernel, kwargs in launches if "DOT_PREC" in kernel.arg_names)
+
+
+@requires_triton
+@pytest.mark.parametrize("operator", ["rotary", "fused_loss", "chunked_loss"])
+def test_the_eager_path_equals_the_operator(operator):
+    """Eager calls run the operators' implementation and autograd formula as a plain autograd.Function (no
+    torch.library dispatch); `.op` is what torch.compile traces. Outputs and gradients are bitwise equal."""
+    if operator == "rotary":
+        projection, query_key = projection_view()
+        cos, sin = rotary_tables(5, DIM, 10000.0, "cpu", torch.float32)
+        wrapper, arguments, leaves = rotary_embedding._FORWARD, (query_key, cos, sin, HEADS), [projection]
+    else:
+        hidden, weight, targets = loss_inputs()
+        module = fused_cross_entropy if operator == "fused_loss" else chunked_cross_entropy
+        wrapper, leaves = module._FORWARD, [hidden, weight]
+        arguments = ((hidden, weight, targets, -100, torch.float32, True) if operator == "fused_loss"
+                     else (hidden, weight, targets, -100, 4, True, True))
+    results = []
+    for call in (wrapper, wrapper.op):
+        outputs = [o for o in call(*arguments) if o.is_floating_point() and o.requires_grad]
+        # the eager path's autograd node is its autograd.Function's, not the operator's
+        assert ("_eager" in type(outputs[0].grad_fn).__name__) == (call is wrapper)
+        grads = torch.autograd.grad([o.sum() for o in outputs], leaves)
+        results.append([*outputs, *grads])
+    for eager, traced in zip(*results):
+        assert torch.equal(eager, traced)

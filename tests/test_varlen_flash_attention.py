@@ -88,7 +88,7 @@ def test_forward_and_backward_match_plain_attention(stand_in):
 
 def test_the_operator_passes_opcheck(stand_in):
     q, k, v, cu_seqlens, longest = packed()
-    torch.library.opcheck(flash._FORWARD, (q, k, v, cu_seqlens, longest))
+    torch.library.opcheck(flash._FORWARD.op, (q, k, v, cu_seqlens, longest))
 
 
 @pytest.mark.parametrize("grouped_heads", [True, False], ids=["enable_gqa", "repeated_kv_heads"])

@@ -43,9 +43,10 @@ def dot_precision(dtype: torch.dtype) -> str:
     return FLOAT32_DOT_PRECISION[torch.get_float32_matmul_precision()]
 
 
-def define_op(name: str, impl, fake, backward=None, setup_context=None):
+def define_op(name: str, impl, fake, backward=None, setup_context=None) -> "Operator":
     """torch.ops.LIBRARY.name, defined from `impl` (typed arguments give the schema; no input is mutated) and `fake`,
-    with `backward` as its autograd formula, unless a copy of the same code has defined it already."""
+    with `backward` as its autograd formula, unless a copy of the same code has defined it already; returned with
+    its eager path (`Operator`)."""
     namespace = getattr(torch.ops, LIBRARY)
     if not hasattr(namespace, name):
         qualified_name = f"{LIBRARY}::{name}"
@@ -53,12 +54,50 @@ def define_op(name: str, impl, fake, backward=None, setup_context=None):
         torch.library.register_fake(qualified_name, fake)
         if backward is not None:
             torch.library.register_autograd(qualified_name, backward, setup_context=setup_context)
-    return getattr(namespace, name)
+    return Operator(getattr(namespace, name), _without_autocast(impl), backward, setup_context)
+
+
+class Operator:
+    """A custom operator and its eager path. Compiling (torch.compile, torch.export), a call goes to the operator
+    `op`, which the compiler traces by its fake implementation. Eager, the same implementation and autograd formula
+    run as a plain autograd.Function (or directly, where no input needs a gradient): torch.library's Python dispatch
+    (argument defaults, autocast and dynamo guards, redispatch) cost ~100 us a call on a CPU (benchmarks/
+    host_overhead.py), several times what the kernels it launches take at short lengths."""
+
+    def __init__(self, op, impl, backward=None, setup_context=None):
+        self.op, self.impl = op, impl
+        self.function = None if backward is None else type(f"{op.__name__}_eager", (torch.autograd.Function,), dict(
+            forward=staticmethod(_eager_forward(impl, setup_context)), backward=staticmethod(backward)))
+
+    def __call__(self, *args):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        # traced (dynamo, or AOT tracing with fake or functional tensors, as opcheck does) or on meta tensors: the
+        # operator, whose fake implementation serves them
+        if torch.compiler.is_compiling() or not all(type(t) in _PLAIN_TENSORS and not t.is_meta for t in tensors):
+            return self.op(*args)
+        if self.function is not None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return self.function.apply(*args)
+        return self.impl(*args)
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager_forward(impl, setup_context):
+    def forward(ctx, *args):
+        output = impl(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    return forward
 
 
 def _without_autocast(impl):
+    """impl with autocast off, so that its callers choose the operands' dtypes (only entered where autocast is on)."""
     @functools.wraps(impl)
     def run(*args):
+        if not (torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu")):
+            return impl(*args)
         with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
             return impl(*args)
 
