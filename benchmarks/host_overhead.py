@@ -54,9 +54,10 @@ class _CountCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def module_step(implementation: str):
+def module_step(implementation: str, autocast: bool):
     """The first attention module of a fresh model (the benchmark's shape: hidden 128, 8 heads, 2 kv heads; blocks
-    of 16 so that the compressor's matmuls stay tiny), forward + backward under bf16 autocast on packed histories."""
+    of 16 so that the compressor's matmuls stay tiny), forward + backward on packed histories, in float32 or under
+    bf16 autocast (as on the GPU, but a CPU casts and multiplies bf16 slowly: more arithmetic in the time)."""
     torch.manual_seed(0)
     config = BlossomRecConfig(n_items=100, hidden_size=128, num_attention_heads=8, num_key_value_heads=2,
                               compress_block_size=16, compress_stride=16, selection_block_size=16,
@@ -76,15 +77,15 @@ def module_step(implementation: str):
     rotary = cos[layout.positions], sin[layout.positions]
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
             out = module(hidden, layout, rotary)
         out.backward(grad)
 
     return step
 
 
-def measure(implementation: str, steps: int) -> dict:
-    step = module_step(implementation)
+def measure(implementation: str, steps: int, autocast: bool) -> dict:
+    step = module_step(implementation, autocast)
     for _ in range(10):
         step()
     counter = _CountCalls()
@@ -103,6 +104,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--implementations", nargs="+", default=["blossom_triton", "sdpa"])
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--autocast", action="store_true", help="bf16 autocast (default: float32)")
     parser.add_argument("--output", default=None, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -110,15 +112,15 @@ def main(argv=None) -> int:
         for name in names:
             if hasattr(module, name):
                 setattr(module, name, _NoLaunch())
-    rows = [measure(implementation, args.steps) for implementation in args.implementations]
+    rows = [measure(implementation, args.steps, args.autocast) for implementation in args.implementations]
     print(f"{'implementation':16} {'aten calls':>10} {'host us (median)':>17} {'host us (p10)':>14}")
     for row in rows:
         print(f"{row['implementation']:16} {row['aten_calls']:>10} {row['host_us_median']:>17.0f} "
               f"{row['host_us_p10']:>14.0f}")
     if args.output:
         with open(args.output, "w") as f:
-            json.dump({"torch": torch.__version__, "length": LENGTH, "histories": HISTORIES, "rows": rows}, f,
-                      indent=2)
+            json.dump({"torch": torch.__version__, "length": LENGTH, "histories": HISTORIES,
+                       "autocast": args.autocast, "rows": rows}, f, indent=2)
     return 0
 
 

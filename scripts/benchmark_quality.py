@@ -396,11 +396,14 @@ def evaluation_flags(output_dir: Path) -> list[str]:
 
 
 def rank_chosen_test(results: dict, jobs: list[dict]) -> None:
-    """Tuning: rank the test split of the chosen variants' runs (only those), each with scripts/evaluate.py on the
-    best model the run saved, and put the metrics into their entries (read back from test_metrics.json if an earlier
-    invocation ranked them). A failed ranking is noted in the entry as `test_error`."""
+    """Tuning: rank the test split of the chosen variants' runs (only those, and only once every variant has the same
+    seeds done), each with scripts/evaluate.py on the best model the run saved, and put the metrics into their entries
+    (read back from test_metrics.json if an earlier invocation ranked them). A failed ranking is noted in the entry
+    as `test_error`."""
     output_dirs = {job["run"]: job["output_dir"] for job in jobs}
-    chosen = {c["config"] for c in choose_on_validation(aggregate(results)).values()}
+    # a choice among variants with different seeds done (a run failed, or the time limit came first) is not final:
+    # ranking it now could rank a second variant's test split once --resume completes the others
+    chosen = {c["config"] for c in choose_on_validation(aggregate(results)).values() if c["complete"]}
     for run, entry in results.items():
         if entry["config"] not in chosen or entry["status"] != "ok" or "test" in entry:
             continue

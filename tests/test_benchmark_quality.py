@@ -168,3 +168,25 @@ def test_a_bad_variant_is_one_usage_error(quality_benchmark, spec, capsys):
     with pytest.raises(SystemExit) as stopped:
         quality_benchmark.parse_args(["--variants", spec])
     assert stopped.value.code == 2 and "--variants" in capsys.readouterr().err
+
+
+def test_an_incomplete_choice_ranks_no_test_split(quality_benchmark, tmp_path, monkeypatch):
+    """Variant a won on the one seed it finished; b finished both. Ranking a's test split now would let a later
+    --resume, once a's second seed is done and b wins, rank a second variant's: nothing is ranked until the seeds
+    agree."""
+    metrics = {c: 0.1 for c in quality_benchmark.COLUMNS}
+
+    def entry(variant, seed, status, ndcg):
+        return {"config": f"beauty-blossom-{variant}", "name": "beauty-blossom", "layout": "packed",
+                "variant": variant, "seed": seed, "status": status,
+                **({"validation": {"model": {**metrics, "ndcg@10": ndcg}}} if status == "ok" else {})}
+
+    results = {"a0": entry("a", 0, "ok", 0.30), "a1": entry("a", 1, "not started: --time_limit_s reached", 0),
+               "b0": entry("b", 0, "ok", 0.20), "b1": entry("b", 1, "ok", 0.25)}
+    jobs = [{"run": run, "output_dir": tmp_path / run} for run in results]
+    launched = []
+    monkeypatch.setattr(quality_benchmark.subprocess, "run", lambda command, **_: launched.append(command))
+    chosen = quality_benchmark.choose_on_validation(quality_benchmark.aggregate(results))["beauty-blossom"]
+    assert chosen["variant"] == "a" and not chosen["complete"]
+    quality_benchmark.rank_chosen_test(results, jobs)
+    assert launched == [] and not any("test" in e for e in results.values())

@@ -100,3 +100,20 @@ def test_compiled_forward_and_backward_equal_eager():
                                    [k, v, *compressor.parameters()])
     for e, c in zip(eager, compiled):
         torch.testing.assert_close(c, e)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_second_derivatives_equal_autograd_through_the_reference(recompute):
+    """A double backward (a gradient penalty) differentiates the written-out backward: in plain PyTorch, from the
+    inputs, whether or not the forward kept its activations (those carry no graph)."""
+    compressor, k, v, blocks = compressor_and_inputs(static=True)
+    inputs = [k, v, *compressor.parameters()]
+
+    def second_derivatives(outputs):
+        grads = torch.autograd.grad(sum(o.sin().sum() for o in outputs), inputs, create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in grads), inputs)
+
+    expected = second_derivatives(reference(compressor, k, v, blocks))
+    for name, e, g in zip(["k", "v", *dict(compressor.named_parameters())], expected,
+                          second_derivatives(compressor(k, v, blocks, recompute=recompute))):
+        torch.testing.assert_close(g, e, msg=name)

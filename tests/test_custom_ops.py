@@ -261,3 +261,27 @@ def test_the_eager_path_equals_the_operator(operator):
         results.append([*outputs, *grads])
     for eager, traced in zip(*results):
         assert torch.equal(eager, traced)
+
+
+@requires_triton
+def test_a_double_backward_through_a_kernel_refuses_as_the_operator_does():
+    """The backward operators have no autograd formula: differentiating them raises (as torch.library does), rather
+    than giving second derivatives that silently leave their terms out."""
+    projection, query_key = projection_view()
+    cos, sin = rotary_tables(5, DIM, 10000.0, "cpu", torch.float32)
+    q, k = rotate_queries_and_keys(query_key, cos, sin, HEADS, fused=True)
+    (grad,) = torch.autograd.grad(q.square().sum() + k.sum(), projection, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        grad.square().sum().backward()
+
+
+@requires_triton
+def test_torch_func_transforms_take_the_operator():
+    """Under vmap the tensors are functorch wrappers that the kernels cannot read: calls go to the operator."""
+    _, query_key = projection_view()
+    cos, sin = rotary_tables(5, DIM, 10000.0, "cpu", torch.float32)
+    batched = torch.stack([query_key.detach(), 2 * query_key.detach()])
+    got = torch.func.vmap(lambda x: rotary_embedding._FORWARD(x, cos, sin, HEADS))(batched)
+    for index in range(2):
+        for a, b in zip(got, rotary_embedding._FORWARD(batched[index], cos, sin, HEADS)):
+            torch.testing.assert_close(a[index], b)

@@ -160,7 +160,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad, *_):
     if grad is None:
         return (None,) * 12
-    dk, dv, *weights = _BACKWARD(*ctx.saved_tensors, grad.contiguous())
+    saved = ctx.saved_tensors
+    if torch.is_grad_enabled():  # a double backward: the written-out backward in plain, differentiable PyTorch,
+        # recomputing the activations from the inputs (the saved ones carry no graph)
+        unkept = saved[0].new_empty(0, 0, 0)
+        dk, dv, *weights = _backward_impl(*saved[:10], unkept, unkept, grad.contiguous())
+    else:
+        dk, dv, *weights = _BACKWARD(*saved, grad.contiguous())
     return dk, dv, None, None, None, None, *weights, None
 
 

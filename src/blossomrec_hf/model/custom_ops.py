@@ -71,12 +71,15 @@ class Operator:
 
     def __call__(self, *args):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        # traced (dynamo, or AOT tracing with fake or functional tensors, as opcheck does) or on meta tensors: the
-        # operator, whose fake implementation serves them
-        if torch.compiler.is_compiling() or not all(type(t) in _PLAIN_TENSORS and not t.is_meta for t in tensors):
+        # traced (dynamo, or AOT tracing with fake or functional tensors, as opcheck does), under torch.func
+        # transforms or on meta tensors: the operator, whose fake implementation serves them
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or not all(
+                type(t) in _PLAIN_TENSORS and not t.is_meta for t in tensors):
             return self.op(*args)
-        if self.function is not None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return self.function.apply(*args)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            # an operator without an autograd formula (a backward, differentiated by a double backward) refuses as
+            # the operator does, rather than returning results that no gradient flows through
+            return self.op(*args) if self.function is None else self.function.apply(*args)
         return self.impl(*args)
 
 
