@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements of the open speed and quality work, in stages that fit one 10-minute device call each:
 #   STAGES="profile attention" OUT=results_dir DATA_DIR=folder_with_Beauty.txt bash benchmarks/gpu_runs.sh
-# Stages: check (correctness of the packed kernels; check_tf32: float32 at "high" precision), profile (eager vs
+# Stages: check (correctness of the packed kernels; check_tf32: float32 at "high" precision; check_model: whole
+# models against blossom_torch), profile (eager vs
 # compiled kernels), attention (module and model tables: eager, compiled, graph, host), train (packed vs padded
 # training throughput), train_modes (eager vs --torch_compile, packed), quality_beauty / quality_ml100k (packed vs
 # padded, 3 seeds), tune_ml100k / tune_beauty (validation-only tuning), card_beauty (the model card's checkpoint),
@@ -25,6 +26,11 @@ python3 -c "import torch, triton, transformers; print(torch.__version__, triton.
 stage() { [[ " ${STAGES:-check profile attention train} " == *" $1 "* ]]; }
 if stage check; then
   timeout 200 python3 scripts/check_triton_attention.py --kind varlen --output "$OUT/triton_varlen.json" 2>&1 | tee "$OUT/check.log" | tail -12
+fi
+# check_model: whole models, blossom_triton against blossom_torch (the compressor and gated-sum paths around the kernels)
+if stage check_model; then
+  timeout 200 python3 scripts/check_triton_attention.py --kind model --output "$OUT/triton_model.json" 2>&1 \
+    | tee "$OUT/check_model.log" | tail -6
 fi
 # check_tf32: the same sweep with float32 at torch's "high" precision (train.py --tf32: three TF32 passes)
 if stage check_tf32; then
