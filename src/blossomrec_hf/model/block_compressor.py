@@ -12,8 +12,8 @@ import math
 import torch
 from torch import nn
 
-from .custom_ops import define_op
-from .history_layout import CompressedBlocks
+from .custom_ops import compute_dtype, define_op
+from .history_layout import CompressedBlocks, gather_slots, sum_slots
 
 Tensor = torch.Tensor
 
@@ -61,7 +61,7 @@ class BlockCompressor(nn.Module):
         if not self.learned:
             real_positions = blocks.covered.sum(dim=1).clamp(min=1).to(k.dtype)
             return blocks.only_valid(blocks.gather(k).sum(dim=1) / real_positions[:, None, None]), None
-        dtype = _compute_dtype(k)
+        dtype = compute_dtype(k, v)
         weights = [w.to(dtype) for w in (self.positions, self.hidden_weight, self.hidden_bias, self.output_weight,
                                          self.output_bias)]
         valid = blocks.valid if blocks.valid is not None else blocks.covered.new_empty(0)
@@ -71,18 +71,11 @@ class BlockCompressor(nn.Module):
         return keys, values
 
 
-def _compute_dtype(k: Tensor) -> torch.dtype:
-    """The MLPs' dtype: autocast's where it is on (as nn.Linear would run), else k's."""
-    device_type = k.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else k.dtype
-
-
 def _gathered(k: Tensor, v: Tensor, slot_tokens: Tensor, covered: Tensor) -> Tensor:
     """Every block's keys and values as the MLPs' rows: [2, W * Hkv, block * D], zeros before a history's start."""
     num_blocks, block_size = slot_tokens.shape
-    stacked = torch.stack([k, v])[:, slot_tokens]  # [2, W, block, Hkv, D]
-    stacked = stacked.where(covered[None, :, :, None, None], 0)
-    return stacked.transpose(2, 3).reshape(2, num_blocks * k.shape[1], block_size * k.shape[2])
+    slots = gather_slots(torch.stack([k, v], dim=1), slot_tokens, covered)  # [W, block, 2, Hkv, D]
+    return slots.permute(2, 0, 3, 1, 4).reshape(2, num_blocks * k.shape[1], block_size * k.shape[2])
 
 
 def _hidden(flat: Tensor, positions: Tensor, hidden_weight: Tensor, hidden_bias: Tensor) -> Tensor:
@@ -138,8 +131,7 @@ def _backward_impl(k: Tensor, v: Tensor, slot_tokens: Tensor, covered: Tensor, t
     d_flat = torch.bmm(d_hidden, hidden_weight.transpose(1, 2))  # [2, W * Hkv, block * D]
     # back to slots [W * block, 2, Hkv, D] (uncovered slots' rows are never read), then each token sums its slots
     slots = d_flat.view(2, num_blocks, k.shape[1], block_size, k.shape[2]).permute(1, 3, 0, 2, 4)
-    slots = torch.cat([slots.reshape(num_blocks * block_size, 2, *k.shape[1:]), slots.new_zeros(1, 2, *k.shape[1:])])
-    d_kv = slots[token_slot_rows].sum(dim=1)  # [T, 2, Hkv, D]
+    d_kv = sum_slots(slots.reshape(num_blocks * block_size, 2, *k.shape[1:]), token_slot_rows)  # [T, 2, Hkv, D]
     return (d_kv[:, 0].contiguous(), d_kv[:, 1].contiguous(), d_positions, d_hidden_weight, d_hidden_bias,
             d_output_weight, d_output_bias)
 

@@ -22,7 +22,7 @@ import warnings
 import torch
 
 from .blossom_attention_torch import blossom_attention_torch_varlen
-from .custom_ops import define_op, dot_precision
+from .custom_ops import compute_dtype, define_op, dot_precision
 from .sparse_patterns import SparseGeometry
 from .tile_fitting import fit_tiles
 
@@ -374,17 +374,6 @@ def _geometry_fields(geometry: SparseGeometry) -> tuple[int, int, int, int, int]
             geometry.num_selected_blocks, geometry.stis_window)
 
 
-def _compute_dtype(*tensors) -> torch.dtype:
-    """One dtype for every operand: autocast's where it is on, else the widest of the inputs."""
-    device_type = tensors[0].device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
 def _dense(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x in `dtype` with dense token rows: the kernels compute row offsets from the head count. A strided view (v, a
     slice of the input projection's 216-wide rows) is copied: measured on an H200 (padded layout), reading v in place
@@ -404,7 +393,7 @@ def blossom_attention_triton_varlen(q, k, v, ck, cv, *, cu_seqlens, cu_compresse
     if reason is not None or q.shape[0] == 0:  # no tokens: nothing to launch
         return blossom_attention_torch_varlen(q, k, v, ck, cv, cu_seqlens=cu_seqlens, cu_compressed=cu_compressed,
                                               max_length=max_length, geometry=geometry)
-    dtype = _compute_dtype(*(t for t in (q, k, v, ck, cv) if t is not None))
+    dtype = compute_dtype(*(t for t in (q, k, v, ck, cv) if t is not None))
     operands = [_dense(t, dtype) if t is not None else None for t in (q, k, v, ck, cv)]
     o_sel, o_stis, oc = _FORWARD(*operands, cu_seqlens, cu_compressed, max_length, *_geometry_fields(geometry))[:3]
     return o_sel, o_stis, (oc if cv is not None else None)

@@ -27,7 +27,7 @@ import torch
 OPERATOR_FILES = ("custom_ops.py", "chunked_cross_entropy.py", "fused_cross_entropy.py",
                   "triton_cross_entropy_kernels.py", "rotary_embedding.py", "triton_rotary_kernels.py",
                   "blossom_attention_triton.py", "triton_blossom_kernels.py", "sparse_patterns.py",
-                  "varlen_flash_attention.py", "tile_fitting.py", "block_compressor.py")
+                  "varlen_flash_attention.py", "tile_fitting.py", "block_compressor.py", "history_layout.py")
 LIBRARY = "blossomrec_" + hashlib.sha256(
     b"".join((Path(__file__).parent / name).read_bytes() for name in OPERATOR_FILES)).hexdigest()[:12]
 
@@ -43,18 +43,30 @@ def dot_precision(dtype: torch.dtype) -> str:
     return FLOAT32_DOT_PRECISION[torch.get_float32_matmul_precision()]
 
 
+def compute_dtype(*tensors) -> torch.dtype:
+    """One dtype for an operator's operands, chosen by its caller (operators run with autocast off): autocast's where
+    it is on, else the widest of the inputs."""
+    device_type = tensors[0].device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def define_op(name: str, impl, fake, backward=None, setup_context=None) -> "Operator":
     """torch.ops.LIBRARY.name, defined from `impl` (typed arguments give the schema; no input is mutated) and `fake`,
     with `backward` as its autograd formula, unless a copy of the same code has defined it already; returned with
     its eager path (`Operator`)."""
-    namespace = getattr(torch.ops, LIBRARY)
+    namespace, impl = getattr(torch.ops, LIBRARY), _without_autocast(impl)
     if not hasattr(namespace, name):
         qualified_name = f"{LIBRARY}::{name}"
-        torch.library.custom_op(qualified_name, _without_autocast(impl), mutates_args=())
+        torch.library.custom_op(qualified_name, impl, mutates_args=())
         torch.library.register_fake(qualified_name, fake)
         if backward is not None:
             torch.library.register_autograd(qualified_name, backward, setup_context=setup_context)
-    return Operator(getattr(namespace, name), _without_autocast(impl), backward, setup_context)
+    return Operator(getattr(namespace, name), impl, backward, setup_context)
 
 
 class Operator:

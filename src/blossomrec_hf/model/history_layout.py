@@ -357,15 +357,25 @@ class _GatherBlocks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens, slot_tokens, covered, token_slot_rows):
         ctx.save_for_backward(token_slot_rows)
-        ctx.num_slots = slot_tokens.numel()
-        return tokens[slot_tokens].where(covered.view(*covered.shape, *([1] * (tokens.dim() - 1))), 0)
+        return gather_slots(tokens, slot_tokens, covered)
 
     @staticmethod
     def backward(ctx, grad_blocks):
         (token_slot_rows,) = ctx.saved_tensors
-        flat = grad_blocks.reshape(ctx.num_slots, *grad_blocks.shape[2:])
-        flat = torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])  # the row that an uncovered slot reads
-        return flat[token_slot_rows].sum(dim=1), None, None, None
+        return sum_slots(grad_blocks.flatten(0, 1), token_slot_rows), None, None, None
+
+
+def gather_slots(tokens: torch.Tensor, slot_tokens: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
+    """tokens [T, ...] -> the blocks' slots [W, block_size, ...] (`CompressedBlocks.slot_tokens`), zero where a slot
+    covers no token."""
+    return tokens[slot_tokens].where(covered.view(*covered.shape, *([1] * (tokens.dim() - 1))), 0)
+
+
+def sum_slots(slots: torch.Tensor, token_slot_rows: torch.Tensor) -> torch.Tensor:
+    """The gather's adjoint: flat slots [W * block_size, ...] -> [T, ...], each token the sum of the slots covering it
+    (`CompressedBlocks.token_slot_rows`; an uncovered entry reads an appended zero row)."""
+    slots = torch.cat([slots, slots.new_zeros(1, *slots.shape[1:])])
+    return slots[token_slot_rows].sum(dim=1)
 
 
 def _slots_of_tokens(token_rows: torch.Tensor, num_tokens: int, per_token: int) -> torch.Tensor:
