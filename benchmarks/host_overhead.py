@@ -26,14 +26,15 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from blossomrec_hf import BlossomRecConfig, BlossomRecForSequentialRecommendation  # noqa: E402
-from blossomrec_hf.model import blossom_attention_triton, rotary_embedding  # noqa: E402
+from blossomrec_hf.model import block_compressor, blossom_attention_triton, rotary_embedding  # noqa: E402
 from blossomrec_hf.model.history_layout import HistoryLayout  # noqa: E402
 from blossomrec_hf.model.rotary_embedding import rotary_tables  # noqa: E402
 
 KERNELS = {blossom_attention_triton: ("compressed_forward", "sparse_forward", "one_pass_forward", "backward_dq",
                                       "one_pass_backward_dq", "sparse_backward_dkdv", "one_pass_backward_dkdv",
                                       "compressed_backward_dkdv", "gated_sum_forward", "gated_sum_backward"),
-           rotary_embedding: ("rotary_forward", "rotary_backward")}
+           rotary_embedding: ("rotary_forward", "rotary_backward"),
+           block_compressor: ("unfold_blocks", "fold_blocks")}
 LENGTH, HISTORIES = 48, 2
 
 

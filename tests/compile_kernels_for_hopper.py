@@ -26,6 +26,7 @@ except ImportError as error:
     print(f"triton {triton.__version__}: compiler API differs ({error})")
     sys.exit(API_CHANGED)
 
+from blossomrec_hf.model import block_compressor as compressor
 from blossomrec_hf.model import blossom_attention_triton as attention
 from blossomrec_hf.model import fused_cross_entropy as loss
 from blossomrec_hf.model import rotary_embedding as rotary
@@ -33,7 +34,7 @@ from blossomrec_hf.model import rotary_embedding as rotary
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_MEMORY_LIMIT = 232448  # bytes a block may use on an H100 or H200 (227 KiB)
 POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int32: "*i32",
-                 torch.int64: "*i64"}
+                 torch.int64: "*i64", torch.bool: "*i1"}
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
@@ -133,8 +134,20 @@ def attention_launches(dtype: torch.dtype, heads: int = 8, kv_heads: int = 2, di
             attention._backward_impl(q, k, v, ck, values, *bounds, *outputs, *outputs[:3], length, *geometry)
 
 
+def one_pass_key_tiles(dtype: torch.dtype, blocks=(2, 4)) -> None:
+    """The one-pass dk/dv kernel with key tiles of several selection blocks (TUNING's one_pass_dkdv_blocks)."""
+    default = attention.TUNING["one_pass_dkdv_blocks"]
+    try:
+        for count in blocks:
+            attention.TUNING["one_pass_dkdv_blocks"] = count
+            attention_launches(dtype, lengths=(200,))
+            attention_launches(dtype, heads=8, kv_heads=2, dim=128, lengths=(200,))
+    finally:
+        attention.TUNING["one_pass_dkdv_blocks"] = default
+
+
 def other_launches(dtype: torch.dtype) -> None:
-    """The gated sum and rotary embedding kernels, forward and backward."""
+    """The gated sum, rotary embedding and block compressor gather kernels, forward and backward."""
     heads, length, dim = 8, 64, 16
     for branches in (2, 3):
         logits = torch.zeros(1, length, heads, branches, dtype=dtype)
@@ -146,6 +159,11 @@ def other_launches(dtype: torch.dtype) -> None:
     cos, sin = torch.zeros(2, length, dim)
     rotary._forward(query_key, cos, sin, heads)
     rotary._backward_impl(query_key[:, :, :heads], query_key[:, :, heads:], cos, sin)
+    k = torch.zeros(length, 2, dim, dtype=dtype)
+    blocks = (length - 1) // 16
+    flat = compressor._gathered(k, k, torch.zeros(blocks, 32, dtype=torch.long),
+                                torch.zeros(blocks, 32, dtype=torch.bool), fused=True)
+    compressor._folded(flat, torch.zeros(length, 2, dtype=torch.long), k, fused=True)
 
 
 def loss_launches(dtype: torch.dtype, dims=(64, 128, 256)) -> None:
@@ -168,7 +186,8 @@ def launch_groups():
     yield "bfloat16 wide heads", lambda: attention_launches(torch.bfloat16, heads=8, kv_heads=1, dim=128)
     yield "bfloat16 one pass at its limit", lambda: attention_launches(torch.bfloat16, heads=8, kv_heads=2, dim=128,
                                                                        lengths=(200,))
-    yield "bfloat16 gate and rotary", lambda: other_launches(torch.bfloat16)
+    yield "bfloat16 gate, rotary and compressor gather", lambda: other_launches(torch.bfloat16)
+    yield "bfloat16 one-pass dk/dv over several key blocks", lambda: one_pass_key_tiles(torch.bfloat16)
     yield "bfloat16 loss", lambda: loss_launches(torch.bfloat16)
     for precision in ("high", "highest"):
         yield f"float32 loss at {precision!r}", lambda: loss_launches(torch.float32)
@@ -177,13 +196,14 @@ def launch_groups():
     yield "float32 wide heads at 'high'", lambda: attention_launches(torch.float32, heads=8, kv_heads=2, dim=128)
     yield "float32 one pass at its limit at 'high'", lambda: attention_launches(torch.float32, heads=8, kv_heads=4,
                                                                                 dim=128, lengths=(200,))
-    yield "float32 gate and rotary at 'high'", lambda: other_launches(torch.float32)
+    yield "float32 gate, rotary and compressor gather at 'high'", lambda: other_launches(torch.float32)
+    yield "float32 one-pass dk/dv over several key blocks at 'high'", lambda: one_pass_key_tiles(torch.float32)
 
 
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("run with TRITON_INTERPRET unset: the interpreter replaces the kernels this compiles")
-    compiler = Compiler([attention, rotary, loss])
+    compiler = Compiler([attention, rotary, loss, compressor])
     default_precision, failed_groups = torch.get_float32_matmul_precision(), []
     try:
         for name, launches in launch_groups():

@@ -214,11 +214,13 @@ def test_query_blocks_too_wide_for_the_one_pass_kernels_take_the_gathered_ones()
 
 
 @requires_triton
-@pytest.mark.parametrize("keys_per_tile", [16, 64])
-def test_one_pass_key_tiles_of_other_sizes(monkeypatch, keys_per_tile):
-    """Score tiles narrower than, and spanning several, selection blocks give the reference's results."""
+@pytest.mark.parametrize("keys_per_tile, dkdv_blocks", [(16, 1), (64, 1), (32, 2), (32, 4)])
+def test_one_pass_key_tiles_of_other_sizes(monkeypatch, keys_per_tile, dkdv_blocks):
+    """Score tiles narrower than, and spanning several, selection blocks give the reference's results; so do dk/dv
+    programs of several key blocks (whose first query block is their first key block's)."""
     from blossomrec_hf.model import blossom_attention_triton as backend
     monkeypatch.setitem(backend.TUNING, "one_pass_keys", keys_per_tile)
+    monkeypatch.setitem(backend.TUNING, "one_pass_dkdv_blocks", dkdv_blocks)
     leaves, sizes = packed_inputs([32, 3, 13, 50], True, torch.float32, seed=12)
     weights = [w.float() for w in weights_for([32, 3, 13, 50], seed=13)]
     assert backend.uses_one_pass(sizes["max_length"], GEOMETRY, *split(leaves[0])[:2])
@@ -251,7 +253,7 @@ def test_launches_refused_for_shared_memory_run_with_smaller_tiles(kernel_path, 
     from blossomrec_hf.model import blossom_attention_triton as backend
     from blossomrec_hf.model import tile_fitting
 
-    smallest = {"BM": 16 // (HEADS // KV_HEADS), "BW": 16, "BK": 16}
+    smallest = {"BM": 16 // (HEADS // KV_HEADS), "BW": 16, "BK": 16, "BKK": 16}
     shrunk = set()
 
     def small_tiles_only(kernel):
@@ -267,10 +269,12 @@ def test_launches_refused_for_shared_memory_run_with_smaller_tiles(kernel_path, 
         return StandIn()
 
     monkeypatch.setattr(tile_fitting, "_FITTED", {})
-    for name in ("compressed_forward", "one_pass_forward", "one_pass_backward_dq", "backward_dq",
-                 "compressed_backward_dkdv"):
+    monkeypatch.setitem(backend.TUNING, "one_pass_dkdv_blocks", 2)  # key tiles of 32, refused down to one block
+    for name in ("compressed_forward", "one_pass_forward", "one_pass_backward_dq", "one_pass_backward_dkdv",
+                 "backward_dq", "compressed_backward_dkdv"):
         monkeypatch.setattr(backend, name, small_tiles_only(getattr(backend, name)))
     leaves, sizes = packed_inputs(MIXED, True, torch.float32, seed=16)
     assert_kernels_match_the_reference(leaves, sizes, [w.float() for w in weights_for(MIXED, seed=17)])
-    dq_kernel = "one_pass_backward_dq" if kernel_path == "one_pass" else "backward_dq"
-    assert {"compressed_forward", dq_kernel, "compressed_backward_dkdv"} <= shrunk
+    one_pass = ["one_pass_backward_dq", "one_pass_backward_dkdv"]
+    backward = one_pass if kernel_path == "one_pass" else ["backward_dq"]
+    assert {"compressed_forward", *backward, "compressed_backward_dkdv"} <= shrunk

@@ -1,6 +1,9 @@
 """The learned block compressor as two custom operators with a written-out backward: its gradients against autograd
 through a plain PyTorch reference (float64, with and without kept activations, a static batch's spare rows),
-torch.library.opcheck, and torch.compile(fullgraph=True) of forward and backward."""
+torch.library.opcheck, and torch.compile(fullgraph=True) of forward and backward; the Triton gather and its adjoint
+(`fused`, interpreter) against the PyTorch ones."""
+
+import copy
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ from blossomrec_hf import BlossomRecConfig
 from blossomrec_hf.model import block_compressor
 from blossomrec_hf.model.block_compressor import BlockCompressor
 from blossomrec_hf.model.history_layout import HistoryLayout
+from triton_support import requires_triton
 
 LENGTHS = (3, 17, 9, 1)  # packed histories: blocks of 8 with stride 4 start before a history's first item
 
@@ -69,23 +73,48 @@ def test_gradcheck():
 
     def run(k, v, *weights):
         return block_compressor._FORWARD(k, v, blocks.slot_tokens, blocks.covered, blocks.token_slot_rows,
-                                         blocks.valid, *weights, False)[0]
+                                         blocks.valid, *weights, False, False)[0]
 
     assert torch.autograd.gradcheck(run, (k, v, *parameters))
 
 
 @pytest.mark.parametrize("keep_activations", [False, True])
-def test_opcheck(keep_activations):
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=requires_triton)])
+def test_opcheck(keep_activations, fused):
     compressor, k, v, blocks = compressor_and_inputs(static=True)
-    weights = [p.detach().requires_grad_() for p in compressor.parameters()]
+    dtype = torch.float32 if fused else torch.float64  # the Triton gather takes 32- and 16-bit operands
+    k, v = (x.detach().to(dtype).requires_grad_() for x in (k, v))
+    weights = [p.detach().to(dtype).requires_grad_() for p in compressor.parameters()]
     arguments = (k, v, blocks.slot_tokens, blocks.covered, blocks.token_slot_rows, blocks.valid, *weights,
-                 keep_activations)
+                 keep_activations, fused)
     torch.library.opcheck(block_compressor._FORWARD.op, arguments)
     with torch.no_grad():
         _, flat, hidden = block_compressor._FORWARD(*arguments)
-    grad = torch.randn(2, blocks.slot_tokens.shape[0], 2, 8, dtype=torch.float64)
+    grad = torch.randn(2, blocks.slot_tokens.shape[0], 2, 8, dtype=dtype)
     detached = [a.detach() for a in arguments[:10]]  # the backward operator has no autograd formula of its own
-    torch.library.opcheck(block_compressor._BACKWARD.op, (*detached, flat, hidden, grad))
+    torch.library.opcheck(block_compressor._BACKWARD.op, (*detached, flat, hidden, grad, fused))
+
+
+@requires_triton
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_gather_equals_pytorch(static, recompute, dtype):
+    """The Triton gather and its adjoint move the same numbers as the PyTorch ones: outputs and all gradients equal in
+    float32; in bf16 within rounding (the adjoint sums a token's slots in float32 and rounds once, where PyTorch's CPU
+    sum differed by an ulp in 16 % of the elements)."""
+    compressor, k, v, blocks = compressor_and_inputs(static, seed=1)
+    compressor = compressor.to(dtype)
+    k, v = (x.detach().to(dtype).requires_grad_() for x in (k, v))
+    grads = [torch.randn(blocks.slot_tokens.shape[0], 2, 8, dtype=dtype) for _ in range(2)]
+    inputs = [k, v, *compressor.parameters()]
+    results = []
+    for fused in (False, True):
+        outputs = compressor(k, v, blocks, recompute=recompute, fused=fused)
+        results.append([*outputs, *torch.autograd.grad(outputs, inputs, grads)])
+    for name, expected, got in zip(["keys", "values", "k", "v", *dict(compressor.named_parameters())], *results):
+        exact = dict(rtol=0, atol=0) if dtype == torch.float32 else {}
+        torch.testing.assert_close(got, expected, **exact, msg=lambda m: f"{name}: {m}")
 
 
 def test_compiled_forward_and_backward_equal_eager():
@@ -117,3 +146,20 @@ def test_second_derivatives_equal_autograd_through_the_reference(recompute):
     for name, e, g in zip(["k", "v", *dict(compressor.named_parameters())], expected,
                           second_derivatives(compressor(k, v, blocks, recompute=recompute))):
         torch.testing.assert_close(g, e, msg=name)
+
+
+def test_float32_parameters_with_16_bit_operands():
+    """Under autocast the parameters stay float32 and k, v come in bf16: the operator computes in bf16 and returns
+    the parameters' gradients in float32, the same numbers as a bf16 copy of the compressor gives."""
+    compressor, k, v, blocks = compressor_and_inputs(static=True, seed=2)
+    compressor = compressor.float()
+    k, v = (x.detach().to(torch.bfloat16).requires_grad_() for x in (k, v))
+    half = copy.deepcopy(compressor).to(torch.bfloat16)
+    grads = [torch.randn(blocks.slot_tokens.shape[0], 2, 8, dtype=torch.bfloat16) for _ in range(2)]
+    results = []
+    for module in (compressor, half):
+        outputs = module(k, v, blocks)
+        results.append([*outputs, *torch.autograd.grad(outputs, [k, v, *module.parameters()], grads)])
+    for name, got, expected in zip(["keys", "values", "k", "v", *dict(compressor.named_parameters())], *results):
+        assert got.dtype == (torch.float32 if name in dict(compressor.named_parameters()) else torch.bfloat16), name
+        torch.testing.assert_close(got, expected.to(got.dtype), rtol=0, atol=0, msg=lambda m: f"{name}: {m}")

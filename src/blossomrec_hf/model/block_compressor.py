@@ -4,7 +4,8 @@ The learned compressor is an MLP over each block's keys plus intra-block positio
 values. Its forward and backward are one PyTorch custom operator each (custom_ops.py), with the backward written
 out: autograd would record ~30 operations forward and ~45 backward (the block gather, the three batched matmuls, the
 masks), and an eager training step pays each of them on the host; as two operators it pays two, and torch.compile
-still traces them (fake implementations). The arithmetic is plain PyTorch on any device.
+still traces them (fake implementations). The matmuls are PyTorch's; the block gather and its adjoint are Triton
+kernels where those run (`fused`, triton_compressor_kernels.py) and plain PyTorch elsewhere.
 """
 
 import math
@@ -12,10 +13,20 @@ import math
 import torch
 from torch import nn
 
-from .custom_ops import compute_dtype, define_op
+from .custom_ops import compute_dtype, define_op, triton_interpreting
 from .history_layout import CompressedBlocks, gather_slots, sum_slots
 
+try:
+    import triton
+except ImportError:
+    triton = None
+
+if triton is not None:
+    from .triton_compressor_kernels import fold_blocks, unfold_blocks
+
 Tensor = torch.Tensor
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 (tests, gradcheck) stays exact in PyTorch
+ROWS = 4  # blocks per program of the gather; tokens per program of its adjoint: 16 * ROWS
 
 
 class BlockCompressor(nn.Module):
@@ -51,31 +62,59 @@ class BlockCompressor(nn.Module):
             nn.init.uniform_(bias, -bound, bound)
         nn.init.normal_(self.positions, std=0.02)
 
-    def forward(self, k: Tensor, v: Tensor, blocks: CompressedBlocks, recompute: bool = False
+    def forward(self, k: Tensor, v: Tensor, blocks: CompressedBlocks, recompute: bool = False, fused: bool = False
                 ) -> tuple[Tensor, Tensor | None]:
         """k, v [T, Hkv, D] (tokens, history by history) -> compressed keys and values [W, Hkv, D], one per block of
         `blocks` (values None when not learned); rows that are no block (`blocks.valid`) are zero and pass no
         gradient. With `recompute`, the MLPs' activations (their gathered inputs and hidden layer, 512 bytes a token
         at the default size) are not kept for the backward but recomputed there from k and v, which the attention
-        keeps anyway."""
+        keeps anyway. `fused`: the Triton gather where the kernels run (CUDA, or TRITON_INTERPRET=1)."""
         if not self.learned:
             real_positions = blocks.covered.sum(dim=1).clamp(min=1).to(k.dtype)
             return blocks.only_valid(blocks.gather(k).sum(dim=1) / real_positions[:, None, None]), None
         dtype = compute_dtype(k, v)
-        weights = [w.to(dtype) for w in (self.positions, self.hidden_weight, self.hidden_bias, self.output_weight,
-                                         self.output_bias)]
+        # the parameters go in as they are (float32 under autocast): the operator casts them and returns their
+        # gradients in their own dtype, so that autograd records no cast of its own each way (ten nodes a step)
+        weights = (self.positions, self.hidden_weight, self.hidden_bias, self.output_weight, self.output_bias)
         valid = blocks.valid if blocks.valid is not None else blocks.covered.new_empty(0)
-        compressed = _FORWARD(k.to(dtype), v.to(dtype), blocks.slot_tokens, blocks.covered, blocks.token_slot_rows,
-                              valid, *weights, not recompute)[0]
+        fused = fused and triton is not None and (k.is_cuda or triton_interpreting()) and dtype in FUSED_DTYPES
+        compressed = _FORWARD(k.to(dtype).contiguous(), v.to(dtype).contiguous(), blocks.slot_tokens, blocks.covered,
+                              blocks.token_slot_rows, valid, *weights, not recompute, fused)[0]
         keys, values = compressed.unbind(0)
         return keys, values
 
 
-def _gathered(k: Tensor, v: Tensor, slot_tokens: Tensor, covered: Tensor) -> Tensor:
+def _gathered(k: Tensor, v: Tensor, slot_tokens: Tensor, covered: Tensor, fused: bool) -> Tensor:
     """Every block's keys and values as the MLPs' rows: [2, W * Hkv, block * D], zeros before a history's start."""
     num_blocks, block_size = slot_tokens.shape
+    kv_heads, dim = k.shape[1:]
+    if fused:
+        flat = k.new_empty(2, num_blocks * kv_heads, block_size * dim)
+        unfold_blocks[(triton.cdiv(num_blocks, ROWS),)](
+            K=k, V=v, SLOT_TOKENS=slot_tokens, COVERED=covered, OUT=flat, n_blocks=num_blocks, HKV=kv_heads, D=dim,
+            SLOTS=block_size, BLOCK_SLOTS=triton.next_power_of_2(block_size),
+            BLOCK_C=triton.next_power_of_2(kv_heads * dim), ROWS=ROWS)
+        return flat
     slots = gather_slots(torch.stack([k, v], dim=1), slot_tokens, covered)  # [W, block, 2, Hkv, D]
-    return slots.permute(2, 0, 3, 1, 4).reshape(2, num_blocks * k.shape[1], block_size * k.shape[2])
+    return slots.permute(2, 0, 3, 1, 4).reshape(2, num_blocks * kv_heads, block_size * dim)
+
+
+def _folded(d_flat: Tensor, token_slot_rows: Tensor, k: Tensor, fused: bool) -> tuple[Tensor, Tensor]:
+    """The gather's adjoint: dk, dv [T, Hkv, D] from the rows' gradient [2, W * Hkv, block * D]."""
+    kv_heads, dim = k.shape[1:]
+    block_size = d_flat.shape[2] // dim
+    num_slots = d_flat.shape[1] // kv_heads * block_size
+    if fused:
+        dk, dv = torch.empty_like(k), torch.empty_like(k)
+        fold_blocks[(triton.cdiv(k.shape[0], 16 * ROWS),)](
+            GRAD=d_flat, TOKEN_SLOT_ROWS=token_slot_rows, DK=dk, DV=dv, n_tokens=k.shape[0], n_slots=num_slots,
+            HKV=kv_heads, D=dim, SLOTS=block_size, PER_TOKEN=token_slot_rows.shape[1],
+            BLOCK_C=triton.next_power_of_2(kv_heads * dim), ROWS=16 * ROWS)
+        return dk, dv
+    # back to slots [W * block, 2, Hkv, D] (uncovered slots' rows are never read), then each token sums its slots
+    slots = d_flat.view(2, -1, kv_heads, block_size, dim).permute(1, 3, 0, 2, 4)
+    d_kv = sum_slots(slots.reshape(num_slots, 2, kv_heads, dim), token_slot_rows)  # [T, 2, Hkv, D]
+    return d_kv[:, 0].contiguous(), d_kv[:, 1].contiguous()
 
 
 def _hidden(flat: Tensor, positions: Tensor, hidden_weight: Tensor, hidden_bias: Tensor) -> Tensor:
@@ -86,11 +125,14 @@ def _hidden(flat: Tensor, positions: Tensor, hidden_weight: Tensor, hidden_bias:
 
 def _forward(k: Tensor, v: Tensor, slot_tokens: Tensor, covered: Tensor, token_slot_rows: Tensor, valid: Tensor,
              positions: Tensor, hidden_weight: Tensor, hidden_bias: Tensor, output_weight: Tensor,
-             output_bias: Tensor, keep_activations: bool) -> tuple[Tensor, Tensor, Tensor]:
+             output_bias: Tensor, keep_activations: bool, fused: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Compressed keys and values stacked, [2, W, Hkv, D] (rows where `valid` [W] is false are zero; an empty
     `valid` means every row is a block), then what the backward reads: the MLPs' gathered input and hidden layer
-    ([0, 0, 0] each unless `keep_activations`). token_slot_rows is the backward's, taken here so that it is saved."""
-    flat = _gathered(k, v, slot_tokens, covered)
+    ([0, 0, 0] each unless `keep_activations`). token_slot_rows is the backward's, taken here so that it is saved.
+    The parameters are used in k's dtype."""
+    positions, hidden_weight, hidden_bias, output_weight, output_bias = _in_dtype(
+        k.dtype, positions, hidden_weight, hidden_bias, output_weight, output_bias)
+    flat = _gathered(k, v, slot_tokens, covered, fused)
     hidden = _hidden(flat, positions, hidden_weight, hidden_bias)
     compressed = torch.baddbmm(output_bias[:, None], hidden, output_weight)
     compressed = compressed.view(2, slot_tokens.shape[0], k.shape[1], k.shape[2])
@@ -102,48 +144,61 @@ def _forward(k: Tensor, v: Tensor, slot_tokens: Tensor, covered: Tensor, token_s
 
 
 def _forward_fake(k, v, slot_tokens, covered, token_slot_rows, valid, positions, hidden_weight, hidden_bias,
-                  output_weight, output_bias, keep_activations):
+                  output_weight, output_bias, keep_activations, fused):
     num_blocks, block_size = slot_tokens.shape
     rows, width = (2, num_blocks * k.shape[1], block_size * k.shape[2]), hidden_weight.shape[-1]
     kept = (lambda *shape: k.new_empty(shape)) if keep_activations else (lambda *shape: k.new_empty(0, 0, 0))
     return k.new_empty(2, num_blocks, *k.shape[1:]), kept(*rows), kept(*rows[:2], width)
 
 
+def _in_dtype(dtype: torch.dtype, *tensors: Tensor) -> list[Tensor]:
+    return [t.to(dtype) for t in tensors]
+
+
+def _column_sums(x: Tensor) -> Tensor:
+    """[2, N, C] -> [2, C] as a matmul with a row of ones: measured on an H100, `sum(dim=1)` over the compressor's
+    hidden layer (bf16, N = 17,000 rows of 512) took ~0.13 ms, several times a matmul's read of the same bytes."""
+    return torch.bmm(x.new_ones(x.shape[0], 1, x.shape[1]), x).squeeze(1)
+
+
 def _backward_impl(k: Tensor, v: Tensor, slot_tokens: Tensor, covered: Tensor, token_slot_rows: Tensor, valid: Tensor,
                    positions: Tensor, hidden_weight: Tensor, hidden_bias: Tensor, output_weight: Tensor, flat: Tensor,
-                   hidden: Tensor, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   hidden: Tensor, grad: Tensor,
+                   fused: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dk, dv and the gradients of positions, hidden weight and bias, output weight and bias, from the compressed
-    keys' and values' gradient `grad` [2, W, Hkv, D]; the activations are recomputed where the forward kept none."""
-    num_blocks, block_size = slot_tokens.shape
+    keys' and values' gradient `grad` [2, W, Hkv, D] (in k's dtype; the parameters' gradients in their own dtype);
+    the activations are recomputed where the forward kept none."""
+    parameter_dtype = positions.dtype
+    positions, hidden_weight, hidden_bias, output_weight = _in_dtype(
+        k.dtype, positions, hidden_weight, hidden_bias, output_weight)
     if valid.numel():
         grad = grad.where(valid[None, :, None, None], 0)
     grad = grad.reshape(2, -1, k.shape[2])  # [2, W * Hkv, D]
     if flat.shape[0] == 0:  # not kept
-        flat = _gathered(k, v, slot_tokens, covered)
+        flat = _gathered(k, v, slot_tokens, covered, fused)
         hidden = _hidden(flat, positions, hidden_weight, hidden_bias)
-    d_output_bias = grad.sum(dim=1)
+    d_output_bias = _column_sums(grad)
     d_output_weight = torch.bmm(hidden.transpose(1, 2), grad)
-    d_hidden = torch.bmm(grad, output_weight.transpose(1, 2)).mul_(hidden > 0)  # through the relu
-    d_hidden_bias = d_hidden.sum(dim=1)  # also the gradient of the position row's product
+    # through the relu: relu's own backward, one kernel
+    d_hidden = torch.ops.aten.threshold_backward(torch.bmm(grad, output_weight.transpose(1, 2)), hidden, 0)
+    d_hidden_bias = _column_sums(d_hidden)  # also the gradient of the position row's product
     d_hidden_weight = torch.baddbmm(torch.bmm(flat.transpose(1, 2), d_hidden), positions.flatten(1)[:, :, None],
                                     d_hidden_bias[:, None])
     d_positions = torch.bmm(d_hidden_bias[:, None], hidden_weight.transpose(1, 2)).view(positions.shape)
     d_flat = torch.bmm(d_hidden, hidden_weight.transpose(1, 2))  # [2, W * Hkv, block * D]
-    # back to slots [W * block, 2, Hkv, D] (uncovered slots' rows are never read), then each token sums its slots
-    slots = d_flat.view(2, num_blocks, k.shape[1], block_size, k.shape[2]).permute(1, 3, 0, 2, 4)
-    d_kv = sum_slots(slots.reshape(num_blocks * block_size, 2, *k.shape[1:]), token_slot_rows)  # [T, 2, Hkv, D]
-    return (d_kv[:, 0].contiguous(), d_kv[:, 1].contiguous(), d_positions, d_hidden_weight, d_hidden_bias,
-            d_output_weight, d_output_bias)
+    dk, dv = _folded(d_flat, token_slot_rows, k, fused)
+    return dk, dv, *_in_dtype(parameter_dtype, d_positions, d_hidden_weight, d_hidden_bias, d_output_weight,
+                              d_output_bias)
 
 
 def _backward_fake(k, v, slot_tokens, covered, token_slot_rows, valid, positions, hidden_weight, hidden_bias,
-                   output_weight, flat, hidden, grad):
+                   output_weight, flat, hidden, grad, fused):
     return (torch.empty_like(k), torch.empty_like(v), torch.empty_like(positions), torch.empty_like(hidden_weight),
-            torch.empty_like(hidden_bias), torch.empty_like(output_weight), k.new_empty(2, k.shape[2]))
+            torch.empty_like(hidden_bias), torch.empty_like(output_weight), positions.new_empty(2, k.shape[2]))
 
 
 def _setup_context(ctx, inputs, output):
-    *tensors, output_bias, _ = inputs
+    *tensors, output_bias, _, ctx.fused = inputs
     ctx.save_for_backward(*tensors[:10], *output[1:])
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero gradients for the saved activations
@@ -151,15 +206,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad, *_):
     if grad is None:
-        return (None,) * 12
+        return (None,) * 13
     saved = ctx.saved_tensors
     if torch.is_grad_enabled():  # a double backward: the written-out backward in plain, differentiable PyTorch,
         # recomputing the activations from the inputs (the saved ones carry no graph)
         unkept = saved[0].new_empty(0, 0, 0)
-        dk, dv, *weights = _backward_impl(*saved[:10], unkept, unkept, grad.contiguous())
+        dk, dv, *weights = _backward_impl(*saved[:10], unkept, unkept, grad.contiguous(), False)
     else:
-        dk, dv, *weights = _BACKWARD(*saved, grad.contiguous())
-    return dk, dv, None, None, None, None, *weights, None
+        dk, dv, *weights = _BACKWARD(*saved, grad.contiguous(), ctx.fused)
+    return dk, dv, None, None, None, None, *weights, None, None
 
 
 _BACKWARD = define_op("compress_blocks_backward", _backward_impl, _backward_fake)

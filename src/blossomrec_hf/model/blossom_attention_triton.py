@@ -16,13 +16,12 @@ outside 16..128, CPU tensors without TRITON_INTERPRET=1) fall back to the PyTorc
 """
 
 import math
-import os
 import warnings
 
 import torch
 
 from .blossom_attention_torch import blossom_attention_torch_varlen
-from .custom_ops import compute_dtype, define_op, dot_precision
+from .custom_ops import compute_dtype, define_op, dot_precision, triton_interpreting
 from .sparse_patterns import SparseGeometry
 from .tile_fitting import fit_tiles
 
@@ -59,7 +58,7 @@ TUNING = dict(forward_rows=64, forward_keys=64, forward_keys_long=128, long_from
               dkdv_keys=64, sparse_chunk_elements=8192, compressed_forward_warps=2, compressed_forward_long_warps=4,
               sparse_forward_warps=4, dq_warps=4, sparse_dkdv_warps=2, compressed_dkdv_warps=4,
               one_pass_max_blocks=16, one_pass_keys=32, one_pass_forward_warps=4, one_pass_dq_warps=4,
-              one_pass_dkdv_warps=4)
+              one_pass_dkdv_warps=4, one_pass_dkdv_blocks=1)
 ONE_PASS_BLOCK_LIMIT = 64
 # Query-block elements (rows x padded head width) the one-pass backward fits in an H100's shared memory, by operand
 # size, compiled for sm_90 (tests/compile_kernels_for_hopper.py): float32 at three TF32 passes needs 147,456 bytes at
@@ -78,15 +77,12 @@ def triton_unavailable_reason() -> str | None:
     return None
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 
 def fallback_reason(q, k, ck, geometry: SparseGeometry) -> str | None:
     """Why these inputs go to the PyTorch path, or None when the kernels take them; q [B, H, L, D] or [T, H, D]."""
     if triton is None:
         return triton_unavailable_reason()
-    if not q.is_cuda and not _interpreting():
+    if not q.is_cuda and not triton_interpreting():
         return "tensors are on the CPU and TRITON_INTERPRET is not set"
     size = geometry.selection_block_size
     if geometry.compress_stride != size or geometry.compress_block_size % size:
@@ -187,10 +183,12 @@ class _Plan:
     def compressed_grid(self, keys_tile: int):
         return (self.programs, triton.cdiv(self.num_compressed, keys_tile))
 
-    def launch(self, name: str, kernel, grid, tiles: dict[str, int], **arguments) -> None:
+    def launch(self, name: str, kernel, grid, tiles: dict[str, int], smallest: dict[str, int] | None = None,
+               **arguments) -> None:
         """`kernel[grid(tiles)](**arguments, **tiles)`, with smaller tiles where the GPU lacks the shared memory for
-        these (tile_fitting): at the least 16 keys, and rows tiles (BM, times the group's heads) of 16 rows."""
-        smallest = {tile: max(1, 16 // self.group) if tile == "BM" else 16 for tile in tiles}
+        these (tile_fitting): by default at the least 16 keys, and rows tiles (BM, times the group's heads) of 16
+        rows; `smallest` sets other floors."""
+        smallest = {tile: max(1, 16 // self.group) if tile == "BM" else 16 for tile in tiles} | (smallest or {})
         # what sets the kernel's shared memory besides the tiles: its constexprs and warps (T, the tokens, is not one)
         settings = tuple(sorted((argument, value) for argument, value in arguments.items()
                                 if isinstance(value, (bool, int, str)) and argument != "T"))
@@ -316,9 +314,12 @@ def _backward_impl(q: Tensor, k: Tensor, v: Tensor, ck: Tensor, cv: Tensor | Non
         plan.launch("one_pass_backward_dq", one_pass_backward_dq, lambda tiles: plan.sparse_grid(),
                     dict(BK=TUNING["one_pass_keys"], BW=plan.dq_keys), **branches, **compressed,
                     **plan.one_pass_common, num_warps=TUNING["one_pass_dq_warps"])
-        one_pass_backward_dkdv[plan.sparse_grid()](
-            **dkdv, K=k, V=v, BIDX=block_indices, DK=dk, DV=dv, sm_scale=plan.sm_scale, **plan.one_pass_common,
-            num_warps=TUNING["one_pass_dkdv_warps"])
+        size = plan.common["SEL_B"]
+        plan.launch("one_pass_backward_dkdv", one_pass_backward_dkdv,
+                    lambda tiles: (plan.programs, triton.cdiv(plan.num_blocks * size, tiles["BKK"])),
+                    dict(BKK=size * TUNING["one_pass_dkdv_blocks"]), smallest=dict(BKK=size), **dkdv, K=k, V=v,
+                    BIDX=block_indices, DK=dk, DV=dv, sm_scale=plan.sm_scale, **plan.one_pass_common,
+                    num_warps=TUNING["one_pass_dkdv_warps"])
     else:
         plan.launch("backward_dq", backward_dq, lambda tiles: plan.sparse_grid(), dict(BW=plan.dq_keys), **branches,
                     **compressed, **plan.common, **plan.stis, **plan.gather, num_warps=TUNING["dq_warps"])
@@ -560,7 +561,8 @@ def gated_sum(gate_logits: torch.Tensor, branches, fused: bool = True) -> torch.
     """
     branches = [b for b in branches if b is not None]
     num_branches = gate_logits.shape[-1]
-    usable = fused and triton is not None and (gate_logits.is_cuda or _interpreting()) and len(branches) in (2, 3) \
+    usable = fused and triton is not None and (gate_logits.is_cuda or triton_interpreting()) \
+        and len(branches) in (2, 3) \
         and all(b.stride(-1) == 1 and b.dtype == branches[0].dtype for b in branches) \
         and gate_logits.stride(-1) == 1 and gate_logits.stride(-2) == num_branches
     if not usable:

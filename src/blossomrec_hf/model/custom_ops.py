@@ -20,6 +20,7 @@ at "high"); "medium" takes one TF32 pass. 16-bit operands always run on the tens
 
 import functools
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -27,7 +28,8 @@ import torch
 OPERATOR_FILES = ("custom_ops.py", "chunked_cross_entropy.py", "fused_cross_entropy.py",
                   "triton_cross_entropy_kernels.py", "rotary_embedding.py", "triton_rotary_kernels.py",
                   "blossom_attention_triton.py", "triton_blossom_kernels.py", "sparse_patterns.py",
-                  "varlen_flash_attention.py", "tile_fitting.py", "block_compressor.py", "history_layout.py")
+                  "varlen_flash_attention.py", "tile_fitting.py", "block_compressor.py", "history_layout.py",
+                  "triton_compressor_kernels.py")
 LIBRARY = "blossomrec_" + hashlib.sha256(
     b"".join((Path(__file__).parent / name).read_bytes() for name in OPERATOR_FILES)).hexdigest()[:12]
 
@@ -41,6 +43,11 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype != torch.float32:
         return "tf32"  # not read for 16-bit operands
     return FLOAT32_DOT_PRECISION[torch.get_float32_matmul_precision()]
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1): the kernels then take CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def compute_dtype(*tensors) -> torch.dtype:

@@ -17,12 +17,11 @@ the item embeddings' gradient. No atomics: results are bitwise reproducible.
 """
 
 import math
-import os
 
 import torch
 
 from .chunked_cross_entropy import IGNORE_INDEX, chunked_linear_cross_entropy, kept_count, scaled_gradient
-from .custom_ops import define_op, dot_precision
+from .custom_ops import define_op, dot_precision, triton_interpreting
 from .tile_fitting import fit_tiles
 
 try:
@@ -42,15 +41,12 @@ TUNING = dict(forward_rows=128, forward_items=64, forward_warps=8, gradient_rows
 LN2 = math.log(2.0)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 
 def fused_unavailable_reason(hidden: torch.Tensor, weight: torch.Tensor) -> str | None:
     """Why the Triton kernels cannot take these inputs, or None when they can."""
     if triton is None:
         return "triton is not installed"
-    if hidden.device.type != "cuda" and not _interpreting():
+    if hidden.device.type != "cuda" and not triton_interpreting():
         return f"{hidden.device.type} tensors (the kernels need CUDA, or TRITON_INTERPRET=1)"
     if hidden.shape[-1] > 256:
         return f"hidden size {hidden.shape[-1]} > 256"

@@ -267,7 +267,8 @@ class BlossomRecAttention(nn.Module):
         if ltis:
             blocks = layout.compressed_blocks(geometry.compress_block_size, geometry.compress_stride)
             recompute = layout.max_length >= RECOMPUTE_COMPRESSOR_FROM
-            compressed_keys, compressed_values = self.compressor(k, v, blocks, recompute)
+            compressed_keys, compressed_values = self.compressor(k, v, blocks, recompute,
+                                                                 fused=implementation == "blossom_triton")
             cu_compressed = blocks.cu_seqlens
         else:
             compressed_keys, compressed_values = k.new_zeros(0, *k.shape[1:]), None

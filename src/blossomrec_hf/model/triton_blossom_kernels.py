@@ -477,7 +477,8 @@ def _stis_query_block(dk, dv, k, v, kpos, qb, Q, DOT, LSET, DELT, start, L, h, q
 @triton.jit
 def _key_block_grads(K, V, start, h, blk, L, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                      SEL_B: tl.constexpr):
-    """Head-dim offsets and mask, key and value block `blk` of kv head `h`, its positions, and zeroed dk, dv."""
+    """Head-dim offsets and mask, key and value block `blk` of kv head `h` (SEL_B keys), its positions, and zeroed
+    dk, dv."""
     dofs = tl.arange(0, BLOCK_D)
     dmask = dofs < D
     k, kpos = _load_block(K + (start * HKV + h) * D, blk, L, HKV * D, SEL_B, dofs, dmask)
@@ -720,18 +721,19 @@ def _branch_ds(s, valid, do, lse, delta, v, DOT_PREC: tl.constexpr):
 def one_pass_backward_dkdv(
     Q, K, V, BIDX, DOS, DOT, LSES, LSET, DELS, DELT, DK, DV, CU_SEQLENS, qk_scale, sm_scale,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, SEL_B: tl.constexpr,
-    N_SEL: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+    N_SEL: tl.constexpr, WINDOW: tl.constexpr, BKK: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """dk, dv of one selection block of keys from every later query block, visited once in order (both branches
-    from one score tile): no reverse index of the selection is needed."""
+    """dk, dv of one tile of BKK keys (a multiple of SEL_B: one or more selection blocks) from every query block at
+    or after its first, visited once in order (both branches from one score tile): no reverse index of the
+    selection is needed."""
     _, h, start, L = _program(CU_SEQLENS, HKV)
-    blk = tl.program_id(1)
-    if blk * SEL_B >= L:
+    kt = tl.program_id(1)
+    if kt * BKK >= L:
         return
     H: tl.constexpr = HKV * G
-    dofs, dmask, k, v, kpos, dk, dv = _key_block_grads(K, V, start, h, blk, L, HKV, D, BLOCK_D, SEL_B)
+    dofs, dmask, k, v, kpos, dk, dv = _key_block_grads(K, V, start, h, kt, L, HKV, D, BLOCK_D, BKK)
     rows = tl.arange(0, SEL_B * G)
-    for qb in range(blk, tl.cdiv(L, SEL_B)):
+    for qb in range(kt * (BKK // SEL_B), tl.cdiv(L, SEL_B)):
         pos = qb * SEL_B + rows // G
         head = h * G + rows % G
         row_ok = pos < L
