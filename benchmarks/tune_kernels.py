@@ -3,7 +3,10 @@
 Published shapes (8 heads, 2 kv heads, head dim 16, bf16, 131,072 tokens); each variant overrides entries of
 `blossom_attention_triton.TUNING` and is profiled with torch.profiler (ms per step, 5 steps).
 
-    python benchmarks/tune_kernels.py [--lengths 1024 16384]
+    python benchmarks/tune_kernels.py [--lengths 1024 16384] [--variants base dkdv2]
+
+Short lengths (L <= 256 by default) take the one-pass kernels: their three kernels are the sfwd, dq and sdkdv
+columns there.
 """
 
 import argparse
@@ -16,6 +19,8 @@ from profile_attention import cuda_profile
 
 GEOMETRY = SparseGeometry(32, 16, 16, 4, 8)
 KERNELS = ["compressed_forward", "sparse_forward", "backward_dq", "sparse_backward_dkdv", "compressed_backward_dkdv"]
+ONE_PASS = {"one_pass_forward": "sparse_forward", "one_pass_backward_dq": "backward_dq",
+            "one_pass_backward_dkdv": "sparse_backward_dkdv"}  # counted in the gathered kernels' columns
 VARIANTS = {
     "base": {},
     "warps8": {k: 8 for k in backend.TUNING if k.endswith("_warps")},
@@ -25,6 +30,14 @@ VARIANTS = {
     "rows128": {"forward_rows": 128, "dkdv_rows": 256},
     "keys2x": {"forward_keys": 128, "forward_keys_long": 256, "dq_keys": 64, "dkdv_keys": 128},
     "keys.5x": {"forward_keys": 32, "forward_keys_long": 64, "dq_keys": 16, "dkdv_keys": 32},
+    "dkdv2": {"one_pass_dkdv_blocks": 2},
+    "dkdv4": {"one_pass_dkdv_blocks": 4},
+    "opkeys16": {"one_pass_keys": 16},
+    "opkeys64": {"one_pass_keys": 64},
+    "opwarps2": {"one_pass_forward_warps": 2, "one_pass_dq_warps": 2, "one_pass_dkdv_warps": 2},
+    "opwarps8": {"one_pass_forward_warps": 8, "one_pass_dq_warps": 8, "one_pass_dkdv_warps": 8},
+    "onepass32": {"one_pass_max_blocks": 32},
+    "onepass64": {"one_pass_max_blocks": 64},
 }
 
 
@@ -49,7 +62,8 @@ def profile(length: int) -> dict[str, float]:
 
     times = {name: 0.0 for name in KERNELS + ["other"]}
     for event in cuda_profile(step):
-        key = event.key if event.key in KERNELS else "other"
+        key = ONE_PASS.get(event.key, event.key)
+        key = key if key in KERNELS else "other"
         times[key] += event.device_time_total / 5 / 1e3
     return times
 

@@ -9,8 +9,10 @@ Each step is timed in the modes a training loop can run it (median by `triton.te
 - eager: what a plain PyTorch loop gets; short steps are bound by the host (Python, autograd, kernel launches).
 - compiled: `torch.compile` of the module (--compile_mode, default PyTorch's), the step `--torch_compile` runs.
 - graph: the eager step captured in a CUDA graph and replayed, the device-bound time with no host work per step.
-- host: the host's own time to issue one eager step (ten issued back to back while a sleep kernel holds the GPU, so
-  the host never waits for it); a step that synchronises with the device shows up here as a wait on the sleep.
+- host: the host's own time to issue one eager step (three issued back to back while a sleep kernel holds the GPU,
+  so the host never waits for it). A step that synchronises with the device (the eager model checks its input) would
+  wait for the sleep there: it is issued from an idle GPU instead, one step at a time, so the time includes its own
+  waits for the kernels it queued before a sync (an upper bound).
 Whole model: one training step (forward, loss, backward, Adam) of `BlossomRecForSequentialRecommendation` against
 the dense model, items per second, in the same modes. No dropout anywhere (a CUDA graph capture that fails part-way
 would leave the random generator unusable for the rows after it).
@@ -87,15 +89,18 @@ def measure(step, quick_first: bool):
         return None, None, "out of memory"
 
 
-def host_ms(step, steps: int = 3, repeats: int = 5) -> float:
+def host_ms(step, syncs: bool, steps: int = 3, repeats: int = 5) -> float:
     """The host's own time per step: `steps` steps issued back to back while a sleep kernel holds the GPU (so the
-    host never waits for it), median over `repeats`. A step that synchronises waits for the sleep and shows here.
-    Few steps: CUDA queues about a thousand pending launches, and a host that fills the queue waits as if it synced
-    (ten BlossomRec steps did, which read as 100 ms of host time)."""
+    host never waits for it), median over `repeats`. Few steps: CUDA queues about a thousand pending launches, and a
+    host that fills the queue waits as if it synced (ten BlossomRec steps did, which read as 100 ms of host time).
+    A step that `syncs` would wait for the sleep: it is issued one at a time from an idle GPU instead."""
     times = []
     for _ in range(repeats):
         torch.cuda.synchronize()
-        torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU time: far longer than issuing the steps takes
+        if syncs:
+            steps = 1
+        else:
+            torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU time: far longer than issuing the steps takes
         start = time.perf_counter()
         for _ in range(steps):
             step()
@@ -209,9 +214,10 @@ def time_modes(make_step, *, quick_first: bool, compile_mode, modes) -> dict:
     """One implementation at one length: eager ms / peak MiB / host ms, then the compiled and graph modes."""
     step = make_step()
     ms, mib, note = measure(step, quick_first=quick_first)
-    entry = {"ms": ms, "peak_mib": mib, "note": note, "host_ms": host_ms(step) if ms is not None and not note else None}
+    entry = {"ms": ms, "peak_mib": mib, "note": note, "host_ms": None}
     if ms is not None and not note:
         entry["note"] = host_sync(step)
+        entry["host_ms"] = host_ms(step, syncs=bool(entry["note"]))
     if ms is not None and "graph" in modes:
         entry["graph_ms"], entry["graph_note"] = graph_ms(step)
     if ms is not None and "compiled" in modes:
