@@ -38,6 +38,7 @@ VARIANTS = {
     "opwarps8": {"one_pass_forward_warps": 8, "one_pass_dq_warps": 8, "one_pass_dkdv_warps": 8},
     "onepass32": {"one_pass_max_blocks": 32},
     "onepass64": {"one_pass_max_blocks": 64},
+    "onepass64dkdv4": {"one_pass_max_blocks": 64, "one_pass_dkdv_blocks": 4},
 }
 
 
