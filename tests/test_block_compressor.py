@@ -17,7 +17,7 @@ from triton_support import requires_triton
 LENGTHS = (3, 17, 9, 1)  # packed histories: blocks of 8 with stride 4 start before a history's first item
 
 
-def compressor_and_inputs(static: bool, seed: int = 0):
+def compressor_and_inputs(static: bool, seed: int = 0, lengths=LENGTHS):
     """A learned compressor with random parameters (float64), packed k and v needing gradients, and their blocks;
     `static` adds spare rows past the last block (`valid`), as a compiled batch has them."""
     config = BlossomRecConfig(n_items=5, hidden_size=16, num_attention_heads=2, num_key_value_heads=2,
@@ -26,14 +26,14 @@ def compressor_and_inputs(static: bool, seed: int = 0):
     compressor = BlockCompressor(config).double()
     for parameter in compressor.parameters():
         torch.nn.init.normal_(parameter, std=0.3)
-    tokens = sum(LENGTHS)
-    positions = torch.cat([torch.arange(n) for n in LENGTHS])[None]
-    cu_seqlens = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+    tokens = sum(lengths)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     ids = torch.ones(1, tokens, dtype=torch.long)
-    layout = (HistoryLayout.from_inputs(ids, None, 1, positions, cu_seqlens, max(LENGTHS)) if static
+    layout = (HistoryLayout.from_inputs(ids, None, 1, positions, cu_seqlens, max(lengths)) if static
               else HistoryLayout.from_inputs(ids, None, 1, positions))
     blocks = layout.compressed_blocks(block_size=8, stride=4)
-    assert (blocks.valid is not None) == static and (not static or not blocks.valid.all())
+    assert (blocks.valid is not None) == static and (not static or not blocks.valid.all())  # spare rows
     k, v = (torch.randn(tokens, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
     return compressor, k, v, blocks
 
@@ -99,11 +99,12 @@ def test_opcheck(keep_activations, fused):
 @pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_gather_equals_pytorch(static, recompute, dtype):
+@pytest.mark.parametrize("lengths", [LENGTHS, (2, 4, 1)])  # the second: no history is longer than a block
+def test_fused_gather_equals_pytorch(static, recompute, dtype, lengths):
     """The Triton gather and its adjoint move the same numbers as the PyTorch ones: outputs and all gradients equal in
     float32; in bf16 within rounding (the adjoint sums a token's slots in float32 and rounds once, where PyTorch's CPU
     sum differed by an ulp in 16 % of the elements)."""
-    compressor, k, v, blocks = compressor_and_inputs(static, seed=1)
+    compressor, k, v, blocks = compressor_and_inputs(static, seed=1, lengths=lengths)
     compressor = compressor.to(dtype)
     k, v = (x.detach().to(dtype).requires_grad_() for x in (k, v))
     grads = [torch.randn(blocks.slot_tokens.shape[0], 2, 8, dtype=dtype) for _ in range(2)]
