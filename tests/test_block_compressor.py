@@ -17,11 +17,11 @@ from triton_support import requires_triton
 LENGTHS = (3, 17, 9, 1)  # packed histories: blocks of 8 with stride 4 start before a history's first item
 
 
-def compressor_and_inputs(static: bool, seed: int = 0, lengths=LENGTHS):
+def compressor_and_inputs(static: bool, seed: int = 0, lengths=LENGTHS, block_size: int = 8, dim: int = 8):
     """A learned compressor with random parameters (float64), packed k and v needing gradients, and their blocks;
-    `static` adds spare rows past the last block (`valid`), as a compiled batch has them."""
-    config = BlossomRecConfig(n_items=5, hidden_size=16, num_attention_heads=2, num_key_value_heads=2,
-                              compress_block_size=8, compress_stride=4, selection_block_size=4)
+    `static` adds spare rows past the last block (`valid`), as a compiled batch has them. Two kv heads of `dim`."""
+    config = BlossomRecConfig(n_items=5, hidden_size=2 * dim, num_attention_heads=2, num_key_value_heads=2,
+                              compress_block_size=block_size, compress_stride=4, selection_block_size=4)
     torch.manual_seed(seed)
     compressor = BlockCompressor(config).double()
     for parameter in compressor.parameters():
@@ -32,9 +32,9 @@ def compressor_and_inputs(static: bool, seed: int = 0, lengths=LENGTHS):
     ids = torch.ones(1, tokens, dtype=torch.long)
     layout = (HistoryLayout.from_inputs(ids, None, 1, positions, cu_seqlens, max(lengths)) if static
               else HistoryLayout.from_inputs(ids, None, 1, positions))
-    blocks = layout.compressed_blocks(block_size=8, stride=4)
+    blocks = layout.compressed_blocks(block_size=block_size, stride=4)
     assert (blocks.valid is not None) == static and (not static or not blocks.valid.all())  # spare rows
-    k, v = (torch.randn(tokens, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    k, v = (torch.randn(tokens, 2, dim, dtype=torch.float64, requires_grad=True) for _ in range(2))
     return compressor, k, v, blocks
 
 
@@ -99,15 +99,19 @@ def test_opcheck(keep_activations, fused):
 @pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("lengths", [LENGTHS, (2, 4, 1)])  # the second: no history is longer than a block
-def test_fused_gather_equals_pytorch(static, recompute, dtype, lengths):
+@pytest.mark.parametrize("lengths, block_size, dim", [
+    (LENGTHS, 8, 8),
+    ((2, 4, 1), 8, 8),  # no history is longer than a block: no block at all
+    (LENGTHS, 12, 6),  # slots and channels (2 heads x 6) that are no power of two: masked tiles
+])
+def test_fused_gather_equals_pytorch(static, recompute, dtype, lengths, block_size, dim):
     """The Triton gather and its adjoint move the same numbers as the PyTorch ones: outputs and all gradients equal in
     float32; in bf16 within rounding (the adjoint sums a token's slots in float32 and rounds once, where PyTorch's CPU
     sum differed by an ulp in 16 % of the elements)."""
-    compressor, k, v, blocks = compressor_and_inputs(static, seed=1, lengths=lengths)
+    compressor, k, v, blocks = compressor_and_inputs(static, seed=1, lengths=lengths, block_size=block_size, dim=dim)
     compressor = compressor.to(dtype)
     k, v = (x.detach().to(dtype).requires_grad_() for x in (k, v))
-    grads = [torch.randn(blocks.slot_tokens.shape[0], 2, 8, dtype=dtype) for _ in range(2)]
+    grads = [torch.randn(blocks.slot_tokens.shape[0], 2, dim, dtype=dtype) for _ in range(2)]
     inputs = [k, v, *compressor.parameters()]
     results = []
     for fused in (False, True):
