@@ -171,7 +171,7 @@ def _backward_impl(k: Tensor, v: Tensor, slot_tokens: Tensor, covered: Tensor, t
     """dk, dv and the gradients of positions, hidden weight and bias, output weight and bias, from the compressed
     keys' and values' gradient `grad` [2, W, Hkv, D] (in k's dtype; the parameters' gradients in their own dtype);
     the activations are recomputed where the forward kept none."""
-    parameter_dtype = positions.dtype
+    parameter_dtypes = [p.dtype for p in (positions, hidden_weight, hidden_bias, output_weight, positions)]
     positions, hidden_weight, hidden_bias, output_weight = _in_dtype(
         k.dtype, positions, hidden_weight, hidden_bias, output_weight)
     if valid.numel():
@@ -190,8 +190,9 @@ def _backward_impl(k: Tensor, v: Tensor, slot_tokens: Tensor, covered: Tensor, t
     d_positions = torch.bmm(d_hidden_bias[:, None], hidden_weight.transpose(1, 2)).view(positions.shape)
     d_flat = torch.bmm(d_hidden, hidden_weight.transpose(1, 2))  # [2, W * Hkv, block * D]
     dk, dv = _folded(d_flat, token_slot_rows, k, fused)
-    return dk, dv, *_in_dtype(parameter_dtype, d_positions, d_hidden_weight, d_hidden_bias, d_output_weight,
-                              d_output_bias)
+    # each parameter's gradient in its dtype (the output bias, which the backward does not take, in the positions')
+    grads = (d_positions, d_hidden_weight, d_hidden_bias, d_output_weight, d_output_bias)
+    return dk, dv, *(g.to(dtype) for g, dtype in zip(grads, parameter_dtypes))
 
 
 def _backward_fake(k, v, slot_tokens, covered, token_slot_rows, valid, positions, hidden_weight, hidden_bias,
