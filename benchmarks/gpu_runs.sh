@@ -2,7 +2,7 @@
 # The GPU measurements of the open speed and quality work, in stages that fit one 10-minute device call each:
 #   STAGES="profile attention" OUT=results_dir DATA_DIR=folder_with_Beauty.txt bash benchmarks/gpu_runs.sh
 # Stages: check (correctness of the packed kernels; check_tf32: float32 at "high" precision; check_model: whole
-# models against blossom_torch), profile (eager vs compiled kernels), attention (module and model tables: eager,
+# models against blossom_torch), tune (launch settings to choose), profile (eager vs compiled kernels), attention (module and model tables: eager,
 # compiled, graph, host), train (packed vs padded training throughput), train_modes (eager vs --torch_compile,
 # packed), quality_beauty / quality_ml100k (packed vs padded, 3 seeds), tune_ml100k / tune_beauty (validation-only
 # tuning), card_beauty (the model card's checkpoint), ablation_beauty / ablation_ml100k (issue 14's table). Text logs
@@ -36,8 +36,17 @@ if stage check_tf32; then
   timeout 200 python3 scripts/check_triton_attention.py --kind varlen --float32_matmul_precision high \
     --output "$OUT/triton_varlen_tf32.json" 2>&1 | tee "$OUT/check_tf32.log" | tail -12
 fi
+# tune: per-kernel CUDA time of the launch settings still to choose (one-pass dk/dv key tiles, one-pass key tiles and
+# warps at L = 200; the one-pass kernels up to 64 blocks at 512 and 1,024); TUNING keeps its defaults until measured
+if stage tune; then
+  timeout 100 python3 benchmarks/tune_kernels.py --lengths 200 \
+    --variants base dkdv2 dkdv4 opkeys16 opkeys64 opwarps2 opwarps8 2>&1 | tee "$OUT/tune_200.txt" | grep -v Warn
+  timeout 90 python3 benchmarks/tune_kernels.py --lengths 512 1024 --variants base onepass64 onepass64dkdv4 2>&1 \
+    | tee "$OUT/tune_1024.txt" | grep -v Warn
+fi
 if stage profile; then
-  timeout 150 python3 benchmarks/profile_attention.py --lengths 200 4096 --compiled --rows 25 2>&1 | tee "$OUT/attention_profile_modes.txt"
+  timeout 150 python3 benchmarks/profile_attention.py --lengths ${PROFILE_LENGTHS:-200 4096} --compiled --rows 25 2>&1 \
+    | tee "$OUT/attention_profile_modes.txt"
 fi
 if stage attention; then
   timeout ${ATTENTION_LIMIT:-300} python3 scripts/benchmark_attention.py --skip-reference \
