@@ -21,7 +21,7 @@ import warnings
 import torch
 
 from .blossom_attention_torch import blossom_attention_torch_varlen
-from .custom_ops import compute_dtype, define_op, dot_precision, triton_interpreting
+from .custom_ops import compute_dtype, define_op, dot_precision, kernels_run_on
 from .sparse_patterns import SparseGeometry
 from .tile_fitting import fit_tiles
 
@@ -77,12 +77,11 @@ def triton_unavailable_reason() -> str | None:
     return None
 
 
-
 def fallback_reason(q, k, ck, geometry: SparseGeometry) -> str | None:
     """Why these inputs go to the PyTorch path, or None when the kernels take them; q [B, H, L, D] or [T, H, D]."""
     if triton is None:
         return triton_unavailable_reason()
-    if not q.is_cuda and not triton_interpreting():
+    if not kernels_run_on(q):
         return "tensors are on the CPU and TRITON_INTERPRET is not set"
     size = geometry.selection_block_size
     if geometry.compress_stride != size or geometry.compress_block_size % size:
@@ -561,8 +560,7 @@ def gated_sum(gate_logits: torch.Tensor, branches, fused: bool = True) -> torch.
     """
     branches = [b for b in branches if b is not None]
     num_branches = gate_logits.shape[-1]
-    usable = fused and triton is not None and (gate_logits.is_cuda or triton_interpreting()) \
-        and len(branches) in (2, 3) \
+    usable = fused and triton is not None and kernels_run_on(gate_logits) and len(branches) in (2, 3) \
         and all(b.stride(-1) == 1 and b.dtype == branches[0].dtype for b in branches) \
         and gate_logits.stride(-1) == 1 and gate_logits.stride(-2) == num_branches
     if not usable:

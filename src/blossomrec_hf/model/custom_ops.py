@@ -50,6 +50,12 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def kernels_run_on(tensor: torch.Tensor) -> bool:
+    """Whether the Triton kernels can take this tensor's device: CUDA, or any under the interpreter (callers also
+    check that triton imports)."""
+    return tensor.is_cuda or triton_interpreting()
+
+
 def compute_dtype(*tensors) -> torch.dtype:
     """One dtype for an operator's operands, chosen by its caller (operators run with autocast off): autocast's where
     it is on, else the widest of the inputs."""

@@ -21,7 +21,7 @@ import math
 import torch
 
 from .chunked_cross_entropy import IGNORE_INDEX, chunked_linear_cross_entropy, kept_count, scaled_gradient
-from .custom_ops import define_op, dot_precision, triton_interpreting
+from .custom_ops import define_op, dot_precision, kernels_run_on
 from .tile_fitting import fit_tiles
 
 try:
@@ -41,12 +41,11 @@ TUNING = dict(forward_rows=128, forward_items=64, forward_warps=8, gradient_rows
 LN2 = math.log(2.0)
 
 
-
 def fused_unavailable_reason(hidden: torch.Tensor, weight: torch.Tensor) -> str | None:
     """Why the Triton kernels cannot take these inputs, or None when they can."""
     if triton is None:
         return "triton is not installed"
-    if hidden.device.type != "cuda" and not triton_interpreting():
+    if not kernels_run_on(hidden):
         return f"{hidden.device.type} tensors (the kernels need CUDA, or TRITON_INTERPRET=1)"
     if hidden.shape[-1] > 256:
         return f"hidden size {hidden.shape[-1]} > 256"

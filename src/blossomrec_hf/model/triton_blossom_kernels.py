@@ -476,14 +476,14 @@ def _stis_query_block(dk, dv, k, v, kpos, qb, Q, DOT, LSET, DELT, start, L, h, q
 
 @triton.jit
 def _key_block_grads(K, V, start, h, blk, L, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                     SEL_B: tl.constexpr):
-    """Head-dim offsets and mask, key and value block `blk` of kv head `h` (SEL_B keys), its positions, and zeroed
+                     KEYS: tl.constexpr):
+    """Head-dim offsets and mask, key and value tile `blk` of KEYS keys of kv head `h`, its positions, and zeroed
     dk, dv."""
     dofs = tl.arange(0, BLOCK_D)
     dmask = dofs < D
-    k, kpos = _load_block(K + (start * HKV + h) * D, blk, L, HKV * D, SEL_B, dofs, dmask)
-    v = _load_block(V + (start * HKV + h) * D, blk, L, HKV * D, SEL_B, dofs, dmask)[0]
-    zeros = tl.zeros([SEL_B, BLOCK_D], tl.float32)
+    k, kpos = _load_block(K + (start * HKV + h) * D, blk, L, HKV * D, KEYS, dofs, dmask)
+    v = _load_block(V + (start * HKV + h) * D, blk, L, HKV * D, KEYS, dofs, dmask)[0]
+    zeros = tl.zeros([KEYS, BLOCK_D], tl.float32)
     return dofs, dmask, k, v, kpos, zeros, zeros
 
 
