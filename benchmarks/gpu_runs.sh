@@ -40,9 +40,9 @@ fi
 # warps at L = 200; the one-pass kernels up to 64 blocks at 512 and 1,024); TUNING keeps its defaults until measured
 if stage tune; then
   timeout 100 python3 benchmarks/tune_kernels.py --lengths 200 \
-    --variants base dkdv2 dkdv4 opkeys16 opkeys64 opwarps2 opwarps8 2>&1 | tee "$OUT/tune_200.txt" | grep -v Warn
-  timeout 90 python3 benchmarks/tune_kernels.py --lengths 512 1024 --variants base onepass64 onepass64dkdv4 2>&1 \
-    | tee "$OUT/tune_1024.txt" | grep -v Warn
+    --variants base dkdv1 dkdv8 dkdv4w2 dkdv8w8 dqw2 opkeys16 2>&1 | tee "$OUT/tune_200.txt" | grep -v Warn
+  timeout 60 python3 benchmarks/tune_kernels.py --lengths 512 --variants base onepass32 2>&1 \
+    | tee "$OUT/tune_512.txt" | grep -v Warn
 fi
 if stage profile; then
   timeout 150 python3 benchmarks/profile_attention.py --lengths ${PROFILE_LENGTHS:-200 4096} --compiled --rows 25 2>&1 \
@@ -57,12 +57,17 @@ if stage train; then
   timeout ${TRAIN_LIMIT:-420} python3 scripts/benchmark_training.py --data_dir "$DATA_DIR" --max_seconds ${MAX_SECONDS:-10} \
     --output "$OUT/training_benchmark" 2>&1 | tee "$OUT/train.log" | tail -40
 fi
-# train_modes: eager against --torch_compile in one call, packed rows at max length 200 and 16,384 (whether compiling
-# becomes the default on CUDA), with the busiest kernels of three profiled steps per row (what bounds each step)
+# train_modes: eager against --torch_compile (graphs: --torch_compile_mode reduce-overhead, the step replayed from CUDA
+# graphs) on packed rows at max length 200 and 16,384 (whether compiling becomes the default on CUDA), with the busiest
+# kernels of three profiled steps per row (what bounds each step); TRAIN_MODES picks the modes of one call
 if stage train_modes; then
-  for mode in eager compiled; do
-    flags=$([[ $mode == compiled ]] && echo "--torch_compile --warmup_steps 5")
-    timeout 250 python3 scripts/benchmark_training.py --data_dir "$DATA_DIR" --datasets beauty200 ml100k200 longtail16k \
+  for mode in ${TRAIN_MODES:-eager compiled graphs}; do
+    case $mode in
+      eager) flags= ;;
+      compiled) flags="--torch_compile --warmup_steps 5" ;;
+      graphs) flags="--torch_compile --torch_compile_mode reduce-overhead --warmup_steps 5" ;;
+    esac
+    timeout ${MODE_LIMIT:-250} python3 scripts/benchmark_training.py --data_dir "$DATA_DIR" --datasets beauty200 ml100k200 longtail16k \
       --layouts packed --max_seconds 4 --max_steps 40 --profile_steps 3 --no_plot $flags --output "$OUT/training_$mode" \
       > "$OUT/training_$mode.log" 2>&1; tail -14 "$OUT/training_$mode.log"
   done

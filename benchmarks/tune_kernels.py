@@ -31,14 +31,17 @@ VARIANTS = {
     "keys2x": {"forward_keys": 128, "forward_keys_long": 256, "dq_keys": 64, "dkdv_keys": 128},
     "keys.5x": {"forward_keys": 32, "forward_keys_long": 64, "dq_keys": 16, "dkdv_keys": 32},
     "dkdv2": {"one_pass_dkdv_blocks": 2},
-    "dkdv4": {"one_pass_dkdv_blocks": 4},
+    "dkdv1": {"one_pass_dkdv_blocks": 1},
+    "dkdv8": {"one_pass_dkdv_blocks": 8},
+    "dkdv4w2": {"one_pass_dkdv_warps": 2},
+    "dkdv8w8": {"one_pass_dkdv_blocks": 8, "one_pass_dkdv_warps": 8},
+    "dqw2": {"one_pass_dq_warps": 2},
     "opkeys16": {"one_pass_keys": 16},
     "opkeys64": {"one_pass_keys": 64},
     "opwarps2": {"one_pass_forward_warps": 2, "one_pass_dq_warps": 2, "one_pass_dkdv_warps": 2},
     "opwarps8": {"one_pass_forward_warps": 8, "one_pass_dq_warps": 8, "one_pass_dkdv_warps": 8},
     "onepass32": {"one_pass_max_blocks": 32},
     "onepass64": {"one_pass_max_blocks": 64},
-    "onepass64dkdv4": {"one_pass_max_blocks": 64, "one_pass_dkdv_blocks": 4},
 }
 
 

@@ -134,7 +134,7 @@ def attention_launches(dtype: torch.dtype, heads: int = 8, kv_heads: int = 2, di
             attention._backward_impl(q, k, v, ck, values, *bounds, *outputs, *outputs[:3], length, *geometry)
 
 
-def one_pass_key_tiles(dtype: torch.dtype, blocks=(2, 4)) -> None:
+def one_pass_key_tiles(dtype: torch.dtype, blocks=(1, 2, 8)) -> None:
     """The one-pass dk/dv kernel with key tiles of several selection blocks (TUNING's one_pass_dkdv_blocks)."""
     default = attention.TUNING["one_pass_dkdv_blocks"]
     try:

@@ -53,12 +53,13 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (module forward + backward, 131,072 packed tokens; two runs whose sdpa graph time agreed, 2.31 ms): one pass is
 # faster at L = 200 (13 blocks: 3.91 against 4.38 ms replayed from a CUDA graph) and slower at 1,024 (64 blocks: 6.89
 # against 4.53 ms), where a query block visits every earlier key block; 16 blocks (L <= 256 at the default block
-# size) keeps it where it was measured to win.
+# size) keeps it where it was measured to win. The one-pass dk/dv takes `one_pass_dkdv_blocks` key blocks per program:
+# 4 cut that kernel from 0.60 to 0.33 ms at L = 200 on an H100 (2: 0.37; benchmarks/tune_kernels.py, seventh session).
 TUNING = dict(forward_rows=64, forward_keys=64, forward_keys_long=128, long_from=512, dq_keys=64, dkdv_rows=128,
               dkdv_keys=64, sparse_chunk_elements=8192, compressed_forward_warps=2, compressed_forward_long_warps=4,
               sparse_forward_warps=4, dq_warps=4, sparse_dkdv_warps=2, compressed_dkdv_warps=4,
               one_pass_max_blocks=16, one_pass_keys=32, one_pass_forward_warps=4, one_pass_dq_warps=4,
-              one_pass_dkdv_warps=4, one_pass_dkdv_blocks=1)
+              one_pass_dkdv_warps=4, one_pass_dkdv_blocks=4)
 ONE_PASS_BLOCK_LIMIT = 64
 # Query-block elements (rows x padded head width) the one-pass backward fits in an H100's shared memory, by operand
 # size, compiled for sm_90 (tests/compile_kernels_for_hopper.py): float32 at three TF32 passes needs 147,456 bytes at
