@@ -211,6 +211,30 @@ def test_compile_flags_follow_transformers():
     with pytest.raises(SystemExit) as stop:
         parse_training_arguments(["--torch_compile_mode", "fastest"])
     assert stop.value.code == 2
+    with pytest.raises(SystemExit) as stop:
+        parse_training_arguments(["--torch_compile", "false", "--torch_compile_mode", "reduce-overhead"])
+    assert stop.value.code == 2
+
+
+@pytest.mark.parametrize("device, processes, flags, expected", [
+    ("cuda", 1, [], (True, "reduce-overhead")),
+    ("cuda", 1, ["--torch_compile_mode", "max-autotune"], (True, "max-autotune")),
+    ("cuda", 1, ["--torch_compile", "false"], (False, None)),
+    ("cuda", 2, [], (False, None)),
+    ("cpu", 1, [], (False, None)),
+    ("cpu", 1, ["--torch_compile"], (True, None)),
+])
+def test_compilation_defaults_to_cuda_graphs_on_one_cuda_gpu(device, processes, flags, expected):
+    """Unset, --torch_compile is on with CUDA graphs where one process trains on a CUDA GPU, and off elsewhere;
+    what the user set is kept."""
+    from types import SimpleNamespace
+
+    from blossomrec_hf.training.trainer import default_compilation
+    from blossomrec_hf.training_args import parse_training_arguments
+
+    args = parse_training_arguments(flags)[2]
+    decided = default_compilation(args, SimpleNamespace(device=torch.device(device), num_processes=processes))
+    assert (decided.torch_compile, decided.torch_compile_mode) == expected
 
 
 def test_train_script_with_torch_compile_matches_eager(tmp_path):

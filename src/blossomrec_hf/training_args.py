@@ -116,23 +116,26 @@ class TrainingArguments:
                 "three, float32-level accuracy); default: on where such a GPU trains; false: exact float32 products "
                 "(the Triton kernels then run on the CUDA cores, several times slower). Evaluation always scores in "
                 "exact float32."})
-    torch_compile: bool = field(default=False, metadata={
+    torch_compile: bool | None = field(default=None, metadata={
         "help": "compile the model with torch.compile(fullgraph=True): the training step (forward and backward) and "
                 "the evaluation forward, on batches of static shapes (packed batches filled to the token budget, "
-                "padded ones to the batch size), so one graph serves every batch"})
+                "padded ones to the batch size), so one graph serves every batch; default: on, with CUDA graphs "
+                "(mode reduce-overhead), where one process trains on a CUDA GPU, off elsewhere"})
     torch_compile_backend: str | None = field(default=None, metadata={
         "help": "torch.compile backend (default: inductor); setting it turns --torch_compile on"})
     torch_compile_mode: str | None = field(default=None, metadata={
         "help": "torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune or "
-                "max-autotune-no-cudagraphs (default: None, torch's default); setting it turns --torch_compile on"})
+                "max-autotune-no-cudagraphs (default: reduce-overhead on a CUDA GPU, torch's default elsewhere); "
+                "setting it turns --torch_compile on"})
     push_to_hub: bool = field(default=False, metadata={"help": "upload the best model to --hub_model_id at the end"})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository, e.g. org/blossomrec-beauty"})
     config_overrides: str | None = field(default=None, metadata={
         "help": "model config fields as key=value,key=value (same fields as the --<field> flags)"})
 
     def __post_init__(self):
-        # As in Transformers: naming a backend or mode asks for compilation.
-        if self.torch_compile_backend is not None or self.torch_compile_mode is not None:
+        # As in Transformers: naming a backend or mode asks for compilation (unless compilation was turned off).
+        if self.torch_compile is None and (self.torch_compile_backend is not None or
+                                           self.torch_compile_mode is not None):
             self.torch_compile = True
 
     @property
@@ -183,6 +186,7 @@ def _parse_overrides(text: str | None) -> dict[str, object]:
 def parse_training_arguments(argv: list[str] | None = None):
     """``(data_args, eval_args, training_args, model_overrides)`` from the command line."""
     parser = HfArgumentParser([DataArguments, EvaluationArguments, TrainingArguments, _model_arguments_class()])
+    _accept_bare_switches(parser, ("torch_compile", "tf32"))
     data_args, eval_args, training_args, model_args = parser.parse_args_into_dataclasses(args=argv)
     with user_input_errors("arguments"):
         overrides = _parse_overrides(training_args.config_overrides)
@@ -203,11 +207,23 @@ def parse_training_arguments(argv: list[str] | None = None):
     return data_args, eval_args, training_args, {**overrides, **flags}
 
 
+def _accept_bare_switches(parser, names) -> None:
+    """``--torch_compile`` alone means true, as in Transformers, for the on/off flags whose unset default is decided
+    later (``bool | None``, which HfArgumentParser would make take a value)."""
+    for action in parser._actions:
+        if action.dest in names:
+            action.nargs, action.const = "?", True
+
+
 TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def check_torch_compile_arguments(args: TrainingArguments) -> None:
-    """A ValueError naming the flag for a torch.compile mode or backend that torch does not know."""
+    """A ValueError naming the flag for a torch.compile mode or backend that torch does not know, or for one given
+    with --torch_compile false."""
+    if args.torch_compile is False and (args.torch_compile_mode or args.torch_compile_backend) is not None:
+        flag = "--torch_compile_mode" if args.torch_compile_mode is not None else "--torch_compile_backend"
+        raise ValueError(f"{flag} asks for compilation, which --torch_compile false turned off: drop one of them")
     if args.torch_compile_mode is not None and args.torch_compile_mode not in TORCH_COMPILE_MODES:
         raise ValueError(f"--torch_compile_mode must be one of {', '.join(TORCH_COMPILE_MODES)}, got "
                          f"{args.torch_compile_mode!r}")
