@@ -516,10 +516,12 @@ def _private_generator(seed: int) -> torch.Generator:
 
 def training_dataloader(windows, max_seq_length: int, batch_size: int, seed: int, num_workers: int = 0,
                         max_tokens_per_batch: int | None = None, static_shapes: bool = False, *,
-                        num_processes: int = 1, process_index: int = 0, accumulation_steps: int = 1) -> DataLoader:
+                        num_processes: int = 1, process_index: int = 0, accumulation_steps: int = 1,
+                        pin_memory: bool = False) -> DataLoader:
     """This process's shuffled batches of training windows (column ``input_ids``), reproducible from ``seed`` and the
     epoch: packed batches of at most ``max_tokens_per_batch`` items, or else padded batches of ``batch_size`` windows;
-    with ``static_shapes`` every batch of the same shape (the module docstring says how). Its ``batch_sampler`` (a
+    with ``static_shapes`` every batch of the same shape (the module docstring says how). ``pin_memory`` (training
+    on a CUDA GPU): batches in page-locked memory, so that their copies to the GPU need not wait for the GPU. Its ``batch_sampler`` (a
     `StepBatchSampler`) deals the global sequence of batches to the processes and accumulated batches itself: the
     loader must not be sharded again (not passed to ``accelerator.prepare``)."""
     windows = TrainingWindows(windows, max_seq_length + 1)
@@ -533,7 +535,7 @@ def training_dataloader(windows, max_seq_length: int, batch_size: int, seed: int
         sampler = ShuffledBatchSampler(lengths, batch_size, seed, **dealing)
         collator = TrainingCollator(max_seq_length, batch_size if static_shapes else None)
     return DataLoader(windows, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
-                      generator=_private_generator(seed))
+                      generator=_private_generator(seed), pin_memory=pin_memory)
 
 
 def evaluation_dataloader(split, collator: EvaluationCollator, *, max_seq_length: int, max_tokens: int,
