@@ -91,6 +91,33 @@ def test_compiled_training_step_and_scores_equal_eager(name, layout):
     assert counters["stats"]["unique_graphs"] == 1 + (layout != "static") + (layout != "packed")
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed", "static"])
+def test_no_binary_search_runs_over_a_slice(layout):
+    """Inductor on CUDA failed to lower torch.searchsorted over a slice of a tensor computed in the graph (torch 2.11,
+    "NotImplementedError: SliceView", first in the evaluation forward of `train.py` on an H100): the model's graphs,
+    training step and scores, search whole tensors only."""
+    import operator
+
+    searched = []
+
+    def record(graph_module, example_inputs):
+        for node in graph_module.graph.nodes:
+            if node.op == "call_function" and node.target is torch.searchsorted:
+                source = node.args[0]
+                searched.append(source.op == "call_function" and source.target is operator.getitem
+                                and isinstance(source.args[1], slice))
+        return graph_module.forward
+
+    model = make_model("blossom-torch")
+    batch = batch_of(layout)
+    compiled = torch.compile(model, fullgraph=True, backend=record)
+    compiled(**batch).loss.backward()
+    if layout != "packed":
+        with torch.no_grad():
+            compiled(**{key: value for key, value in batch.items() if key != "labels"}, logits_to_keep=1)
+    assert searched and not any(searched)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_a_static_batch_is_the_packed_batch(name):
     """Filled to a fixed size (padding histories, an empty history, cu_seq_lens_q), the batch gives the packed batch's

@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from .history_layout import history_of_rows
 from .sparse_patterns import SparseGeometry
 
 QUERY_CHUNK = 1024
@@ -181,7 +182,7 @@ def _varlen_buffer_index(cu_seqlens: torch.Tensor, num_rows: int, width: int) ->
     cu_seqlens = cu_seqlens.long()
     histories = cu_seqlens.shape[0] - 1
     rows = torch.arange(num_rows, device=cu_seqlens.device)
-    history = torch.searchsorted(cu_seqlens[1:], rows, right=True)
+    history = history_of_rows(cu_seqlens, rows)
     inside = history < histories
     history = history.clamp(max=max(histories - 1, 0))
     return torch.where(inside, history * width + rows - cu_seqlens[history], histories * width)

@@ -198,7 +198,7 @@ class HistoryLayout:
         index = torch.arange(total, device=real.device)
         # clamped: the boundaries end at `total`, but a compiled graph cannot know it, and indexing per-history
         # tensors with an unclamped bucket trips inductor's device-side bounds assert on CUDA
-        history_of_token = torch.searchsorted(cu_seqlens[1:], index, right=True).clamp(max=cu_seqlens.shape[0] - 2)
+        history_of_token = history_of_rows(cu_seqlens, index).clamp(max=cu_seqlens.shape[0] - 2)
         positions = index - cu_seqlens[history_of_token]
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
         if check:
@@ -325,7 +325,7 @@ class CompressedBlocks:
         rows = torch.arange(total, device=device)
         # each row's history (searchsorted rather than repeat_interleave: no host sync, and rows past the end are
         # allowed); those rows get the last history and no token
-        history = torch.searchsorted(cu_seqlens[1:], rows, right=True).clamp(max=len(counts) - 1)
+        history = history_of_rows(cu_seqlens, rows).clamp(max=len(counts) - 1)
         block = rows - cu_seqlens[history]
         positions = (block + 1)[:, None] * stride - block_size + torch.arange(block_size, device=device)[None, :]
         valid = None if capacity is None else rows < cu_seqlens[-1]
@@ -389,6 +389,14 @@ def _slots_of_tokens(token_rows: torch.Tensor, num_tokens: int, per_token: int) 
     table = torch.full((num_tokens * per_token + 1,), -1, dtype=torch.long, device=flat.device)
     table[torch.where(kept, keys * per_token + rank, num_tokens * per_token)] = slots  # the last entry collects the rest
     return table[:-1].view(num_tokens, per_token)
+
+
+def history_of_rows(cu_seqlens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """For each row index (>= 0), the history h whose rows [cu_seqlens[h], cu_seqlens[h + 1]) hold it; S (the number
+    of histories) for rows at or past cu_seqlens[-1]. One binary search over all the boundaries, not over
+    cu_seqlens[1:]: inductor failed to lower a search over that slice on CUDA (torch 2.11, "NotImplementedError:
+    SliceView") where the boundaries are computed in the graph."""
+    return torch.searchsorted(cu_seqlens, rows, right=True) - 1
 
 
 def _cumulative(lengths: torch.Tensor) -> torch.Tensor:
