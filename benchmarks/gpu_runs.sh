@@ -63,9 +63,9 @@ fi
 if stage train_modes; then
   for mode in ${TRAIN_MODES:-eager compiled graphs}; do
     case $mode in
-      eager) flags= ;;
-      compiled) flags="--torch_compile --warmup_steps 5" ;;
-      graphs) flags="--torch_compile --torch_compile_mode reduce-overhead --warmup_steps 5" ;;
+      eager) flags="--torch_compile false" ;;
+      compiled) flags="--torch_compile --torch_compile_mode default" ;;
+      graphs) flags="--torch_compile --torch_compile_mode reduce-overhead" ;;
     esac
     timeout ${MODE_LIMIT:-250} python3 scripts/benchmark_training.py --data_dir "$DATA_DIR" --datasets beauty200 ml100k200 longtail16k \
       --layouts packed --max_seconds 4 --max_steps 40 --profile_steps 3 --no_plot $flags --output "$OUT/training_$mode" \

@@ -427,6 +427,7 @@ def run_row(accelerator, *, spec: DatasetSpec, data, windows, model: str, layout
                                 model_overrides=model_overrides)
         row["attn_implementation"] = trainer.config._attn_implementation
         row["attention_path"] = attention_path(row["attn_implementation"], device)
+        row["torch_compile"], row["torch_compile_mode"] = trainer.args.torch_compile, trainer.args.torch_compile_mode
         row["batches_per_epoch"] = trainer.steps_per_epoch  # optimizer steps: one batch per process each
         row.update(measure(trainer, device=device, epoch_targets=row["epoch_targets"], args=args))
         if args.profile_steps:
@@ -870,6 +871,14 @@ def write_scaling_results(prefix: str, result: dict, *, with_plot: bool) -> None
 # -------------------------------------------------------------------------------------------------------------- main
 
 
+def step_mode_of(args) -> str:
+    if args.torch_compile is None:
+        return "train.py's default steps (CUDA graphs on one CUDA GPU, else eager)"
+    if not args.torch_compile:
+        return "eager"
+    return f"torch.compile mode {args.torch_compile_mode or 'default'} (static batches)"
+
+
 def parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes"):
         return True
@@ -893,7 +902,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--per_device_train_batch_size", type=int, default=None,
                         help="padded batches: windows per batch (default: 256 on Beauty, 128 on ML-100K, "
                              f"{LONG_TAIL_BATCH_ITEMS:,} items' worth on the synthetic logs)")
-    parser.add_argument("--warmup_steps", type=int, default=3, help="untimed steps before the timed epoch")
+    parser.add_argument("--warmup_steps", type=int, default=5,
+                        help="untimed steps before the timed epoch (compiling, and recording the CUDA graphs)")
     parser.add_argument("--max_steps", type=int, default=100,
                         help="timed steps per row at most; a longer epoch is extrapolated from them")
     parser.add_argument("--min_timed_steps", type=int, default=20,
@@ -912,9 +922,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--longtail_users", type=int, default=300, help="users of the synthetic long-tail log")
     parser.add_argument("--longtail_items", type=int, default=20000, help="items of the synthetic long-tail log")
     parser.add_argument("--dataloader_num_workers", type=int, default=0, help="as train.py (default 0)")
-    parser.add_argument("--torch_compile", action="store_true",
-                        help="every row as train.py --torch_compile runs it (static batches, one compiled graph; "
-                             "the warm-up steps absorb the compilation)")
+    parser.add_argument("--torch_compile", type=parse_bool, nargs="?", const=True, default=None,
+                        help="as train.py's: every row compiled (static batches, one graph; the warm-up steps absorb "
+                             "the compilation); default: as train.py decides (on, with CUDA graphs, where one process "
+                             "trains on a CUDA GPU); false: eager steps")
     parser.add_argument("--torch_compile_mode", default=None, help="as train.py's (e.g. reduce-overhead)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--tf32", type=parse_bool, default=None,
@@ -992,7 +1003,7 @@ def main(argv: list[str] | None = None) -> dict:
               "rows": [], "ratios": {}, "targets": [], "warnings": []}
     say(f"{result['device']}, torch {result['torch']}, triton {result['triton']}, mixed precision "
         f"{accelerator.mixed_precision}, {accelerator.num_processes} process(es)"
-        f"{', torch.compile (static batches)' if args.torch_compile else ', eager'}", flush=True)
+        f", {step_mode_of(args)}", flush=True)
     say("\n".join(table_lines([])[:2]), flush=True)
     for spec in specs:
         started = time.perf_counter()

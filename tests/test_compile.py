@@ -246,14 +246,17 @@ def test_compile_flags_follow_transformers():
 @pytest.mark.parametrize("device, processes, flags, expected", [
     ("cuda", 1, [], (True, "reduce-overhead")),
     ("cuda", 1, ["--torch_compile_mode", "max-autotune"], (True, "max-autotune")),
+    ("cuda", 1, ["--torch_compile"], (True, "reduce-overhead")),
     ("cuda", 1, ["--torch_compile", "false"], (False, None)),
     ("cuda", 2, [], (False, None)),
+    ("cuda", 2, ["--torch_compile"], (True, None)),
+    ("cuda", 1, ["--gradient_accumulation_steps", "2"], (False, None)),
     ("cpu", 1, [], (False, None)),
     ("cpu", 1, ["--torch_compile"], (True, None)),
 ])
 def test_compilation_defaults_to_cuda_graphs_on_one_cuda_gpu(device, processes, flags, expected):
-    """Unset, --torch_compile is on with CUDA graphs where one process trains on a CUDA GPU, and off elsewhere;
-    what the user set is kept."""
+    """Unset, --torch_compile is on where one process trains on a CUDA GPU, and off elsewhere; a compiled step there
+    replays CUDA graphs unless another mode is named; what the user set is kept."""
     from types import SimpleNamespace
 
     from blossomrec_hf.training.trainer import default_compilation

@@ -120,12 +120,14 @@ class TrainingArguments:
         "help": "compile the model with torch.compile(fullgraph=True): the training step (forward and backward) and "
                 "the evaluation forward, on batches of static shapes (packed batches filled to the token budget, "
                 "padded ones to the batch size), so one graph serves every batch; default: on, with CUDA graphs "
-                "(mode reduce-overhead), where one process trains on a CUDA GPU, off elsewhere"})
+                "(mode reduce-overhead), where one process trains on a CUDA GPU without gradient accumulation, off "
+                "elsewhere"})
     torch_compile_backend: str | None = field(default=None, metadata={
         "help": "torch.compile backend (default: inductor); setting it turns --torch_compile on"})
     torch_compile_mode: str | None = field(default=None, metadata={
         "help": "torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune or "
-                "max-autotune-no-cudagraphs (default: reduce-overhead on a CUDA GPU, torch's default elsewhere); "
+                "max-autotune-no-cudagraphs (default: reduce-overhead where one process trains on a CUDA GPU "
+                "without gradient accumulation, torch's default elsewhere); "
                 "setting it turns --torch_compile on"})
     push_to_hub: bool = field(default=False, metadata={"help": "upload the best model to --hub_model_id at the end"})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository, e.g. org/blossomrec-beauty"})

@@ -13,8 +13,9 @@ and a checkpoint resumes on any split of the same batches per step.
 ``--torch_compile`` compiles the model in place (``nn.Module.compile``, so parameter names, checkpoints and
 ``unwrap_model`` stay as they are) with ``fullgraph=True``: the forward and backward of the training step and the
 evaluation forward, each one graph with no host sync. The data loaders then give batches of static shapes, so the
-graphs are compiled once, not once per batch size. Unset, it is on where one process trains on a CUDA GPU, in mode
-reduce-overhead: the step is replayed from CUDA graphs, with no host work per kernel (``default_compilation``).
+graphs are compiled once, not once per batch size. Unset, it is on where one process trains on a CUDA GPU without
+gradient accumulation, in mode reduce-overhead: the step is replayed from CUDA graphs, with no host work per kernel
+(``default_compilation``).
 """
 
 from __future__ import annotations
@@ -151,16 +152,17 @@ def use_tf32(accelerator, tf32: bool | None) -> bool:
 
 
 def default_compilation(args, accelerator):
-    """``args`` with ``--torch_compile`` decided where it was left unset: on, with CUDA graphs (mode reduce-overhead),
-    where one process trains on a CUDA GPU; off elsewhere. On an H100 the step replayed from CUDA graphs trained
-    BlossomRec 1.4-4.5x faster than eager (benchmarks/README.md), and replays the same kernels as the compiled
-    step, which tests check against eager. Several processes stay eager unless asked: DDP's gradient hooks under
-    CUDA graphs are not measured here."""
-    if args.torch_compile is not None:
-        return args
-    on = accelerator.device.type == "cuda" and accelerator.num_processes == 1
-    mode = (args.torch_compile_mode or "reduce-overhead") if on else None
-    return dataclasses.replace(args, torch_compile=on, torch_compile_mode=mode)
+    """``args`` with what was left unset decided: ``--torch_compile`` on where one process trains on a CUDA GPU, off
+    elsewhere, and a compiled step's ``--torch_compile_mode`` reduce-overhead (the step replayed from CUDA graphs) there.
+    On an H100 the graph-replayed step trained BlossomRec 1.4-4.5x faster than eager (benchmarks/README.md); it
+    replays the compiled step's kernels, which tests check against eager. Several processes, or gradient accumulation,
+    keep torch's default mode and, unless asked, eager steps: DDP's gradient hooks, and gradients summed across
+    replays, are not measured under CUDA graphs here."""
+    one_gpu = (accelerator.device.type == "cuda" and accelerator.num_processes == 1
+               and args.gradient_accumulation_steps == 1)
+    compiled = one_gpu if args.torch_compile is None else args.torch_compile
+    mode = args.torch_compile_mode or ("reduce-overhead" if compiled and one_gpu else None)
+    return dataclasses.replace(args, torch_compile=compiled, torch_compile_mode=mode)
 
 
 def compile_model(model, args) -> None:
