@@ -445,6 +445,8 @@ def run_row(accelerator, *, spec: DatasetSpec, data, windows, model: str, layout
             row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     finally:
         trainer = None
+    if row.get("torch_compile"):
+        torch._dynamo.reset()  # the next row's model compiles afresh, and this row's CUDA graphs free their pools
     release(accelerator, device)
     return row
 
@@ -817,6 +819,11 @@ def run_scaling(argv: list[str], args) -> dict:
     import tempfile
 
     script_args = without_option(without_option(without_option(argv, "--multi_gpu"), "--output"), "--no_plot")
+    if args.torch_compile is None and args.torch_compile_mode is None:
+        # one mode for every process count: train.py's default differs between one process (CUDA graphs) and several
+        # (eager), which would mix the two in the scaling ratios
+        script_args += ["--torch_compile", "false"]
+        print("--multi_gpu: eager steps for every process count (--torch_compile to compile them all)", flush=True)
     result = {"device": None, **versions(), "command": "python " + shlex.join(["scripts/benchmark_training.py", *argv]),
               "settings": {key: value for key, value in vars(args).items() if key not in model_config_fields()},
               "runs": [], "rows": [], "scaling": [], "ratios": {}, "targets": [], "warnings": []}
@@ -872,11 +879,13 @@ def write_scaling_results(prefix: str, result: dict, *, with_plot: bool) -> None
 
 
 def step_mode_of(args) -> str:
-    if args.torch_compile is None:
-        return "train.py's default steps (CUDA graphs on one CUDA GPU, else eager)"
-    if not args.torch_compile:
+    """The steps' mode as the flags ask for it; each row records the mode its trainer took."""
+    if args.torch_compile is False:
         return "eager"
-    return f"torch.compile mode {args.torch_compile_mode or 'default'} (static batches)"
+    if args.torch_compile is None and args.torch_compile_mode is None:
+        return "train.py's default steps (CUDA graphs on one CUDA GPU, else eager)"
+    mode = args.torch_compile_mode or "train.py's default mode (reduce-overhead on one CUDA GPU)"
+    return f"torch.compile, {mode} (static batches)"
 
 
 def parse_bool(text: str) -> bool:
@@ -966,6 +975,8 @@ def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[DatasetSp
     for name in ("warmup_steps", "profile_steps"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must not be negative")
+    if args.torch_compile is False and args.torch_compile_mode is not None:
+        parser.error("--torch_compile_mode asks for compilation, which --torch_compile false turned off")
     if args.multi_gpu is not None:
         if os.environ.get(LAUNCHED):  # an abbreviation (--multi) left in a launched run's arguments
             parser.error("--multi_gpu in a run that --multi_gpu launched")

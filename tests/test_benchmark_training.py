@@ -89,6 +89,14 @@ def test_rows_take_train_py_batch_defaults_and_compile_flags(training_benchmark)
     assert packed.tokens_per_batch == 7 * 16385 and packed.per_device_train_batch_size == 7
     padded = training_benchmark.training_arguments(short, model="dense", layout="padded", args=args)
     assert padded.tokens_per_batch == 0 and padded.per_device_train_batch_size == 131072 // 51
+    # unset, the rows take train.py's default (decided by the Trainer); false means eager, and a mode with it is refused
+    for flags, expected in (([], None), (["--torch_compile", "false"], False), (["--torch_compile"], True)):
+        args = training_benchmark.parse_arguments(["--datasets", "longtail50", "--device", "cpu", *flags])[0]
+        assert training_benchmark.training_arguments(long, model="blossom", layout="packed",
+                                                     args=args).torch_compile is expected
+    with pytest.raises(SystemExit):
+        training_benchmark.parse_arguments(["--device", "cpu", "--torch_compile", "false", "--torch_compile_mode",
+                                            "reduce-overhead"])
 
 
 def test_short_epochs_are_timed_over_several_whole_epochs(training_benchmark, tmp_path):

@@ -251,6 +251,7 @@ def test_compile_flags_follow_transformers():
     ("cuda", 2, [], (False, None)),
     ("cuda", 2, ["--torch_compile"], (True, None)),
     ("cuda", 1, ["--gradient_accumulation_steps", "2"], (False, None)),
+    ("cuda", 1, ["--torch_compile_backend", "aot_eager"], (True, None)),
     ("cpu", 1, [], (False, None)),
     ("cpu", 1, ["--torch_compile"], (True, None)),
 ])

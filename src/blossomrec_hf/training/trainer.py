@@ -161,7 +161,8 @@ def default_compilation(args, accelerator):
     one_gpu = (accelerator.device.type == "cuda" and accelerator.num_processes == 1
                and args.gradient_accumulation_steps == 1)
     compiled = one_gpu if args.torch_compile is None else args.torch_compile
-    mode = args.torch_compile_mode or ("reduce-overhead" if compiled and one_gpu else None)
+    inductor = args.torch_compile_backend in (None, "inductor")  # other backends take other modes, or none
+    mode = args.torch_compile_mode or ("reduce-overhead" if compiled and one_gpu and inductor else None)
     return dataclasses.replace(args, torch_compile=compiled, torch_compile_mode=mode)
 
 
@@ -274,7 +275,7 @@ class Trainer:
             if batch["num_targets"] != planned.targets:  # the loader iterates the same plan
                 raise RuntimeError(f"batch of {batch['num_targets']} targets where the plan has {planned.targets}")
             # from page-locked memory on a GPU: queued behind the running step instead of waiting for it
-            batch = send_to_device(batch, self.accelerator.device, non_blocking=True)
+            batch = send_to_device(batch, self.accelerator.device, non_blocking=self.accelerator.device.type == "cuda")
             batch["loss_scale"] = planned.loss_scale(num_processes, accumulation)
             batch["padding"] = planned.padding
             if planned.padding:
