@@ -216,9 +216,11 @@ class Trainer:
                                for split in ("validation", "test")}
         self.sampler = self.dataloader.batch_sampler  # the epoch's order and each step's batches
         # fused: one kernel per step on a GPU instead of a few per parameter (host time, once the model's step is a
-        # CUDA graph replay)
+        # CUDA graph replay); not under fp16, whose loss scaler would then run every step and hide skipped ones from
+        # Accelerate (the schedule would advance on them)
+        fused = on_cuda and accelerator.mixed_precision != "fp16"
         optimizer = torch.optim.AdamW(optimizer_groups(model, args.weight_decay), lr=args.learning_rate,
-                                      fused=on_cuda or None)
+                                      fused=fused or None)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = args.max_steps if args.max_steps > 0 else args.num_train_epochs * self.steps_per_epoch
