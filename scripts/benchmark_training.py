@@ -44,6 +44,7 @@ efficiency against the number of processes. Launch it as a plain ``python`` comm
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import json
 import math
@@ -375,6 +376,53 @@ def kernel_profile(trainer: Trainer, *, device: torch.device, steps: int, rows: 
                         for us, event in busy[:rows]]}
 
 
+class _HostClock:
+    """Host seconds spent inside the wrapped callables, by phase name."""
+
+    def __init__(self):
+        self.seconds = collections.Counter()
+
+    def wrap(self, name: str, call):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - start
+        return timed
+
+
+def host_phases(trainer: Trainer, *, device: torch.device, steps: int) -> dict:
+    """Host milliseconds per step by phase, with no sync between steps: "batch" (the loader's next batch, moved to the
+    device), "forward" (``compute_loss``), "backward" and "rest" (clipping, AdamW, schedule, bookkeeping). With the
+    GPU busy, the host's phases overlap its work; a phase that waits for the GPU (a sync, a blocking copy) takes that
+    wait. Their sum against the step's kernel time says whether the host bounds the step."""
+    clock = _HostClock()
+    saved = trainer.compute_loss, trainer.accelerator.backward
+    trainer.compute_loss = clock.wrap("forward", trainer.compute_loss)
+    trainer.accelerator.backward = clock.wrap("backward", trainer.accelerator.backward)
+    batches, done = epoch_batches(trainer, 0), 0
+    try:
+        synchronize(device)
+        while done < steps:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            clock.seconds["batch"] += time.perf_counter() - start
+            if batch is None:
+                break
+            clock.wrap("step", trainer.training_step)(batch)
+            done += 1
+        synchronize(device)
+    finally:
+        trainer.compute_loss, trainer.accelerator.backward = saved
+        close(batches)
+    if not done:
+        return {}
+    ms = {name: seconds * 1e3 / done for name, seconds in clock.seconds.items()}
+    return {"batch": ms["batch"], "forward": ms["forward"], "backward": ms["backward"],
+            "rest": ms["step"] - ms["forward"] - ms["backward"]}
+
+
 def profile_lines(rows) -> list[str]:
     lines = []
     for row in rows:
@@ -384,6 +432,9 @@ def profile_lines(rows) -> list[str]:
                          f"kernels in a {profile['wall_ms_per_step']:.2f} ms step (profiled), the busiest:")
             lines += [f"  {kernel['ms_per_step']:8.3f} ms {kernel['calls_per_step']:6.1f}x  {kernel['name']}"
                       for kernel in profile["kernels"]]
+            host = profile.get("host_ms_per_step")
+            if host:
+                lines.append("  host ms per step: " + ", ".join(f"{name} {ms:.2f}" for name, ms in host.items()))
     return lines
 
 
@@ -432,6 +483,7 @@ def run_row(accelerator, *, spec: DatasetSpec, data, windows, model: str, layout
         row.update(measure(trainer, device=device, epoch_targets=row["epoch_targets"], args=args))
         if args.profile_steps:
             row["profile"] = kernel_profile(trainer, device=device, steps=args.profile_steps)
+            row["profile"]["host_ms_per_step"] = host_phases(trainer, device=device, steps=args.profile_steps)
         row["status"] = "ok"
     except Exception as error:  # noqa: BLE001 -- one row's failure is recorded; the others still run
         if is_out_of_memory(error):
@@ -942,7 +994,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "trains; false: exact float32)")
     parser.add_argument("--profile_steps", type=int, default=0,
                         help="profile this many further steps per row: time per kernel (torch.profiler; CUDA kernels on a "
-                             "GPU, operators on the CPU)")
+                             "GPU, operators on the CPU), then the host's time per phase of a step over as many more")
     parser.add_argument("--no_plot", action="store_true", help="skip the PNG")
     parser.add_argument("--multi_gpu", type=int, nargs="+", default=None, metavar="N",
                         help="scaling over processes: run every row on each of these numbers of processes (e.g. 1 2 4 "

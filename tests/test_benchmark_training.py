@@ -130,3 +130,6 @@ def test_profiled_steps_list_the_busiest_kernels(training_benchmark, tmp_path):
     assert len(times) == 12 and times == sorted(times, reverse=True) and sum(times) <= profile["device_ms_per_step"]
     assert any("mm" in kernel["name"] for kernel in profile["kernels"])  # the projections and the loss
     assert "longtail64 blossom packed:" in (tmp_path / "profiled.txt").read_text()
+    host = profile["host_ms_per_step"]  # where the host's time goes, phase by phase
+    assert list(host) == ["batch", "forward", "backward", "rest"] and all(ms > 0 for ms in host.values())
+    assert "host ms per step: batch" in (tmp_path / "profiled.txt").read_text()
