@@ -268,6 +268,19 @@ def test_compilation_defaults_to_cuda_graphs_on_one_cuda_gpu(device, processes, 
     assert (decided.torch_compile, decided.torch_compile_mode) == expected
 
 
+def test_compilation_stays_off_by_default_without_triton(monkeypatch):
+    """Inductor needs Triton for a GPU's kernels: where it is missing, an unset --torch_compile means eager steps."""
+    from types import SimpleNamespace
+
+    from blossomrec_hf.training import trainer
+    from blossomrec_hf.training_args import parse_training_arguments
+
+    monkeypatch.setattr(trainer, "triton_installed", lambda: False)
+    one_gpu = SimpleNamespace(device=torch.device("cuda"), num_processes=1)
+    decided = trainer.default_compilation(parse_training_arguments([])[2], one_gpu)
+    assert not decided.torch_compile and decided.torch_compile_mode is None
+
+
 def test_train_script_with_torch_compile_matches_eager(tmp_path):
     """`train.py --torch_compile` (aot_eager, see the module docstring) trains 2 epochs with the eager run's losses,
     evaluates with its metrics, and captures two graphs: the training step and the evaluation forward, whatever the

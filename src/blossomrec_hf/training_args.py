@@ -120,8 +120,8 @@ class TrainingArguments:
         "help": "compile the model with torch.compile(fullgraph=True): the training step (forward and backward) and "
                 "the evaluation forward, on batches of static shapes (packed batches filled to the token budget, "
                 "padded ones to the batch size), so one graph serves every batch; default: on, with CUDA graphs "
-                "(mode reduce-overhead), where one process trains on a CUDA GPU without gradient accumulation, off "
-                "elsewhere"})
+                "(mode reduce-overhead), where one process trains on a CUDA GPU without gradient accumulation and "
+                "Triton is installed, off elsewhere"})
     torch_compile_backend: str | None = field(default=None, metadata={
         "help": "torch.compile backend (default: inductor); setting it turns --torch_compile on"})
     torch_compile_mode: str | None = field(default=None, metadata={

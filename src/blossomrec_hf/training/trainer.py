@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -157,13 +158,19 @@ def default_compilation(args, accelerator):
     On an H100 the graph-replayed step trained BlossomRec 1.4-4.5x faster than eager (benchmarks/README.md); it
     replays the compiled step's kernels, which tests check against eager. Several processes, or gradient accumulation,
     keep torch's default mode and, unless asked, eager steps: DDP's gradient hooks, and gradients summed across
-    replays, are not measured under CUDA graphs here."""
+    replays, are not measured under CUDA graphs here. Without Triton, which inductor needs for a GPU's kernels, the
+    default is eager."""
     one_gpu = (accelerator.device.type == "cuda" and accelerator.num_processes == 1
                and args.gradient_accumulation_steps == 1)
-    compiled = one_gpu if args.torch_compile is None else args.torch_compile
+    # inductor generates the GPU's kernels with Triton: without it (e.g. Windows) the default stays eager
+    compiled = one_gpu and triton_installed() if args.torch_compile is None else args.torch_compile
     inductor = args.torch_compile_backend in (None, "inductor")  # other backends take other modes, or none
     mode = args.torch_compile_mode or ("reduce-overhead" if compiled and one_gpu and inductor else None)
     return dataclasses.replace(args, torch_compile=compiled, torch_compile_mode=mode)
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def compile_model(model, args) -> None:
