@@ -2,9 +2,9 @@
 # The GPU measurements of the open speed and quality work, in stages that fit one 10-minute device call each:
 #   STAGES="profile attention" OUT=results_dir DATA_DIR=folder_with_Beauty.txt bash benchmarks/gpu_runs.sh
 # Stages: check (correctness of the packed kernels; check_tf32: float32 at "high" precision; check_model: whole
-# models against blossom_torch), tune (launch settings to choose), profile (eager vs compiled kernels), attention (module and model tables: eager,
-# compiled, graph, host), train (packed vs padded training throughput), train_modes (eager vs --torch_compile,
-# packed), quality_beauty / quality_ml100k (packed vs padded, 3 seeds), tune_ml100k / tune_beauty (validation-only
+# models against blossom_torch), tune (launch settings to choose), profile (eager vs compiled kernels), attention
+# (module and model tables: eager, compiled, graph, host), train (packed vs padded training throughput), train_modes
+# (eager, compiled and CUDA graphs, packed), quality_beauty / quality_ml100k (packed vs padded, 3 seeds), tune_ml100k / tune_beauty (validation-only
 # tuning), card_beauty (the model card's checkpoint), ablation_beauty / ablation_ml100k (issue 14's table). Text logs
 # read Beauty.txt / ml-100k.inter without the `datasets` library, so nothing needs installing on a machine with
 # torch, triton and transformers.

@@ -15,8 +15,9 @@ Each step is timed in the modes a training loop can run it (median by `triton.te
   waits for the kernels it queued before a sync (an upper bound).
 Whole model: one training step (forward, loss, backward, Adam) of `BlossomRecForSequentialRecommendation` against
 the dense model, items per second, in the same modes, except that its graph column is the model compiled in mode
-reduce-overhead (what train.py runs by default on one GPU), with the host's share of that step ("g.host%"). No dropout anywhere (a CUDA graph capture that fails part-way
-would leave the random generator unusable for the rows after it).
+reduce-overhead (what train.py runs by default on one GPU), with the host's share of that step ("g.host%"). No
+dropout anywhere (a CUDA graph capture that fails part-way would leave the random generator unusable for the rows
+after it).
 
     python scripts/benchmark_attention.py [--lengths 50 200 ...] [--output-dir benchmarks/results]
 """

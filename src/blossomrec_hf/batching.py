@@ -521,9 +521,9 @@ def training_dataloader(windows, max_seq_length: int, batch_size: int, seed: int
     """This process's shuffled batches of training windows (column ``input_ids``), reproducible from ``seed`` and the
     epoch: packed batches of at most ``max_tokens_per_batch`` items, or else padded batches of ``batch_size`` windows;
     with ``static_shapes`` every batch of the same shape (the module docstring says how). ``pin_memory`` (training
-    on a CUDA GPU): batches in page-locked memory, so that their copies to the GPU need not wait for the GPU. Its ``batch_sampler`` (a
-    `StepBatchSampler`) deals the global sequence of batches to the processes and accumulated batches itself: the
-    loader must not be sharded again (not passed to ``accelerator.prepare``)."""
+    on a CUDA GPU): batches in page-locked memory, so that their copies to the GPU need not wait for the GPU. Its
+    ``batch_sampler`` (a `StepBatchSampler`) deals the global sequence of batches to the processes and accumulated
+    batches itself: the loader must not be sharded again (not passed to ``accelerator.prepare``)."""
     windows = TrainingWindows(windows, max_seq_length + 1)
     lengths = windows.windows.lengths.tolist()
     dealing = dict(num_processes=num_processes, process_index=process_index, accumulation_steps=accumulation_steps)

@@ -154,7 +154,8 @@ def use_tf32(accelerator, tf32: bool | None) -> bool:
 
 def default_compilation(args, accelerator):
     """``args`` with what was left unset decided: ``--torch_compile`` on where one process trains on a CUDA GPU, off
-    elsewhere, and a compiled step's ``--torch_compile_mode`` reduce-overhead (the step replayed from CUDA graphs) there.
+    elsewhere, and a compiled step's ``--torch_compile_mode`` reduce-overhead (the step replayed from CUDA graphs)
+    there.
     On an H100 the graph-replayed step trained BlossomRec 1.4-4.5x faster than eager (benchmarks/README.md); it
     replays the compiled step's kernels, which tests check against eager. Several processes, or gradient accumulation,
     keep torch's default mode and, unless asked, eager steps: DDP's gradient hooks, and gradients summed across
@@ -162,7 +163,6 @@ def default_compilation(args, accelerator):
     default is eager."""
     one_gpu = (accelerator.device.type == "cuda" and accelerator.num_processes == 1
                and args.gradient_accumulation_steps == 1)
-    # inductor generates the GPU's kernels with Triton: without it (e.g. Windows) the default stays eager
     compiled = one_gpu and triton_installed() if args.torch_compile is None else args.torch_compile
     inductor = args.torch_compile_backend in (None, "inductor")  # other backends take other modes, or none
     mode = args.torch_compile_mode or ("reduce-overhead" if compiled and one_gpu and inductor else None)
@@ -264,7 +264,8 @@ class Trainer:
         if not args.torch_compile:
             return "eager steps (--torch_compile to compile them)"
         mode = args.torch_compile_mode or "default"
-        graphs = " with CUDA graphs" if "cudagraphs" not in mode and mode != "default" else ""
+        graphs = self.accelerator.device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+        graphs = " with CUDA graphs" if graphs else ""
         return f"torch.compile mode {mode}{graphs} (--torch_compile false for eager steps)"
 
     def compute_loss(self, batch: dict) -> torch.Tensor:
