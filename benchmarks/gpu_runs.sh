@@ -36,13 +36,13 @@ if stage check_tf32; then
   timeout 200 python3 scripts/check_triton_attention.py --kind varlen --float32_matmul_precision high \
     --output "$OUT/triton_varlen_tf32.json" 2>&1 | tee "$OUT/check_tf32.log" | tail -12
 fi
-# tune: per-kernel CUDA time of the launch settings still to choose (one-pass dk/dv key tiles, one-pass key tiles and
-# warps at L = 200; the one-pass kernels up to 64 blocks at 512 and 1,024); TUNING keeps its defaults until measured
+# tune: per-kernel CUDA time of launch settings still to choose (TUNE_LENGTHS, TUNE_VARIANTS: tune_kernels.py's
+# variants; by default the compressed dk/dv segments and the gather's chunk on the gathered path); TUNING keeps its
+# defaults until measured
 if stage tune; then
-  timeout 100 python3 benchmarks/tune_kernels.py --lengths 200 \
-    --variants base dkdv1 dkdv8 dkdv4w2 dkdv8w8 dqw2 opkeys16 2>&1 | tee "$OUT/tune_200.txt" | grep -v Warn
-  timeout 60 python3 benchmarks/tune_kernels.py --lengths 512 --variants base onepass32 2>&1 \
-    | tee "$OUT/tune_512.txt" | grep -v Warn
+  timeout ${TUNE_KERNELS_LIMIT:-200} python3 benchmarks/tune_kernels.py --lengths ${TUNE_LENGTHS:-1024 4096 16384} \
+    --variants ${TUNE_VARIANTS:-base seg1024 seg4096 seg16k chunk16k chunk4k} 2>&1 | tee "$OUT/tune_kernels.txt" \
+    | grep -v Warn
 fi
 if stage profile; then
   timeout 150 python3 benchmarks/profile_attention.py --lengths ${PROFILE_LENGTHS:-200 4096} --compiled --rows 25 2>&1 \

@@ -42,6 +42,9 @@ VARIANTS = {
     "opwarps8": {"one_pass_forward_warps": 8, "one_pass_dq_warps": 8, "one_pass_dkdv_warps": 8},
     "onepass32": {"one_pass_max_blocks": 32},
     "onepass64": {"one_pass_max_blocks": 64},
+    "seg1024": {"compressed_dkdv_segment": 1024},
+    "seg4096": {"compressed_dkdv_segment": 4096},
+    "seg16k": {"compressed_dkdv_segment": 16384},  # one segment up to L = 16,384: the unsplit dck / dcv
 }
 
 

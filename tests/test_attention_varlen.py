@@ -228,6 +228,18 @@ def test_one_pass_key_tiles_of_other_sizes(monkeypatch, keys_per_tile, dkdv_bloc
 
 
 @requires_triton
+@pytest.mark.parametrize("segment", [16, 40])
+def test_compressed_gradients_summed_over_query_segments(monkeypatch, segment):
+    """dck, dcv with each compressed key tile's queries split into segments (float32 parts summed after the kernel):
+    segments of one selection block, and segments that end inside a row tile, give the reference's gradients."""
+    from blossomrec_hf.model import blossom_attention_triton as backend
+    monkeypatch.setitem(backend.TUNING, "compressed_dkdv_segment", segment)
+    leaves, sizes = packed_inputs(MIXED, True, torch.float32, seed=18)
+    assert sizes["max_length"] > segment
+    assert_kernels_match_the_reference(leaves, sizes, [w.float() for w in weights_for(MIXED, seed=19)])
+
+
+@requires_triton
 def test_the_backward_follows_the_path_its_forward_took(monkeypatch):
     """A forward on the one-pass kernels leaves no reverse index: its backward takes the one-pass kernels too, even if
     the limit changes in between (a tuning run, or a graph traced earlier)."""

@@ -59,7 +59,7 @@ TUNING = dict(forward_rows=64, forward_keys=64, forward_keys_long=128, long_from
               dkdv_keys=64, sparse_chunk_elements=8192, compressed_forward_warps=2, compressed_forward_long_warps=4,
               sparse_forward_warps=4, dq_warps=4, sparse_dkdv_warps=2, compressed_dkdv_warps=4,
               one_pass_max_blocks=16, one_pass_keys=32, one_pass_forward_warps=4, one_pass_dq_warps=4,
-              one_pass_dkdv_warps=4, one_pass_dkdv_blocks=4)
+              one_pass_dkdv_warps=4, one_pass_dkdv_blocks=4, compressed_dkdv_segment=2048)
 ONE_PASS_BLOCK_LIMIT = 64
 # Query-block elements (rows x padded head width) the one-pass backward fits in an H100's shared memory, by operand
 # size, compiled for sm_90 (tests/compile_kernels_for_hopper.py): float32 at three TF32 passes needs 147,456 bytes at
@@ -330,15 +330,28 @@ def _backward_impl(q: Tensor, k: Tensor, v: Tensor, ck: Tensor, cv: Tensor | Non
             num_warps=TUNING["sparse_dkdv_warps"])
     if not has_compressed:
         return dq, dk, dv, _no_rows(ck), _no_rows(ck)
+    return dq, dk, dv, *_compressed_backward(plan, q, ck, cv, do_c, lse_c, delta_c)
+
+
+def _compressed_backward(plan: _Plan, q, ck, cv, do_c, lse_c, delta_c) -> tuple[Tensor, Tensor]:
+    """dck, dcv: the queries of each compressed key tile split into segments of `compressed_dkdv_segment`
+    positions, whose float32 parts are summed here when there are several."""
+    segments = triton.cdiv(plan.max_length, TUNING["compressed_dkdv_segment"])
     # zeros: rows past cu_compressed[-1] (a static batch's spare rows) are not written by the kernel
-    dck, dcv = torch.zeros_like(ck), torch.zeros_like(cv)
+    shape = (segments, *ck.shape) if segments > 1 else ck.shape
+    dtype = torch.float32 if segments > 1 else ck.dtype
+    dck, dcv = ck.new_zeros(shape, dtype=dtype), cv.new_zeros(shape, dtype=dtype)
     if plan.num_compressed:
         plan.launch(
-            "compressed_backward_dkdv", compressed_backward_dkdv, lambda tiles: plan.compressed_grid(tiles["BW"]),
+            "compressed_backward_dkdv", compressed_backward_dkdv,
+            lambda tiles: (*plan.compressed_grid(tiles["BW"]), segments),
             dict(BM=plan.dkdv_tile[0], BW=plan.dkdv_tile[1]), Q=q, CK=ck, CV=cv, DOC=do_c, LSEC=lse_c,
-            DELC=delta_c, DCK=dck, DCV=dcv, CU_COMPRESSED=plan.cu_compressed, sm_scale=plan.sm_scale,
-            **plan.common, num_warps=TUNING["compressed_dkdv_warps"])
-    return dq, dk, dv, dck, dcv
+            DELC=delta_c, DCK=dck, DCV=dcv, CU_COMPRESSED=plan.cu_compressed, part_stride=ck.numel(),
+            sm_scale=plan.sm_scale, SEGMENT=TUNING["compressed_dkdv_segment"], **plan.common,
+            num_warps=TUNING["compressed_dkdv_warps"])
+    if segments > 1:
+        return dck.sum(0).to(ck.dtype), dcv.sum(0).to(cv.dtype)
+    return dck, dcv
 
 
 def _backward_fake(q, k, v, ck, cv, *_):

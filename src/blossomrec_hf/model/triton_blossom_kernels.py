@@ -58,14 +58,15 @@ def _rows(pos, head, NH: tl.constexpr, D: tl.constexpr, dofs):
 
 
 @triton.jit
-def _online_update(m, l, acc, s, p_values):
-    """One online-softmax step: s [R, C] base-2 scores (-inf = not attended), p_values [R or 1, C, BD]."""
-    m_new = tl.maximum(m, tl.max(s, 1))
+def _online_update_gathered(m, l, acc, s, values):
+    """One online-softmax step of gathered keys: s [P, G, C] base-2 scores of P positions x G heads against each
+    position's own C keys (-inf = not attended), values [P, C, BD] shared by the G heads of a position."""
+    m_new = tl.maximum(m, tl.max(s, 2))
     m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
     alpha = tl.exp2(m - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l = l * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * p_values, 1)
+    p = tl.exp2(s - m_safe[:, :, None])
+    l = l * alpha + tl.sum(p, 2)
+    acc = acc * alpha[:, :, None] + tl.sum(p[:, :, :, None] * values[:, None, :, :], 2)
     return m_new, l, acc
 
 
@@ -137,7 +138,7 @@ def compressed_forward(
     # first) by N_SEL extractions of the largest score, the earlier block on ties: exactly the reference's
     # stable descending sort. Scores are sums of probabilities (>= 0); -1 marks no block, -2 a taken one.
     # Tiles come in increasing block order, so on a tie the running list's block is always the earlier one.
-    tl.debug_barrier()
+    # The G heads' probabilities come from one score tile of all rows (g * BM + i: [G, BM] when reshaped).
     positions = m0 + tl.arange(0, BM)
     pmask = positions < L
     own_p = positions // SEL_B
@@ -152,15 +153,9 @@ def compressed_forward(
             w = j + o
             ck = tl.load(_at(CK, c_start, w, h, HKV, D, dofs), mask=(w < W)[:, None] & dmask[None, :],
                          other=0.0)
-            visible = (w[None, :] < own_p[:, None]) & (w[None, :] < W)
-            group_prob = tl.zeros([BM, BW], tl.float32)
-            for gg in tl.static_range(G):
-                q_g = tl.load(_at(Q, start, positions, h * G + gg, H, D, dofs), mask=pmask[:, None] & dmask[None, :],
-                              other=0.0)
-                lse_g = tl.load(LSEC + start * H + positions * H + h * G + gg, mask=pmask, other=0.0)
-                s = tl.dot(q_g, tl.trans(ck), input_precision=DOT_PREC) * qk_scale
-                group_prob += tl.where(visible, tl.exp2(s - lse_g[:, None]), 0.0)
-            score += group_prob
+            visible = (w[None, :] < own[:, None]) & (w[None, :] < W)
+            s = tl.dot(q, tl.trans(ck), input_precision=DOT_PREC) * qk_scale
+            score += tl.sum(tl.reshape(tl.where(visible, tl.exp2(s - lse[:, None]), 0.0), [G, BM, BW]), 0)
         candidates = tl.where(j[None, :] < own_p[:, None], score, -1.0)
         merged_s = tl.full([BM, NS], -1.0, tl.float32)
         merged_j = tl.full([BM, NS], -1, tl.int32)
@@ -219,13 +214,28 @@ def _load_block(base, kb, L, ROW: tl.constexpr, SEL_B: tl.constexpr, dofs, dmask
 
 @triton.jit
 def _load_selected_chunk(k_base, v_base, sel, c0, cofs, dofs, dmask3, ROW: tl.constexpr, SEL_B: tl.constexpr):
-    """Keys and values [rows, C, BD] (float32) of chunk `c0` of each row's selected block `sel` (-1 = none)."""
+    """Keys and values [P, C, BD] (float32) of chunk `c0` of each position's selected block `sel` [P] (-1 = none),
+    and which of them exist [P, C]."""
     kpos = sel[:, None] * SEL_B + c0 + cofs[None, :]
     valid = (sel >= 0)[:, None] & (kpos >= 0)
     mask = valid[:, :, None] & dmask3
     kk = tl.load(k_base + kpos[:, :, None] * ROW + dofs[None, None, :], mask=mask, other=0.0).to(tl.float32)
     vv = tl.load(v_base + kpos[:, :, None] * ROW + dofs[None, None, :], mask=mask, other=0.0).to(tl.float32)
     return kk, vv, valid
+
+
+@triton.jit
+def _gathered_scores(q3, kk, valid):
+    """Scores [P, G, C] of the G heads' query rows q3 [P, G, BD] against their position's gathered keys kk
+    [P, C, BD]: each key is loaded once for all heads of its kv head; -inf where `valid` [P, C] is false."""
+    return tl.where(valid[:, None, :], tl.sum(q3[:, :, None, :] * kk[:, None, :, :], 3), NEG_INF)
+
+
+@triton.jit
+def _selected_blocks(BIDX, start, blk, L, h, i, HKV: tl.constexpr, N_SEL: tl.constexpr, SEL_B: tl.constexpr):
+    """Slot `i` of the selected block of each position of query block `blk` [SEL_B] (-1 = none or past the end)."""
+    positions = blk * SEL_B + tl.arange(0, SEL_B)
+    return tl.load(BIDX + start * HKV * N_SEL + (positions * HKV + h) * N_SEL + i, mask=positions < L, other=-1)
 
 
 @triton.jit
@@ -281,20 +291,24 @@ def sparse_forward(
     cofs = tl.arange(0, C)
     dmask3 = dmask[None, None, :]
 
-    m_s = tl.full([R], NEG_INF, tl.float32)
-    l_s = tl.zeros([R], tl.float32)
-    acc_s = tl.zeros([R, BLOCK_D], tl.float32)
     m_t = tl.full([R], NEG_INF, tl.float32)
     l_t = tl.zeros([R], tl.float32)
     acc_t = tl.zeros([R, BLOCK_D], tl.float32)
 
-    # LTIS: each position's selected blocks (gathered per row; they all end before the own block: no causal mask)
+    # LTIS: each position's selected blocks, gathered once for the G heads of the position (rows are (position,
+    # head) pairs: [R] reshapes to [SEL_B, G]); they all end before the own block: no causal mask
+    q3 = tl.reshape(qf, [SEL_B, G, BLOCK_D])
+    m3 = tl.full([SEL_B, G], NEG_INF, tl.float32)
+    l3 = tl.zeros([SEL_B, G], tl.float32)
+    acc3 = tl.zeros([SEL_B, G, BLOCK_D], tl.float32)
     for i in range(N_SEL):
-        sel = tl.load(BIDX + start * HKV * N_SEL + (pos * HKV + h) * N_SEL + i, mask=row_ok, other=-1)
+        sel = _selected_blocks(BIDX, start, blk, L, h, i, HKV, N_SEL, SEL_B)
         for c0 in range(0, SEL_B, C):
             kk, vv, valid = _load_selected_chunk(k_base, v_base, sel, c0, cofs, dofs, dmask3, ROW, SEL_B)
-            s = tl.where(valid, tl.sum(qf[:, None, :] * kk, 2), NEG_INF)
-            m_s, l_s, acc_s = _online_update(m_s, l_s, acc_s, s, vv)
+            m3, l3, acc3 = _online_update_gathered(m3, l3, acc3, _gathered_scores(q3, kk, valid), vv)
+    m_s = tl.reshape(m3, [R])
+    l_s = tl.reshape(l3, [R])
+    acc_s = tl.reshape(acc3, [R, BLOCK_D])
 
     # the own block: LTIS (causal) and STIS share one score tile
     k, v, kpos, s, stis_valid = _key_block_scores(q, k_base, v_base, blk, pos, L, qk_scale, ROW, SEL_B, WINDOW,
@@ -331,13 +345,13 @@ def _store_branch(O, LSE, m, l, acc, start, pos, head, row_ok, H: tl.constexpr, 
 # Backward: dq (query-centric)
 # ------------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _dq_step(dq, q, do, lse, delta, s_valid, kk, vv):
-    """dq += dS K for one gathered chunk; q is pre-scaled (base 2), kk/vv [R, C, BD]; dq stays unscaled."""
-    s = tl.sum(q[:, None, :] * kk, 2)
-    p = tl.where(s_valid, tl.exp2(s - lse[:, None]), 0.0)
-    dp = tl.sum(do[:, None, :] * vv, 2)
-    ds = p * (dp - delta[:, None])
-    return dq + tl.sum(ds[:, :, None] * kk, 1)
+def _dq_gathered(dq3, q3, do3, lse3, delta3, valid, kk, vv):
+    """dq3 [P, G, BD] += dS K for one gathered chunk (kk, vv [P, C, BD] shared by a position's G heads); q3 is
+    pre-scaled (base 2), dq3 stays unscaled."""
+    p = tl.exp2(_gathered_scores(q3, kk, valid) - lse3[:, :, None])
+    dp = tl.sum(do3[:, :, None, :] * vv[:, None, :, :], 3)
+    ds = p * (dp - delta3[:, :, None])
+    return dq3 + tl.sum(ds[:, :, :, None] * kk[:, None, :, :], 2)
 
 
 @triton.jit
@@ -369,18 +383,23 @@ def backward_dq(
     qf = q.to(tl.float32) * qk_scale
     do_s, lse_s, delta_s = _branch_rows(OS, DOS, LSES, DELS, start, pos, head, row_ok, HKV * G, D, dofs, dmask)
     do_t, lse_t, delta_t = _branch_rows(OT, DOT, LSET, DELT, start, pos, head, row_ok, HKV * G, D, dofs, dmask)
-    do_sf = do_s.to(tl.float32)
     k_base = K + (start * HKV + h) * D
     v_base = V + (start * HKV + h) * D
     cofs = tl.arange(0, C)
     dmask3 = dmask[None, None, :]
-    dq = tl.zeros([R, BLOCK_D], tl.float32)
 
+    # LTIS, gathered once per position for its G heads (as in `sparse_forward`)
+    q3 = tl.reshape(qf, [SEL_B, G, BLOCK_D])
+    do3 = tl.reshape(do_s.to(tl.float32), [SEL_B, G, BLOCK_D])
+    lse3 = tl.reshape(lse_s, [SEL_B, G])
+    delta3 = tl.reshape(delta_s, [SEL_B, G])
+    dq3 = tl.zeros([SEL_B, G, BLOCK_D], tl.float32)
     for i in range(N_SEL):
-        sel = tl.load(BIDX + start * HKV * N_SEL + (pos * HKV + h) * N_SEL + i, mask=row_ok, other=-1)
+        sel = _selected_blocks(BIDX, start, blk, L, h, i, HKV, N_SEL, SEL_B)
         for c0 in range(0, SEL_B, C):
             kk, vv, valid = _load_selected_chunk(k_base, v_base, sel, c0, cofs, dofs, dmask3, ROW, SEL_B)
-            dq = _dq_step(dq, qf, do_sf, lse_s, delta_s, valid, kk, vv)
+            dq3 = _dq_gathered(dq3, q3, do3, lse3, delta3, valid, kk, vv)
+    dq = tl.reshape(dq3, [R, BLOCK_D])
 
     k, v, kpos, s, stis_valid = _key_block_scores(q, k_base, v_base, blk, pos, L, qk_scale, ROW, SEL_B, WINDOW,
                                                   dofs, dmask, DOT_PREC)
@@ -567,17 +586,22 @@ def sparse_backward_dkdv(
 
 @triton.jit
 def compressed_backward_dkdv(
-    Q, CK, CV, DOC, LSEC, DELC, DCK, DCV, CU_SEQLENS, CU_COMPRESSED, qk_scale, sm_scale,
+    Q, CK, CV, DOC, LSEC, DELC, DCK, DCV, CU_SEQLENS, CU_COMPRESSED, part_stride, qk_scale, sm_scale,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr,
-    BW: tl.constexpr, SEL_B: tl.constexpr, DOT_PREC: tl.constexpr,
+    BW: tl.constexpr, SEL_B: tl.constexpr, SEGMENT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """dck, dcv of a tile of one history's compressed keys from every query that sees them (t >= (w + 1) * b), in
-    order."""
+    """dck, dcv of a tile of one history's compressed keys from the queries that see them (t >= (w + 1) * b) in one
+    segment of SEGMENT positions (grid dim 2), in order. Segment s writes its part at DCK + s * part_stride: with
+    several segments these are float32 parts that the caller sums, so that the first tiles, which every later query
+    sees, do not leave one program per tile running long after the rest (at L = 16,384: 512 row tiles for the first
+    key tile against one for the last)."""
     hist, h, start, L = _program(CU_SEQLENS, HKV)
     c_start, W = _history(CU_COMPRESSED, hist)
     w0 = tl.program_id(1) * BW
     if w0 >= W:
         return
+    segment = tl.program_id(2)
+    end = tl.minimum(L, (segment + 1) * SEGMENT)
     H: tl.constexpr = HKV * G
     x0, r0 = start * (H * D), start * H
     w = w0 + tl.arange(0, BW)
@@ -590,9 +614,9 @@ def compressed_backward_dkdv(
     dcv = tl.zeros([BW, BLOCK_D], tl.float32)
     rows = tl.arange(0, G * BM)
     head = h * G + rows // BM
-    for m0 in range((w0 + 1) * SEL_B, L, BM):
+    for m0 in range(tl.maximum((w0 + 1) * SEL_B, segment * SEGMENT), end, BM):
         pos = m0 + rows % BM
-        row_ok = pos < L
+        row_ok = pos < end
         rmask = row_ok[:, None] & dmask[None, :]
         ofs = _rows(pos, head, H, D, dofs)
         q = tl.load(Q + x0 + ofs, mask=rmask, other=0.0)
@@ -605,8 +629,9 @@ def compressed_backward_dkdv(
         dp = tl.dot(do, tl.trans(cv).to(do.dtype), input_precision=DOT_PREC)
         ds = p * (dp - tl.load(DELC + r0 + row, mask=row_ok, other=0.0)[:, None])
         dck += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PREC)
-    tl.store(_at(DCK, c_start, w, h, HKV, D, dofs), (dck * sm_scale).to(DCK.dtype.element_ty), mask=kmask)
-    tl.store(_at(DCV, c_start, w, h, HKV, D, dofs), dcv.to(DCV.dtype.element_ty), mask=kmask)
+    part = segment.to(tl.int64) * part_stride
+    tl.store(_at(DCK + part, c_start, w, h, HKV, D, dofs), (dck * sm_scale).to(DCK.dtype.element_ty), mask=kmask)
+    tl.store(_at(DCV + part, c_start, w, h, HKV, D, dofs), dcv.to(DCV.dtype.element_ty), mask=kmask)
 
 
 # ------------------------------------------------------------------------------------------------------------------
