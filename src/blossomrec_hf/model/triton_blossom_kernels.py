@@ -146,17 +146,21 @@ def compressed_forward(
     best_s = tl.full([BM, NS], -1.0, tl.float32)
     best_j = tl.full([BM, NS], -1, tl.int32)
     n_selectable = last // SEL_B
-    for j0 in range(0, n_selectable, BW):
+    # A tile of BW compressed keys scores its first STEP blocks: block j sums the probabilities of keys j .. j + SPAN
+    # - 1, read from the tile's own probabilities shifted along the keys (tl.gather), so each key's probabilities are
+    # computed once (not SPAN times); tiles overlap by SPAN - 1 keys.
+    tl.static_assert(SPAN <= BW)
+    STEP: tl.constexpr = BW - SPAN + 1
+    for j0 in range(0, n_selectable, STEP):
         j = j0 + wofs
-        score = tl.zeros([BM, BW], tl.float32)
-        for o in tl.static_range(SPAN):
-            w = j + o
-            ck = tl.load(_at(CK, c_start, w, h, HKV, D, dofs), mask=(w < W)[:, None] & dmask[None, :],
-                         other=0.0)
-            visible = (w[None, :] < own[:, None]) & (w[None, :] < W)
-            s = tl.dot(q, tl.trans(ck), input_precision=DOT_PREC) * qk_scale
-            score += tl.sum(tl.reshape(tl.where(visible, tl.exp2(s - lse[:, None]), 0.0), [G, BM, BW]), 0)
-        candidates = tl.where(j[None, :] < own_p[:, None], score, -1.0)
+        ck = tl.load(_at(CK, c_start, j, h, HKV, D, dofs), mask=(j < W)[:, None] & dmask[None, :], other=0.0)
+        visible = (j[None, :] < own[:, None]) & (j[None, :] < W)
+        s = tl.dot(q, tl.trans(ck), input_precision=DOT_PREC) * qk_scale
+        probs = tl.sum(tl.reshape(tl.where(visible, tl.exp2(s - lse[:, None]), 0.0), [G, BM, BW]), 0)
+        score = probs
+        for o in tl.static_range(1, SPAN):
+            score += tl.gather(probs, tl.broadcast_to(tl.minimum(wofs + o, BW - 1)[None, :], [BM, BW]), 1)
+        candidates = tl.where((j[None, :] < own_p[:, None]) & (wofs < STEP)[None, :], score, -1.0)
         merged_s = tl.full([BM, NS], -1.0, tl.float32)
         merged_j = tl.full([BM, NS], -1, tl.int32)
         for i in tl.static_range(N_SEL):
