@@ -76,6 +76,28 @@ def _is_stis_offset(delta, WINDOW: tl.constexpr):
     return (delta >= 0) & ((delta < WINDOW) | ((delta > 0) & ((delta & (delta - 1)) == 0)))
 
 
+@triton.jit
+def _merge_top_n(best_s, best_j, candidates, j, slots, N_SEL: tl.constexpr):
+    """The running top-N_SEL list (best_s, best_j [rows, NS], best first) merged with one tile's candidates [rows, C]
+    (blocks `j`, in increasing order and after every block of the list) by N_SEL extractions of the largest score,
+    the earlier block on ties. Scores are >= 0; -1 marks no block, -2 one taken."""
+    merged_s = tl.full(best_s.shape, -1.0, tl.float32)
+    merged_j = tl.full(best_j.shape, -1, tl.int32)
+    for i in tl.static_range(N_SEL):
+        top_best = tl.max(best_s, 1)
+        top_new = tl.max(candidates, 1)
+        from_best = top_best >= top_new
+        j_best = tl.min(tl.where(best_s == top_best[:, None], best_j, 2147483647), 1)
+        j_new = tl.min(tl.where(candidates == top_new[:, None], j[None, :], 2147483647), 1)
+        top = tl.where(from_best, top_best, top_new)
+        chosen = tl.where(top >= 0, tl.where(from_best, j_best, j_new), -1)
+        merged_s = tl.where(slots[None, :] == i, tl.where(top >= 0, top, -1.0)[:, None], merged_s)
+        merged_j = tl.where(slots[None, :] == i, chosen[:, None], merged_j)
+        best_s = tl.where(from_best[:, None] & (best_j == j_best[:, None]), -2.0, best_s)
+        candidates = tl.where((~from_best)[:, None] & (j[None, :] == j_new[:, None]), -2.0, candidates)
+    return merged_s, merged_j
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Compressed branch + block selection (forward)
 # ------------------------------------------------------------------------------------------------------------------
@@ -134,11 +156,9 @@ def compressed_forward(
         tl.store(_at(OC, start, pos, h * G + g, H, D, dofs), out.to(OC.dtype.element_ty),
                  mask=row_ok[:, None] & dmask[None, :])
 
-    # Top-N_SEL per position, merged tile by tile into a running best list ([BM, NS]: scores and block ids, best
-    # first) by N_SEL extractions of the largest score, the earlier block on ties: exactly the reference's
-    # stable descending sort. Scores are sums of probabilities (>= 0); -1 marks no block, -2 a taken one.
-    # Tiles come in increasing block order, so on a tie the running list's block is always the earlier one.
-    # The G heads' probabilities come from one score tile of all rows (g * BM + i: [G, BM] when reshaped).
+    # Top-N_SEL per position, merged tile by tile in increasing block order (`_merge_top_n`): exactly the reference's
+    # stable descending sort. The G heads' probabilities come from one score tile of all rows (g * BM + i: [G, BM]
+    # when reshaped).
     positions = m0 + tl.arange(0, BM)
     pmask = positions < L
     own_p = positions // SEL_B
@@ -161,22 +181,7 @@ def compressed_forward(
         for o in tl.static_range(1, SPAN):
             score += tl.gather(probs, tl.broadcast_to(tl.minimum(wofs + o, BW - 1)[None, :], [BM, BW]), 1)
         candidates = tl.where((j[None, :] < own_p[:, None]) & (wofs < STEP)[None, :], score, -1.0)
-        merged_s = tl.full([BM, NS], -1.0, tl.float32)
-        merged_j = tl.full([BM, NS], -1, tl.int32)
-        for i in tl.static_range(N_SEL):
-            top_best = tl.max(best_s, 1)
-            top_new = tl.max(candidates, 1)
-            from_best = top_best >= top_new
-            j_best = tl.min(tl.where(best_s == top_best[:, None], best_j, 2147483647), 1)
-            j_new = tl.min(tl.where(candidates == top_new[:, None], j[None, :], 2147483647), 1)
-            top = tl.where(from_best, top_best, top_new)
-            chosen = tl.where(top >= 0, tl.where(from_best, j_best, j_new), -1)
-            merged_s = tl.where(slots[None, :] == i, tl.where(top >= 0, top, -1.0)[:, None], merged_s)
-            merged_j = tl.where(slots[None, :] == i, chosen[:, None], merged_j)
-            best_s = tl.where(from_best[:, None] & (best_j == j_best[:, None]), -2.0, best_s)
-            candidates = tl.where((~from_best)[:, None] & (j[None, :] == j_new[:, None]), -2.0, candidates)
-        best_s = merged_s
-        best_j = merged_j
+        best_s, best_j = _merge_top_n(best_s, best_j, candidates, j, slots, N_SEL)
     slot_ofs = (positions * HKV + h)[:, None] * N_SEL + slots[None, :]
     slot_mask = pmask[:, None] & (slots[None, :] < N_SEL)
     tl.store(BIDX + start * HKV * N_SEL + slot_ofs, best_j, mask=slot_mask)
