@@ -58,15 +58,14 @@ def _rows(pos, head, NH: tl.constexpr, D: tl.constexpr, dofs):
 
 
 @triton.jit
-def _online_update_gathered(m, l, acc, s, values):
-    """One online-softmax step of gathered keys: s [P, G, C] base-2 scores of P positions x G heads against each
-    position's own C keys (-inf = not attended), values [P, C, BD] shared by the G heads of a position."""
-    m_new = tl.maximum(m, tl.max(s, 2))
+def _online_update(m, l, acc, s, p_values):
+    """One online-softmax step: s [R, C] base-2 scores (-inf = not attended), p_values [R or 1, C, BD]."""
+    m_new = tl.maximum(m, tl.max(s, 1))
     m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
     alpha = tl.exp2(m - m_safe)
-    p = tl.exp2(s - m_safe[:, :, None])
-    l = l * alpha + tl.sum(p, 2)
-    acc = acc * alpha[:, :, None] + tl.sum(p[:, :, :, None] * values[:, None, :, :], 2)
+    p = tl.exp2(s - m_safe[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * p_values, 1)
     return m_new, l, acc
 
 
@@ -157,8 +156,10 @@ def compressed_forward(
                  mask=row_ok[:, None] & dmask[None, :])
 
     # Top-N_SEL per position, merged tile by tile in increasing block order (`_merge_top_n`): exactly the reference's
-    # stable descending sort. The G heads' probabilities come from one score tile of all rows (g * BM + i: [G, BM]
-    # when reshaped).
+    # stable descending sort. Each head's probabilities come from its own score tile, reading back the lse stored
+    # above: one tile of the G heads' rows summed over heads, and each key's probabilities computed once and shifted
+    # to the blocks that overlap it (tl.gather), compiled to more instructions per tile for sm_90.
+    tl.debug_barrier()
     positions = m0 + tl.arange(0, BM)
     pmask = positions < L
     own_p = positions // SEL_B
@@ -166,21 +167,23 @@ def compressed_forward(
     best_s = tl.full([BM, NS], -1.0, tl.float32)
     best_j = tl.full([BM, NS], -1, tl.int32)
     n_selectable = last // SEL_B
-    # A tile of BW compressed keys scores its first STEP blocks: block j sums the probabilities of keys j .. j + SPAN
-    # - 1, read from the tile's own probabilities shifted along the keys (tl.gather), so each key's probabilities are
-    # computed once (not SPAN times); tiles overlap by SPAN - 1 keys.
-    tl.static_assert(SPAN <= BW)
-    STEP: tl.constexpr = BW - SPAN + 1
-    for j0 in range(0, n_selectable, STEP):
+    for j0 in range(0, n_selectable, BW):
         j = j0 + wofs
-        ck = tl.load(_at(CK, c_start, j, h, HKV, D, dofs), mask=(j < W)[:, None] & dmask[None, :], other=0.0)
-        visible = (j[None, :] < own[:, None]) & (j[None, :] < W)
-        s = tl.dot(q, tl.trans(ck), input_precision=DOT_PREC) * qk_scale
-        probs = tl.sum(tl.reshape(tl.where(visible, tl.exp2(s - lse[:, None]), 0.0), [G, BM, BW]), 0)
-        score = probs
-        for o in tl.static_range(1, SPAN):
-            score += tl.gather(probs, tl.broadcast_to(tl.minimum(wofs + o, BW - 1)[None, :], [BM, BW]), 1)
-        candidates = tl.where((j[None, :] < own_p[:, None]) & (wofs < STEP)[None, :], score, -1.0)
+        score = tl.zeros([BM, BW], tl.float32)
+        for o in tl.static_range(SPAN):
+            w = j + o
+            ck = tl.load(_at(CK, c_start, w, h, HKV, D, dofs), mask=(w < W)[:, None] & dmask[None, :],
+                         other=0.0)
+            visible = (w[None, :] < own_p[:, None]) & (w[None, :] < W)
+            group_prob = tl.zeros([BM, BW], tl.float32)
+            for gg in tl.static_range(G):
+                q_g = tl.load(_at(Q, start, positions, h * G + gg, H, D, dofs), mask=pmask[:, None] & dmask[None, :],
+                              other=0.0)
+                lse_g = tl.load(LSEC + start * H + positions * H + h * G + gg, mask=pmask, other=0.0)
+                s = tl.dot(q_g, tl.trans(ck), input_precision=DOT_PREC) * qk_scale
+                group_prob += tl.where(visible, tl.exp2(s - lse_g[:, None]), 0.0)
+            score += group_prob
+        candidates = tl.where(j[None, :] < own_p[:, None], score, -1.0)
         best_s, best_j = _merge_top_n(best_s, best_j, candidates, j, slots, N_SEL)
     slot_ofs = (positions * HKV + h)[:, None] * N_SEL + slots[None, :]
     slot_mask = pmask[:, None] & (slots[None, :] < N_SEL)
@@ -223,28 +226,13 @@ def _load_block(base, kb, L, ROW: tl.constexpr, SEL_B: tl.constexpr, dofs, dmask
 
 @triton.jit
 def _load_selected_chunk(k_base, v_base, sel, c0, cofs, dofs, dmask3, ROW: tl.constexpr, SEL_B: tl.constexpr):
-    """Keys and values [P, C, BD] (float32) of chunk `c0` of each position's selected block `sel` [P] (-1 = none),
-    and which of them exist [P, C]."""
+    """Keys and values [rows, C, BD] (float32) of chunk `c0` of each row's selected block `sel` (-1 = none)."""
     kpos = sel[:, None] * SEL_B + c0 + cofs[None, :]
     valid = (sel >= 0)[:, None] & (kpos >= 0)
     mask = valid[:, :, None] & dmask3
     kk = tl.load(k_base + kpos[:, :, None] * ROW + dofs[None, None, :], mask=mask, other=0.0).to(tl.float32)
     vv = tl.load(v_base + kpos[:, :, None] * ROW + dofs[None, None, :], mask=mask, other=0.0).to(tl.float32)
     return kk, vv, valid
-
-
-@triton.jit
-def _gathered_scores(q3, kk, valid):
-    """Scores [P, G, C] of the G heads' query rows q3 [P, G, BD] against their position's gathered keys kk
-    [P, C, BD]: each key is loaded once for all heads of its kv head; -inf where `valid` [P, C] is false."""
-    return tl.where(valid[:, None, :], tl.sum(q3[:, :, None, :] * kk[:, None, :, :], 3), NEG_INF)
-
-
-@triton.jit
-def _selected_blocks(BIDX, start, blk, L, h, i, HKV: tl.constexpr, N_SEL: tl.constexpr, SEL_B: tl.constexpr):
-    """Slot `i` of the selected block of each position of query block `blk` [SEL_B] (-1 = none or past the end)."""
-    positions = blk * SEL_B + tl.arange(0, SEL_B)
-    return tl.load(BIDX + start * HKV * N_SEL + (positions * HKV + h) * N_SEL + i, mask=positions < L, other=-1)
 
 
 @triton.jit
@@ -300,24 +288,20 @@ def sparse_forward(
     cofs = tl.arange(0, C)
     dmask3 = dmask[None, None, :]
 
+    m_s = tl.full([R], NEG_INF, tl.float32)
+    l_s = tl.zeros([R], tl.float32)
+    acc_s = tl.zeros([R, BLOCK_D], tl.float32)
     m_t = tl.full([R], NEG_INF, tl.float32)
     l_t = tl.zeros([R], tl.float32)
     acc_t = tl.zeros([R, BLOCK_D], tl.float32)
 
-    # LTIS: each position's selected blocks, gathered once for the G heads of the position (rows are (position,
-    # head) pairs: [R] reshapes to [SEL_B, G]); they all end before the own block: no causal mask
-    q3 = tl.reshape(qf, [SEL_B, G, BLOCK_D])
-    m3 = tl.full([SEL_B, G], NEG_INF, tl.float32)
-    l3 = tl.zeros([SEL_B, G], tl.float32)
-    acc3 = tl.zeros([SEL_B, G, BLOCK_D], tl.float32)
+    # LTIS: each position's selected blocks (gathered per row; they all end before the own block: no causal mask)
     for i in range(N_SEL):
-        sel = _selected_blocks(BIDX, start, blk, L, h, i, HKV, N_SEL, SEL_B)
+        sel = tl.load(BIDX + start * HKV * N_SEL + (pos * HKV + h) * N_SEL + i, mask=row_ok, other=-1)
         for c0 in range(0, SEL_B, C):
             kk, vv, valid = _load_selected_chunk(k_base, v_base, sel, c0, cofs, dofs, dmask3, ROW, SEL_B)
-            m3, l3, acc3 = _online_update_gathered(m3, l3, acc3, _gathered_scores(q3, kk, valid), vv)
-    m_s = tl.reshape(m3, [R])
-    l_s = tl.reshape(l3, [R])
-    acc_s = tl.reshape(acc3, [R, BLOCK_D])
+            s = tl.where(valid, tl.sum(qf[:, None, :] * kk, 2), NEG_INF)
+            m_s, l_s, acc_s = _online_update(m_s, l_s, acc_s, s, vv)
 
     # the own block: LTIS (causal) and STIS share one score tile
     k, v, kpos, s, stis_valid = _key_block_scores(q, k_base, v_base, blk, pos, L, qk_scale, ROW, SEL_B, WINDOW,
@@ -354,13 +338,13 @@ def _store_branch(O, LSE, m, l, acc, start, pos, head, row_ok, H: tl.constexpr, 
 # Backward: dq (query-centric)
 # ------------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _dq_gathered(dq3, q3, do3, lse3, delta3, valid, kk, vv):
-    """dq3 [P, G, BD] += dS K for one gathered chunk (kk, vv [P, C, BD] shared by a position's G heads); q3 is
-    pre-scaled (base 2), dq3 stays unscaled."""
-    p = tl.exp2(_gathered_scores(q3, kk, valid) - lse3[:, :, None])
-    dp = tl.sum(do3[:, :, None, :] * vv[:, None, :, :], 3)
-    ds = p * (dp - delta3[:, :, None])
-    return dq3 + tl.sum(ds[:, :, :, None] * kk[:, None, :, :], 2)
+def _dq_step(dq, q, do, lse, delta, s_valid, kk, vv):
+    """dq += dS K for one gathered chunk; q is pre-scaled (base 2), kk/vv [R, C, BD]; dq stays unscaled."""
+    s = tl.sum(q[:, None, :] * kk, 2)
+    p = tl.where(s_valid, tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.sum(do[:, None, :] * vv, 2)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.sum(ds[:, :, None] * kk, 1)
 
 
 @triton.jit
@@ -392,23 +376,18 @@ def backward_dq(
     qf = q.to(tl.float32) * qk_scale
     do_s, lse_s, delta_s = _branch_rows(OS, DOS, LSES, DELS, start, pos, head, row_ok, HKV * G, D, dofs, dmask)
     do_t, lse_t, delta_t = _branch_rows(OT, DOT, LSET, DELT, start, pos, head, row_ok, HKV * G, D, dofs, dmask)
+    do_sf = do_s.to(tl.float32)
     k_base = K + (start * HKV + h) * D
     v_base = V + (start * HKV + h) * D
     cofs = tl.arange(0, C)
     dmask3 = dmask[None, None, :]
+    dq = tl.zeros([R, BLOCK_D], tl.float32)
 
-    # LTIS, gathered once per position for its G heads (as in `sparse_forward`)
-    q3 = tl.reshape(qf, [SEL_B, G, BLOCK_D])
-    do3 = tl.reshape(do_s.to(tl.float32), [SEL_B, G, BLOCK_D])
-    lse3 = tl.reshape(lse_s, [SEL_B, G])
-    delta3 = tl.reshape(delta_s, [SEL_B, G])
-    dq3 = tl.zeros([SEL_B, G, BLOCK_D], tl.float32)
     for i in range(N_SEL):
-        sel = _selected_blocks(BIDX, start, blk, L, h, i, HKV, N_SEL, SEL_B)
+        sel = tl.load(BIDX + start * HKV * N_SEL + (pos * HKV + h) * N_SEL + i, mask=row_ok, other=-1)
         for c0 in range(0, SEL_B, C):
             kk, vv, valid = _load_selected_chunk(k_base, v_base, sel, c0, cofs, dofs, dmask3, ROW, SEL_B)
-            dq3 = _dq_gathered(dq3, q3, do3, lse3, delta3, valid, kk, vv)
-    dq = tl.reshape(dq3, [R, BLOCK_D])
+            dq = _dq_step(dq, qf, do_sf, lse_s, delta_s, valid, kk, vv)
 
     k, v, kpos, s, stis_valid = _key_block_scores(q, k_base, v_base, blk, pos, L, qk_scale, ROW, SEL_B, WINDOW,
                                                   dofs, dmask, DOT_PREC)
