@@ -1,0 +1,88 @@
+"""PTX instructions of the attention kernels as compiled for a Hopper GPU (sm_90), per loop body, on a machine
+without a GPU: a first look at a kernel change before GPU time is spent on it.
+
+The launches of one forward + backward (bf16, 8 heads, 2 kv heads, head dim 16: the benchmark's shapes) are
+compiled the way `tests/compile_kernels_for_hopper.py` does, plus the 16-byte alignment the GPU's JIT assumes of
+pointer arguments (without it loads are not vectorised and the compiler picks other layouts, so counts would
+mislead). For each kernel: its instruction count, its global loads, and each basic block of more than `--min-block`
+instructions (a loop body, mostly) with its most frequent instructions. Static counts, not timings: a loop's count
+is what one iteration issues per thread, so between two versions of a kernel it shows what moved (shuffles for
+reductions across lanes, bar.sync for those across warps, conversions, exponentials), not how long a step takes.
+
+    PYTHONPATH=src python benchmarks/kernel_instructions.py [--length 2000] [--kernels backward_dq ...]
+"""
+
+import argparse
+import os
+import collections
+import re
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # what Triton 3.9 defaults to (and warns about)
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import compile_kernels_for_hopper as hopper  # noqa: E402
+
+from blossomrec_hf.model import blossom_attention_triton as attention  # noqa: E402
+
+INSTRUCTION = re.compile(r"^\s+(?:@!?%p\d+\s+)?([a-z0-9]+(?:\.[a-z0-9_]+)*)", re.M)
+LABEL = re.compile(r"\$L__BB\d+_\d+:")
+
+
+def compiled_ptx(length: int) -> dict[str, str]:
+    """PTX of each attention kernel (its first specialisation) for one forward + backward at `length`."""
+    ptx = {}
+    aligned_source = hopper.source_of
+
+    def source_of(kernel, args, kwargs):
+        source, options, key = aligned_source(kernel, args, kwargs)
+        source.attrs = {(index,): [["tt.divisibility", 16]] for index, param in enumerate(kernel.params)
+                        if source.signature[param.name].startswith("*")}
+        return source, options, key
+
+    def compile_once(kernel, source, options, key):
+        compiled = triton.compile(source, target=hopper.TARGET, options=options)
+        ptx.setdefault(kernel.__name__, compiled.asm["ptx"])
+        return compiled.metadata.shared
+
+    hopper.source_of, hopper.compile_once = source_of, compile_once
+    hopper.Compiler([attention])
+    hopper.attention_launches(torch.bfloat16, lengths=(length,))
+    return ptx
+
+
+def counts(text: str) -> collections.Counter:
+    return collections.Counter(INSTRUCTION.findall(text))
+
+
+def report(name: str, ptx: str, min_block: int, top: int) -> str:
+    whole = counts(ptx)
+    loads = sum(n for op, n in whole.items() if op.startswith("ld.global"))
+    lines = [f"{name}: {sum(whole.values())} instructions, {loads} global loads"]
+    starts = [match.start() for match in LABEL.finditer(ptx)]
+    for begin, end in zip(starts, starts[1:] + [len(ptx)]):
+        block = counts(ptx[begin:end])
+        if sum(block.values()) >= min_block:
+            busiest = ", ".join(f"{op} {n}" for op, n in block.most_common(top))
+            lines.append(f"  {ptx[begin:end].split(':')[0]:>12} {sum(block.values()):5}: {busiest}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--length", type=int, default=2000, help="history length (2,000: the gathered kernels)")
+    parser.add_argument("--kernels", nargs="*", default=None, help="kernel names (default: every one launched)")
+    parser.add_argument("--min-block", type=int, default=300)
+    parser.add_argument("--top", type=int, default=8)
+    args = parser.parse_args(argv)
+    ptx = compiled_ptx(args.length)
+    for name in args.kernels or sorted(ptx):
+        print(report(name, ptx[name], args.min_block, args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
