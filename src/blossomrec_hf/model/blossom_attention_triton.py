@@ -55,11 +55,15 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # against 4.53 ms), where a query block visits every earlier key block; 16 blocks (L <= 256 at the default block
 # size) keeps it where it was measured to win. The one-pass dk/dv takes `one_pass_dkdv_blocks` key blocks per program:
 # 4 cut that kernel from 0.60 to 0.33 ms at L = 200 on an H100 (2: 0.37; benchmarks/tune_kernels.py, seventh session).
+# Eighth session, on an H200 (tune_kernels.py at L = 4,096 / 16,384): the compressed dk/dv's queries split into
+# segments of `compressed_dkdv_segment` positions took that kernel from 0.27 / 1.07 ms (one segment) to 0.22 / 0.67
+# (1,024: no better); a whole block per gathered chunk in backward_dq took it from 0.87 / 1.07 to 0.80 / 1.03 ms, but
+# the forward's from 0.48 / 0.52 to 0.52 / 0.57, so the two kernels have their own budgets.
 TUNING = dict(forward_rows=64, forward_keys=64, forward_keys_long=128, long_from=512, dq_keys=64, dkdv_rows=128,
-              dkdv_keys=64, sparse_chunk_elements=8192, compressed_forward_warps=2, compressed_forward_long_warps=4,
-              sparse_forward_warps=4, dq_warps=4, sparse_dkdv_warps=2, compressed_dkdv_warps=4,
-              one_pass_max_blocks=16, one_pass_keys=32, one_pass_forward_warps=4, one_pass_dq_warps=4,
-              one_pass_dkdv_warps=4, one_pass_dkdv_blocks=4, compressed_dkdv_segment=2048)
+              dkdv_keys=64, sparse_chunk_elements=8192, dq_chunk_elements=16384, compressed_forward_warps=2,
+              compressed_forward_long_warps=4, sparse_forward_warps=4, dq_warps=4, sparse_dkdv_warps=2,
+              compressed_dkdv_warps=4, one_pass_max_blocks=16, one_pass_keys=32, one_pass_forward_warps=4,
+              one_pass_dq_warps=4, one_pass_dkdv_warps=4, one_pass_dkdv_blocks=4, compressed_dkdv_segment=2048)
 ONE_PASS_BLOCK_LIMIT = 64
 # Query-block elements (rows x padded head width) the one-pass backward fits in an H100's shared memory, by operand
 # size, compiled for sm_90 (tests/compile_kernels_for_hopper.py): float32 at three TF32 passes needs 147,456 bytes at
@@ -160,9 +164,9 @@ class _Plan:
         self.forward_warps = TUNING["compressed_forward_long_warps" if long else "compressed_forward_warps"]
         self.dq_keys = TUNING["dq_keys"] // shrink
         self.dkdv_tile = (max(1, TUNING["dkdv_rows"] // shrink // self.group), TUNING["dkdv_keys"] // shrink)
-        rows = size * self.group
-        chunk = max(1, min(size, _pow2(TUNING["sparse_chunk_elements"] // (rows * self.block_d) + 1) // 2))
-        self.gather = dict(N_SEL=self.num_selected, C=chunk)
+        per_key = size * self.group * self.block_d  # elements of a gathered chunk's [rows, keys, head dim] products
+        self.gather = dict(N_SEL=self.num_selected, C=_keys_per_chunk(TUNING["sparse_chunk_elements"], per_key, size))
+        self.dq_gather = dict(N_SEL=self.num_selected, C=_keys_per_chunk(TUNING["dq_chunk_elements"], per_key, size))
         self.csr_chunk = max(1, 64 // self.group)
         self.sm_scale = 1.0 / math.sqrt(self.dim)
         self.common = dict(CU_SEQLENS=cu_seqlens, qk_scale=self.sm_scale * math.log2(math.e), HKV=self.kv_heads,
@@ -194,6 +198,12 @@ class _Plan:
                                 if isinstance(value, (bool, int, str)) and argument != "T"))
         key = (name, self.dtype, self.device, settings)
         fit_tiles(key, tiles, smallest, lambda fitted: kernel[grid(fitted)](**arguments, **fitted))
+
+
+def _keys_per_chunk(elements: int, per_key: int, block: int) -> int:
+    """Keys per chunk of the gathered kernels: the largest power of two, at most a block, whose products fit
+    `elements`."""
+    return max(1, min(block, _pow2(elements // per_key + 1) // 2))
 
 
 def uses_one_pass(max_length: int, geometry: SparseGeometry, q: Tensor, k: Tensor) -> bool:
@@ -322,7 +332,7 @@ def _backward_impl(q: Tensor, k: Tensor, v: Tensor, ck: Tensor, cv: Tensor | Non
                     num_warps=TUNING["one_pass_dkdv_warps"])
     else:
         plan.launch("backward_dq", backward_dq, lambda tiles: plan.sparse_grid(), dict(BW=plan.dq_keys), **branches,
-                    **compressed, **plan.common, **plan.stis, **plan.gather, num_warps=TUNING["dq_warps"])
+                    **compressed, **plan.common, **plan.stis, **plan.dq_gather, num_warps=TUNING["dq_warps"])
         offsets, queries = _selection_csr(sort_keys, plan)
         sparse_backward_dkdv[plan.sparse_grid()](
             **dkdv, K=k, V=v, CSR_OFFSETS=offsets, CSR_QUERIES=queries, DK=dk, DV=dv, T=plan.tokens,
