@@ -48,9 +48,10 @@ if stage profile; then
   timeout 150 python3 benchmarks/profile_attention.py --lengths ${PROFILE_LENGTHS:-200 4096} --compiled --rows 25 2>&1 \
     | tee "$OUT/attention_profile_modes.txt"
 fi
+# attention: LENGTHS (module table) and MODEL_LENGTHS (whole model) default to the lengths; empty skips one
 if stage attention; then
   timeout ${ATTENTION_LIMIT:-300} python3 scripts/benchmark_attention.py --skip-reference \
-    --lengths ${LENGTHS:-200 1024 4096 16384} --model-lengths ${MODEL_LENGTHS:-200 4096} --output-dir "$OUT" 2>&1 \
+    --lengths ${LENGTHS-200 1024 4096 16384} --model-lengths ${MODEL_LENGTHS-200 4096} --output-dir "$OUT" 2>&1 \
     | tee "$OUT/attention.log" | tail -20
 fi
 if stage train; then
