@@ -119,9 +119,9 @@ def source_of(kernel, args, kwargs) -> tuple[ASTSource, dict, tuple]:
 
 
 def attention_launches(dtype: torch.dtype, heads: int = 8, kv_heads: int = 2, dim: int = 16,
-                       lengths=(200, 2000)) -> None:
-    """Forward and backward of the attention, short (one-pass kernels) and long (gathered kernels), with and without
-    compressed values."""
+                       lengths=(200, 2000, 5000)) -> None:
+    """Forward and backward of the attention, short (one-pass kernels) and long (gathered kernels; at 5,000 the
+    compressed dk/dv writes float32 parts of several query segments), with and without compressed values."""
     geometry = (32, 16, 16, 4, 8)  # compress block, stride, selection block, selected blocks, STIS window
     for length in lengths:
         compressed = (length - 1) // 16

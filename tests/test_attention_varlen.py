@@ -228,15 +228,25 @@ def test_one_pass_key_tiles_of_other_sizes(monkeypatch, keys_per_tile, dkdv_bloc
 
 
 @requires_triton
-@pytest.mark.parametrize("segment", [16, 40])
-def test_compressed_gradients_summed_over_query_segments(monkeypatch, segment):
+@pytest.mark.parametrize("segment, max_segments, expected", [(16, 8, 5), (40, 8, 2), (1, 3, 3)])
+def test_compressed_gradients_summed_over_query_segments(monkeypatch, segment, max_segments, expected):
     """dck, dcv with each compressed key tile's queries split into segments (float32 parts summed after the kernel):
-    segments of one selection block, and segments that end inside a row tile, give the reference's gradients."""
+    segments of one selection block, segments that end inside a row tile, and segments lengthened so that there are
+    at most `max_segments` (which bounds the parts' memory) give the reference's gradients."""
     from blossomrec_hf.model import blossom_attention_triton as backend
     monkeypatch.setitem(backend.TUNING, "compressed_dkdv_segment", segment)
+    monkeypatch.setitem(backend.TUNING, "compressed_dkdv_max_segments", max_segments)
+    kernel, grids = backend.compressed_backward_dkdv, []
+
+    class Recorded:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(backend, "compressed_backward_dkdv", Recorded())
     leaves, sizes = packed_inputs(MIXED, True, torch.float32, seed=18)
-    assert sizes["max_length"] > segment
     assert_kernels_match_the_reference(leaves, sizes, [w.float() for w in weights_for(MIXED, seed=19)])
+    assert [grid[2] for grid in grids] == [expected]  # max length 70
 
 
 @requires_triton

@@ -57,14 +57,16 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # 4 cut that kernel from 0.60 to 0.33 ms at L = 200 on an H100 (2: 0.37; benchmarks/tune_kernels.py, seventh session).
 # Eighth session, on an H200 (tune_kernels.py at L = 4,096 / 16,384): the compressed dk/dv's queries split into
 # segments of `compressed_dkdv_segment` positions took that kernel from 0.27 / 1.07 ms (one segment) to 0.22 / 0.67
-# (1,024: no better); a whole block per gathered chunk in backward_dq took it from 0.87 / 1.07 to 0.80 / 1.03 ms, but
+# (1,024: no better; at most `compressed_dkdv_max_segments`, which bounds the float32 parts' memory); a whole block per gathered chunk in backward_dq took it from 0.87 / 1.07 to 0.80 / 1.03 ms, but
 # the forward's from 0.48 / 0.52 to 0.52 / 0.57, so the two kernels have their own budgets.
 TUNING = dict(forward_rows=64, forward_keys=64, forward_keys_long=128, long_from=512, dq_keys=64, dkdv_rows=128,
               dkdv_keys=64, sparse_chunk_elements=8192, dq_chunk_elements=16384, compressed_forward_warps=2,
               compressed_forward_long_warps=4, sparse_forward_warps=4, dq_warps=4, sparse_dkdv_warps=2,
               compressed_dkdv_warps=4, one_pass_max_blocks=16, one_pass_keys=32, one_pass_forward_warps=4,
-              one_pass_dq_warps=4, one_pass_dkdv_warps=4, one_pass_dkdv_blocks=4, compressed_dkdv_segment=2048)
+              one_pass_dq_warps=4, one_pass_dkdv_warps=4, one_pass_dkdv_blocks=4, compressed_dkdv_segment=2048,
+              compressed_dkdv_max_segments=8)
 ONE_PASS_BLOCK_LIMIT = 64
+_RUNTIME_SIZES = ("T", "part_stride", "segment_length")  # kernel arguments that are not specialised on
 # Query-block elements (rows x padded head width) the one-pass backward fits in an H100's shared memory, by operand
 # size, compiled for sm_90 (tests/compile_kernels_for_hopper.py): float32 at three TF32 passes needs 147,456 bytes at
 # 4,096 (16 rows x 2 heads x 128) and 245,760 (over the 232,448 there are) at 8,192; bf16 needs 106,496 at 8,192 and
@@ -131,8 +133,9 @@ def _row_major(x: torch.Tensor) -> torch.Tensor:
 class _Plan:
     """Launch parameters shared by the forward and backward passes.
 
-    Grids: dim 0 is (history, kv head), dim 1 the blocks or tiles of the longest history (`max_length`); the kernels
-    load each history's bounds from cu_seqlens / cu_compressed and skip what lies past its end."""
+    Grids: dim 0 is (history, kv head), dim 1 the blocks or tiles of the longest history (`max_length`), and the
+    compressed dk/dv's dim 2 a segment of its query positions; the kernels load each history's bounds from
+    cu_seqlens / cu_compressed and skip what lies past its end."""
 
     def __init__(self, q, k, cu_seqlens, cu_compressed, max_length: int, geometry: SparseGeometry,
                  one_pass: bool | None = None):
@@ -193,9 +196,10 @@ class _Plan:
         these (tile_fitting): by default at the least 16 keys, and rows tiles (BM, times the group's heads) of 16
         rows; `smallest` sets other floors."""
         smallest = {tile: max(1, 16 // self.group) if tile == "BM" else 16 for tile in tiles} | (smallest or {})
-        # what sets the kernel's shared memory besides the tiles: its constexprs and warps (T, the tokens, is not one)
+        # what sets the kernel's shared memory besides the tiles: its constexprs and warps (not the runtime sizes,
+        # which change from batch to batch)
         settings = tuple(sorted((argument, value) for argument, value in arguments.items()
-                                if isinstance(value, (bool, int, str)) and argument != "T"))
+                                if isinstance(value, (bool, int, str)) and argument not in _RUNTIME_SIZES))
         key = (name, self.dtype, self.device, settings)
         fit_tiles(key, tiles, smallest, lambda fitted: kernel[grid(fitted)](**arguments, **fitted))
 
@@ -345,8 +349,11 @@ def _backward_impl(q: Tensor, k: Tensor, v: Tensor, ck: Tensor, cv: Tensor | Non
 
 def _compressed_backward(plan: _Plan, q, ck, cv, do_c, lse_c, delta_c) -> tuple[Tensor, Tensor]:
     """dck, dcv: the queries of each compressed key tile split into segments of `compressed_dkdv_segment`
-    positions, whose float32 parts are summed here when there are several."""
-    segments = triton.cdiv(plan.max_length, TUNING["compressed_dkdv_segment"])
+    positions (longer where that would make more than `compressed_dkdv_max_segments`: the parts' memory stays within
+    a few times dck's), whose float32 parts are summed here when there are several."""
+    segment = max(TUNING["compressed_dkdv_segment"],
+                  triton.cdiv(plan.max_length, TUNING["compressed_dkdv_max_segments"]))
+    segments = triton.cdiv(plan.max_length, segment)
     # zeros: rows past cu_compressed[-1] (a static batch's spare rows) are not written by the kernel
     shape = (segments, *ck.shape) if segments > 1 else ck.shape
     dtype = torch.float32 if segments > 1 else ck.dtype
@@ -357,7 +364,7 @@ def _compressed_backward(plan: _Plan, q, ck, cv, do_c, lse_c, delta_c) -> tuple[
             lambda tiles: (*plan.compressed_grid(tiles["BW"]), segments),
             dict(BM=plan.dkdv_tile[0], BW=plan.dkdv_tile[1]), Q=q, CK=ck, CV=cv, DOC=do_c, LSEC=lse_c,
             DELC=delta_c, DCK=dck, DCV=dcv, CU_COMPRESSED=plan.cu_compressed, part_stride=ck.numel(),
-            sm_scale=plan.sm_scale, SEGMENT=TUNING["compressed_dkdv_segment"], **plan.common,
+            segment_length=segment, sm_scale=plan.sm_scale, **plan.common,
             num_warps=TUNING["compressed_dkdv_warps"])
     if segments > 1:
         return dck.sum(0).to(ck.dtype), dcv.sum(0).to(cv.dtype)

@@ -5,9 +5,9 @@ Layout: packed histories, the varlen convention of flash attention. Queries, out
 position p at row cu_seqlens[s] + p. Its compressed keys and values are rows cu_compressed[s] + w of dense
 [Wt, HKV, D]. Per-token buffers are token-major: lse and delta [T, H], block indices and sort keys [T, HKV, N_SEL].
 Grid dim 0 is (history, kv head), which has room for any number of histories (dim 1 is capped at 65,535 on CUDA);
-dim 1 is a block or tile of positions sized for the longest history. A program whose block starts past its
-history's end returns at once, so no history is padded in memory, and one compile serves every batch: lengths and
-token counts are loaded or not specialised on.
+dim 1 is a block or tile of positions sized for the longest history (and `compressed_backward_dkdv`'s dim 2 a
+segment of query positions). A program whose block starts past its history's end returns at once, so no history is
+padded in memory, and one compile serves every batch: lengths and token counts are loaded or not specialised on.
 
 Notation: a kv head serves G query heads; `b` = selection block size = compressed stride; compressed block `w` is
 visible to query `t` when `w < t // b`; selection block `j` gets the summed group probability of the compressed
@@ -157,8 +157,8 @@ def compressed_forward(
 
     # Top-N_SEL per position, merged tile by tile in increasing block order (`_merge_top_n`): exactly the reference's
     # stable descending sort. Each head's probabilities come from its own score tile, reading back the lse stored
-    # above: one tile of the G heads' rows summed over heads, and each key's probabilities computed once and shifted
-    # to the blocks that overlap it (tl.gather), compiled to more instructions per tile for sm_90.
+    # above. (One tile of all G heads' rows, or each key's probabilities computed once and shifted to its SPAN blocks
+    # with tl.gather, compiled to more instructions per tile for sm_90: benchmarks/README.md, eighth session.)
     tl.debug_barrier()
     positions = m0 + tl.arange(0, BM)
     pmask = positions < L
@@ -572,14 +572,14 @@ def sparse_backward_dkdv(
     _store_key_block_grads(DK, DV, dk * sm_scale, dv, start, kpos, h, L, HKV, D, dofs, dmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["part_stride", "segment_length"])
 def compressed_backward_dkdv(
-    Q, CK, CV, DOC, LSEC, DELC, DCK, DCV, CU_SEQLENS, CU_COMPRESSED, part_stride, qk_scale, sm_scale,
+    Q, CK, CV, DOC, LSEC, DELC, DCK, DCV, CU_SEQLENS, CU_COMPRESSED, part_stride, segment_length, qk_scale, sm_scale,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr,
-    BW: tl.constexpr, SEL_B: tl.constexpr, SEGMENT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BW: tl.constexpr, SEL_B: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """dck, dcv of a tile of one history's compressed keys from the queries that see them (t >= (w + 1) * b) in one
-    segment of SEGMENT positions (grid dim 2), in order. Segment s writes its part at DCK + s * part_stride: with
+    segment of `segment_length` positions (grid dim 2), in order. Segment s writes its part at DCK + s * part_stride: with
     several segments these are float32 parts that the caller sums, so that the first tiles, which every later query
     sees, do not leave one program per tile running long after the rest (at L = 16,384: 512 row tiles for the first
     key tile against one for the last)."""
@@ -589,7 +589,9 @@ def compressed_backward_dkdv(
     if w0 >= W:
         return
     segment = tl.program_id(2)
-    end = tl.minimum(L, (segment + 1) * SEGMENT)
+    if segment * segment_length >= L:  # past the history's end: its part stays zero
+        return
+    end = tl.minimum(L, (segment + 1) * segment_length)
     H: tl.constexpr = HKV * G
     x0, r0 = start * (H * D), start * H
     w = w0 + tl.arange(0, BW)
@@ -602,7 +604,7 @@ def compressed_backward_dkdv(
     dcv = tl.zeros([BW, BLOCK_D], tl.float32)
     rows = tl.arange(0, G * BM)
     head = h * G + rows // BM
-    for m0 in range(tl.maximum((w0 + 1) * SEL_B, segment * SEGMENT), end, BM):
+    for m0 in range(tl.maximum((w0 + 1) * SEL_B, segment * segment_length), end, BM):
         pos = m0 + rows % BM
         row_ok = pos < end
         rmask = row_ok[:, None] & dmask[None, :]
