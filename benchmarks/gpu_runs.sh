@@ -37,11 +37,11 @@ if stage check_tf32; then
     --output "$OUT/triton_varlen_tf32.json" 2>&1 | tee "$OUT/check_tf32.log" | tail -12
 fi
 # tune: per-kernel CUDA time of launch settings still to choose (TUNE_LENGTHS, TUNE_VARIANTS: tune_kernels.py's
-# variants; by default the compressed dk/dv segments and the gather's chunk on the gathered path); TUNING keeps its
-# defaults until measured
+# variants; by default the gathered kernels' chunks and a longer compressed dk/dv segment against the chosen ones);
+# TUNING keeps its defaults until measured
 if stage tune; then
   timeout ${TUNE_KERNELS_LIMIT:-200} python3 benchmarks/tune_kernels.py --lengths ${TUNE_LENGTHS:-1024 4096 16384} \
-    --variants ${TUNE_VARIANTS:-base seg1024 seg4096 seg16k chunk16k chunk4k} 2>&1 | tee "$OUT/tune_kernels.txt" \
+    --variants ${TUNE_VARIANTS:-base dqchunk8k chunk4k seg4096} 2>&1 | tee "$OUT/tune_kernels.txt" \
     | grep -v Warn
 fi
 if stage profile; then

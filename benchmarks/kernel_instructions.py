@@ -13,8 +13,8 @@ reductions across lanes, bar.sync for those across warps, conversions, exponenti
 """
 
 import argparse
-import os
 import collections
+import os
 import re
 import sys
 from pathlib import Path

@@ -13,11 +13,11 @@ Each step is timed in the modes a training loop can run it (median by `triton.te
   so the host never waits for it). A step that synchronises with the device (the eager model checks its input) would
   wait for the sleep there: it is issued from an idle GPU instead, one step at a time, so the time includes its own
   waits for the kernels it queued before a sync (an upper bound).
-Whole model: one training step (forward, loss, backward, fused AdamW as train.py on a GPU) of `BlossomRecForSequentialRecommendation` against
-the dense model, items per second, in the same modes, except that its graph column is the model compiled in mode
-reduce-overhead (what train.py runs by default on one GPU), with the host's share of that step ("g.host%"). No
-dropout anywhere (a CUDA graph capture that fails part-way would leave the random generator unusable for the rows
-after it).
+Whole model: one training step (forward, loss, backward, fused AdamW as train.py on a GPU) of
+`BlossomRecForSequentialRecommendation` against the dense model, items per second, in the same modes, except that
+its graph column is the model compiled in mode reduce-overhead (what train.py runs by default on one GPU), with the
+host's share of that step ("g.host%"). No dropout anywhere (a CUDA graph capture that fails part-way would leave the
+random generator unusable for the rows after it).
 
     python scripts/benchmark_attention.py [--lengths 50 200 ...] [--output-dir benchmarks/results]
 """

@@ -57,8 +57,9 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # 4 cut that kernel from 0.60 to 0.33 ms at L = 200 on an H100 (2: 0.37; benchmarks/tune_kernels.py, seventh session).
 # Eighth session, on an H200 (tune_kernels.py at L = 4,096 / 16,384): the compressed dk/dv's queries split into
 # segments of `compressed_dkdv_segment` positions took that kernel from 0.27 / 1.07 ms (one segment) to 0.22 / 0.67
-# (1,024: no better; at most `compressed_dkdv_max_segments`, which bounds the float32 parts' memory); a whole block per gathered chunk in backward_dq took it from 0.87 / 1.07 to 0.80 / 1.03 ms, but
-# the forward's from 0.48 / 0.52 to 0.52 / 0.57, so the two kernels have their own budgets.
+# (1,024: no better); at most `compressed_dkdv_max_segments`, which bounds the float32 parts' memory. A whole block
+# per gathered chunk took backward_dq from 0.87 / 1.07 to 0.80 / 1.03 ms but sparse_forward from 0.48 / 0.52 to
+# 0.52 / 0.57, so the two kernels have their own budgets.
 TUNING = dict(forward_rows=64, forward_keys=64, forward_keys_long=128, long_from=512, dq_keys=64, dkdv_rows=128,
               dkdv_keys=64, sparse_chunk_elements=8192, dq_chunk_elements=16384, compressed_forward_warps=2,
               compressed_forward_long_warps=4, sparse_forward_warps=4, dq_warps=4, sparse_dkdv_warps=2,

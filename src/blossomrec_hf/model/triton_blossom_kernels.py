@@ -579,10 +579,10 @@ def compressed_backward_dkdv(
     BW: tl.constexpr, SEL_B: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """dck, dcv of a tile of one history's compressed keys from the queries that see them (t >= (w + 1) * b) in one
-    segment of `segment_length` positions (grid dim 2), in order. Segment s writes its part at DCK + s * part_stride: with
-    several segments these are float32 parts that the caller sums, so that the first tiles, which every later query
-    sees, do not leave one program per tile running long after the rest (at L = 16,384: 512 row tiles for the first
-    key tile against one for the last)."""
+    segment of `segment_length` positions (grid dim 2), in order. Segment s writes its part at DCK + s *
+    part_stride: with several segments these are float32 parts that the caller sums, so that the first tiles, which
+    every later query sees, do not leave one program per tile running long after the rest (at L = 16,384: 512 row
+    tiles for the first key tile against one for the last)."""
     hist, h, start, L = _program(CU_SEQLENS, HKV)
     c_start, W = _history(CU_COMPRESSED, hist)
     w0 = tl.program_id(1) * BW
