@@ -15,8 +15,10 @@ Each step is timed in the modes a training loop can run it (median by `triton.te
   waits for the kernels it queued before a sync (an upper bound).
 Whole model: one training step (forward, loss, backward, fused AdamW as train.py on a GPU) of
 `BlossomRecForSequentialRecommendation` against the dense model, items per second, in the same modes, except that
-its graph column is the model compiled in mode reduce-overhead (what train.py runs by default on one GPU), with the
-host's share of that step ("g.host%"). No dropout anywhere (a CUDA graph capture that fails part-way would leave the
+its graph column is the model compiled in mode reduce-overhead (forward and backward replayed from CUDA graphs,
+train.py's steps with --cuda_graph_step false), with the host's share of that step ("g.host%"), and its "stepgr"
+column train.py's default on one GPU: the whole step, AdamW included, replayed from one CUDA graph ("s.host%": the
+host's share). No dropout anywhere (a CUDA graph capture that fails part-way would leave the
 random generator unusable for the rows after it).
 
     python scripts/benchmark_attention.py [--lengths 50 200 ...] [--output-dir benchmarks/results]
@@ -36,6 +38,7 @@ import triton.testing
 from blossomrec_hf import BlossomRecConfig, BlossomRecForSequentialRecommendation
 from blossomrec_hf.model.history_layout import HistoryLayout
 from blossomrec_hf.model.rotary_embedding import rotary_tables
+from blossomrec_hf.training.step_graph import CudaGraphStep, make_capturable
 
 TOKENS = 131072
 LENGTHS = [50, 200, 1024, 4096, 16384, 65536]
@@ -189,23 +192,36 @@ def module_step(implementation: str, length: int):
     return make_step
 
 
-def model_step(implementation: str, length: int):
-    """make_step(wrap) -> one training step of the whole model on a packed batch; `wrap` compiles the model or not."""
+def model_parts(implementation: str, length: int):
+    """A fresh whole model on the GPU, train.py's optimizer there (fused AdamW), and the packed batch of `length`."""
     torch.manual_seed(0)
     model = BlossomRecForSequentialRecommendation(make_config(implementation, max_position_embeddings=length)).cuda()
     model.set_attn_implementation(implementation)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)  # train.py's optimizer on a GPU
-    batch = packed_histories(length)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True), packed_histories(length)
+
+
+def optimizer_step(forward, optimizer):
+    """step(batch) -> loss: forward with the batch's own items as labels, backward, AdamW (no zeroing)."""
+    def step(batch):
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            loss = forward(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def model_step(implementation: str, length: int):
+    """make_step(wrap) -> one training step of the whole model on a packed batch; `wrap` compiles the model or not."""
+    model, optimizer, batch = model_parts(implementation, length)
 
     def make_step(wrap=lambda fn: fn):
-        forward = wrap(model)
+        train = optimizer_step(wrap(model), optimizer)
 
         def step():
             optimizer.zero_grad(set_to_none=False)
-            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-                loss = forward(**batch, labels=batch["input_ids"]).loss
-            loss.backward()
-            optimizer.step()
+            train(batch)
 
         return step
 
@@ -232,6 +248,7 @@ def add_ratios(row: dict, dense: str, others) -> None:
     for implementation in others:
         entry = row[implementation]
         for key, ratio in (("ms", "time_ratio"), ("graph_ms", "graph_time_ratio"),
+                           ("step_graph_ms", "step_graph_time_ratio"),
                            ("compiled_ms", "compiled_time_ratio"), ("peak_mib", "memory_ratio")):
             if entry.get(key) is not None and row[dense].get(key):
                 entry[ratio] = entry[key] / row[dense][key]
@@ -284,10 +301,36 @@ def reduce_overhead_entry(make_step) -> dict:
         torch._dynamo.reset()  # frees the CUDA graphs' memory pools before the next row
 
 
+def step_graph_entry(implementation: str, length: int) -> dict:
+    """The whole model's step as train.py runs it by default on one GPU (--cuda_graph_step): compiled in torch's
+    default mode, forward, backward and the fused AdamW step captured in one CUDA graph after three ordinary steps and
+    replayed per batch (the batch copied into the graph's buffers first): median ms, host ms and share of the step."""
+    try:
+        model, optimizer, batch = model_parts(implementation, length)
+        make_capturable(optimizer)
+        graph_step = CudaGraphStep(optimizer_step(torch.compile(model, fullgraph=True), optimizer), optimizer)
+
+        def step():
+            graph_step(batch)
+
+        ms, _, note = measure(step, quick_first=False)
+        if ms is None:
+            return {"step_graph_ms": None, "step_graph_note": note}
+        host = host_ms(step, syncs=False)
+        return {"step_graph_ms": ms, "step_graph_host_ms": host, "step_graph_host_share": host / ms}
+    except Exception as error:  # a capture failure is reported, not fatal
+        torch.cuda.synchronize()
+        return {"step_graph_ms": None,
+                "step_graph_note": f"step graph failed: {type(error).__name__}: {str(error)[:120]}"}
+    finally:
+        torch._dynamo.reset()
+
+
 def run_model_table(lengths, *, compile_mode, modes):
     rows = []
     print(f"\n{'L':>6} {'B':>5} | {'impl':>14} {'eager ms':>9} {'host ms':>8} {'host %':>6} {'compiled':>9} "
-          f"{'graph':>8} {'g.host%':>7} {'items/s':>10} | {'eager/d':>7} {'comp/d':>7} {'graph/d':>7}")
+          f"{'graph':>8} {'g.host%':>7} {'stepgr':>8} {'s.host%':>7} {'items/s':>10} | {'eager/d':>7} {'comp/d':>7} "
+          f"{'graph/d':>7} {'step/d':>7}")
     for length in lengths:
         row = {"length": length, "batch": TOKENS // length}
         for implementation in ("sdpa", "blossom_triton"):
@@ -297,6 +340,7 @@ def run_model_table(lengths, *, compile_mode, modes):
                                modes=[mode for mode in modes if mode != "graph"])
             if entry["ms"] is not None and "graph" in modes:
                 entry.update(reduce_overhead_entry(make_step))
+                entry.update(step_graph_entry(implementation, length))
             if entry["ms"] is not None:
                 entry["items_per_s"] = TOKENS // length * length / entry["ms"] * 1e3
                 entry["host_share"] = entry["host_ms"] / entry["ms"] if entry["host_ms"] is not None else None
@@ -305,14 +349,17 @@ def run_model_table(lengths, *, compile_mode, modes):
         rows.append(row)
         for implementation in ("sdpa", "blossom_triton"):
             e = row[implementation]
-            share, graph_share = e.get("host_share"), e.get("graph_host_share")
+            shares = [e.get(key) for key in ("host_share", "graph_host_share", "step_graph_host_share")]
+            share, graph_share, step_share = (None if x is None else x * 100 for x in shares)
             print(f"{length:>6} {row['batch']:>5} | {implementation:>14} {fmt(e['ms'], '9.3f')} "
-                  f"{fmt(e['host_ms'], '8.3f')} {fmt(share * 100 if share is not None else None, '6.1f')} "
-                  f"{fmt(e.get('compiled_ms'), '9.3f')} {fmt(e.get('graph_ms'), '8.3f')} "
-                  f"{fmt(graph_share * 100 if graph_share is not None else None, '7.1f')} "
+                  f"{fmt(e['host_ms'], '8.3f')} {fmt(share, '6.1f')} "
+                  f"{fmt(e.get('compiled_ms'), '9.3f')} {fmt(e.get('graph_ms'), '8.3f')} {fmt(graph_share, '7.1f')} "
+                  f"{fmt(e.get('step_graph_ms'), '8.3f')} {fmt(step_share, '7.1f')} "
                   f"{fmt(e.get('items_per_s'), '10.3g')} | {fmt(e.get('time_ratio'), '7.2f')} "
                   f"{fmt(e.get('compiled_time_ratio'), '7.2f')} {fmt(e.get('graph_time_ratio'), '7.2f')} "
-                  f"{e['note']} {e.get('compiled_note', '')} {e.get('graph_note', '')}", flush=True)
+                  f"{fmt(e.get('step_graph_time_ratio'), '7.2f')} "
+                  f"{e['note']} {e.get('compiled_note', '')} {e.get('graph_note', '')} {e.get('step_graph_note', '')}",
+                  flush=True)
     return rows
 
 

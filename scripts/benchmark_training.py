@@ -186,7 +186,7 @@ def training_arguments(spec: DatasetSpec, *, model: str, layout: str, args) -> T
         per_device_train_batch_size=windows_per_batch(spec, args),
         max_tokens_per_batch=token_budget(spec, args) if layout == "packed" else 0,
         seed=args.seed, dataloader_num_workers=args.dataloader_num_workers, torch_compile=args.torch_compile,
-        torch_compile_mode=args.torch_compile_mode, tf32=args.tf32)
+        torch_compile_mode=args.torch_compile_mode, cuda_graph_step=args.cuda_graph_step, tf32=args.tf32)
 
 
 def build_trainer(accelerator, *, data, windows, training_args: TrainingArguments, model_overrides: dict) -> Trainer:
@@ -479,6 +479,7 @@ def run_row(accelerator, *, spec: DatasetSpec, data, windows, model: str, layout
         row["attn_implementation"] = trainer.config._attn_implementation
         row["attention_path"] = attention_path(row["attn_implementation"], device)
         row["torch_compile"], row["torch_compile_mode"] = trainer.args.torch_compile, trainer.args.torch_compile_mode
+        row["cuda_graph_step"] = trainer.args.cuda_graph_step
         row["batches_per_epoch"] = trainer.steps_per_epoch  # optimizer steps: one batch per process each
         row.update(measure(trainer, device=device, epoch_targets=row["epoch_targets"], args=args))
         if args.profile_steps:
@@ -934,8 +935,10 @@ def step_mode_of(args) -> str:
     """The steps' mode as the flags ask for it; each row records the mode its trainer took."""
     if args.torch_compile is False:
         return "eager"
-    if args.torch_compile is None and args.torch_compile_mode is None:
-        return "train.py's default steps (CUDA graphs on one CUDA GPU, else eager)"
+    if args.torch_compile is None and args.torch_compile_mode is None and args.cuda_graph_step is None:
+        return "train.py's default steps (the whole step in one CUDA graph on one CUDA GPU, else eager)"
+    if args.cuda_graph_step:
+        return f"torch.compile, {args.torch_compile_mode or 'default'} mode, the whole step in one CUDA graph"
     mode = args.torch_compile_mode or "train.py's default mode (reduce-overhead on one CUDA GPU)"
     return f"torch.compile, {mode} (static batches)"
 
@@ -988,6 +991,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "the compilation); default: as train.py decides (on, with CUDA graphs, where one process "
                              "trains on a CUDA GPU); false: eager steps")
     parser.add_argument("--torch_compile_mode", default=None, help="as train.py's (e.g. reduce-overhead)")
+    parser.add_argument("--cuda_graph_step", type=parse_bool, nargs="?", const=True, default=None,
+                        help="as train.py's: the whole step captured in one CUDA graph (default: as train.py decides)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--tf32", type=parse_bool, default=None,
                         help="as train.py's: TF32 float32 matmuls (default: on where a CUDA GPU of capability 8.0+ "

@@ -8,6 +8,8 @@ forward and backward graph, in 1-4 s per graph here. Inductor, the default of `-
 Dropout is 0 throughout: compiled and eager dropout draw different random numbers.
 """
 
+import re
+
 import pytest
 import torch
 from datasets import Dataset
@@ -244,20 +246,25 @@ def test_compile_flags_follow_transformers():
 
 
 @pytest.mark.parametrize("device, processes, flags, expected", [
-    ("cuda", 1, [], (True, "reduce-overhead")),
-    ("cuda", 1, ["--torch_compile_mode", "max-autotune"], (True, "max-autotune")),
-    ("cuda", 1, ["--torch_compile"], (True, "reduce-overhead")),
-    ("cuda", 1, ["--torch_compile", "false"], (False, None)),
-    ("cuda", 2, [], (False, None)),
-    ("cuda", 2, ["--torch_compile"], (True, None)),
-    ("cuda", 1, ["--gradient_accumulation_steps", "2"], (False, None)),
-    ("cuda", 1, ["--torch_compile_backend", "aot_eager"], (True, None)),
-    ("cpu", 1, [], (False, None)),
-    ("cpu", 1, ["--torch_compile"], (True, None)),
+    ("cuda", 1, [], (True, None, True)),
+    ("cuda", 1, ["--cuda_graph_step", "false"], (True, "reduce-overhead", False)),
+    ("cuda", 1, ["--torch_compile_mode", "max-autotune"], (True, "max-autotune", False)),
+    ("cuda", 1, ["--torch_compile_mode", "default"], (True, "default", False)),
+    ("cuda", 1, ["--torch_compile_mode", "default", "--cuda_graph_step"], (True, "default", True)),
+    ("cuda", 1, ["--torch_compile"], (True, None, True)),
+    ("cuda", 1, ["--torch_compile", "false"], (False, None, False)),
+    ("cuda", 2, [], (False, None, False)),
+    ("cuda", 2, ["--torch_compile"], (True, None, False)),
+    ("cuda", 1, ["--gradient_accumulation_steps", "2"], (False, None, False)),
+    ("cuda", 1, ["--torch_compile_backend", "aot_eager"], (True, None, False)),
+    ("cpu", 1, [], (False, None, False)),
+    ("cpu", 1, ["--torch_compile"], (True, None, False)),
 ])
-def test_compilation_defaults_to_cuda_graphs_on_one_cuda_gpu(device, processes, flags, expected):
+def test_compilation_defaults_to_one_cuda_graph_per_step_on_one_cuda_gpu(device, processes, flags, expected):
     """Unset, --torch_compile is on where one process trains on a CUDA GPU, and off elsewhere; a compiled step there
-    replays CUDA graphs unless another mode is named; what the user set is kept."""
+    is captured whole in one CUDA graph (--cuda_graph_step), or replays the forward and backward graphs of mode
+    reduce-overhead where that is turned off; a mode the user named is kept, and with it the step graph stays off
+    unless asked for."""
     from types import SimpleNamespace
 
     from blossomrec_hf.training.trainer import default_compilation
@@ -265,7 +272,27 @@ def test_compilation_defaults_to_cuda_graphs_on_one_cuda_gpu(device, processes, 
 
     args = parse_training_arguments(flags)[2]
     decided = default_compilation(args, SimpleNamespace(device=torch.device(device), num_processes=processes))
-    assert (decided.torch_compile, decided.torch_compile_mode) == expected
+    assert (decided.torch_compile, decided.torch_compile_mode, decided.cuda_graph_step) == expected
+
+
+@pytest.mark.parametrize("device, processes, precision, flags, missing", [
+    ("cpu", 1, "no", ["--torch_compile"], "one process on a CUDA GPU"),
+    ("cuda", 2, "no", ["--torch_compile"], "one process on a CUDA GPU"),
+    ("cuda", 1, "no", ["--gradient_accumulation_steps", "2", "--torch_compile"], "without gradient accumulation"),
+    ("cuda", 1, "no", ["--torch_compile", "false"], "--torch_compile (the eager model"),
+    ("cuda", 1, "no", ["--torch_compile_mode", "reduce-overhead"], "not reduce-overhead"),
+    ("cuda", 1, "fp16", [], "not fp16"),
+])
+def test_an_impossible_cuda_graph_step_is_refused_by_name(device, processes, precision, flags, missing):
+    from types import SimpleNamespace
+
+    from blossomrec_hf.training.trainer import default_compilation
+    from blossomrec_hf.training_args import parse_training_arguments
+
+    args = parse_training_arguments(flags + ["--cuda_graph_step"])[2]
+    accelerator = SimpleNamespace(device=torch.device(device), num_processes=processes, mixed_precision=precision)
+    with pytest.raises(ValueError, match=f"--cuda_graph_step needs .*{re.escape(missing)}"):
+        default_compilation(args, accelerator)
 
 
 def test_compilation_stays_off_by_default_without_triton(monkeypatch):

@@ -14,8 +14,9 @@ and a checkpoint resumes on any split of the same batches per step.
 ``unwrap_model`` stay as they are) with ``fullgraph=True``: the forward and backward of the training step and the
 evaluation forward, each one graph with no host sync. The data loaders then give batches of static shapes, so the
 graphs are compiled once, not once per batch size. Unset, it is on where one process trains on a CUDA GPU without
-gradient accumulation, in mode reduce-overhead: the step is replayed from CUDA graphs, with no host work per kernel
-(``default_compilation``).
+gradient accumulation, and there the whole optimizer step is then captured in one CUDA graph and replayed
+(``--cuda_graph_step``, step_graph.py): no host work per step beyond copying the batch in. With that turned off, the
+compiled step's mode is reduce-overhead: forward and backward replayed from CUDA graphs (``default_compilation``).
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ from .logging_window import LoggingWindow, NonFiniteLoss
 from .plot import PLOT_FILE, plot_training_curves
 from .run_directory import TRAINING_ARGS_FILE, prepare_output_dir, save_best_model, write_training_args
 from .signals import StopSignals
+from .step_graph import CudaGraphStep, make_capturable, optimizer_settings, restore_optimizer_settings
 
 EARLY_STOPPING_METRIC = "ndcg@10"
+STEP_INPUTS = ("input_ids", "labels", "position_ids", "cu_seq_lens_q", "max_length_q", "loss_scale")  # optimizer_step's
 METRICS_FILE = "metrics.json"
 
 
@@ -154,8 +157,8 @@ def use_tf32(accelerator, tf32: bool | None) -> bool:
 
 def default_compilation(args, accelerator):
     """``args`` with what was left unset decided: ``--torch_compile`` on where one process trains on a CUDA GPU, off
-    elsewhere, and a compiled step's ``--torch_compile_mode`` reduce-overhead (the step replayed from CUDA graphs)
-    there.
+    elsewhere; there, the whole step captured in one CUDA graph (``--cuda_graph_step``, the model compiled in torch's
+    default mode), or, where that is turned off, mode reduce-overhead (forward and backward replayed from CUDA graphs).
     On an H100 the graph-replayed step trained BlossomRec 1.4-4.5x faster than eager (benchmarks/README.md); it
     replays the compiled step's kernels, which tests check against eager. Several processes, or gradient accumulation,
     keep torch's default mode and, unless asked, eager steps: DDP's gradient hooks, and gradients summed across
@@ -165,17 +168,38 @@ def default_compilation(args, accelerator):
                and args.gradient_accumulation_steps == 1)
     compiled = one_gpu and triton_installed() if args.torch_compile is None else args.torch_compile
     inductor = args.torch_compile_backend in (None, "inductor")  # other backends take other modes, or none
-    mode = args.torch_compile_mode or ("reduce-overhead" if compiled and one_gpu and inductor else None)
-    return dataclasses.replace(args, torch_compile=compiled, torch_compile_mode=mode)
+    graph_step = decide_cuda_graph_step(args, accelerator, one_gpu=one_gpu, compiled=compiled, inductor=inductor)
+    mode = args.torch_compile_mode or ("reduce-overhead" if compiled and one_gpu and inductor and not graph_step
+                                       else None)
+    return dataclasses.replace(args, torch_compile=compiled, torch_compile_mode=mode, cuda_graph_step=graph_step)
+
+
+GRAPHED_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that make CUDA graphs themselves
+
+
+def decide_cuda_graph_step(args, accelerator, *, one_gpu: bool, compiled: bool, inductor: bool) -> bool:
+    """``--cuda_graph_step`` as asked, or unset: on where it can be and ``--torch_compile_mode`` is unset. A
+    ValueError names what is missing where it was asked for and cannot be."""
+    missing = ("one process on a CUDA GPU without gradient accumulation" if not one_gpu else
+               "--torch_compile (the eager model checks its input on the host)" if not compiled else
+               f"a --torch_compile_mode without CUDA graphs of its own, not {args.torch_compile_mode}"
+               if args.torch_compile_mode in GRAPHED_COMPILE_MODES else
+               "bf16 or float32, not fp16 (its loss scaler decides on the host whether a step is taken)"
+               if getattr(accelerator, "mixed_precision", "no") == "fp16" else None)
+    if args.cuda_graph_step is None:
+        return missing is None and inductor and args.torch_compile_mode is None
+    if args.cuda_graph_step and missing:
+        raise ValueError(f"--cuda_graph_step needs {missing}")
+    return args.cuda_graph_step
 
 
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def compile_model(model, args) -> None:
+def compile_model(model, args, mode: str | None) -> None:
     """``--torch_compile``: compile ``model`` in place, the whole forward as one graph (and its backward)."""
-    model.compile(fullgraph=True, backend=args.torch_compile_backend or "inductor", mode=args.torch_compile_mode)
+    model.compile(fullgraph=True, backend=args.torch_compile_backend or "inductor", mode=mode)
 
 
 def compiled_graphs() -> int:
@@ -196,7 +220,8 @@ class Trainer:
     """One run: the prepared model, optimizer and schedule, the evaluators, the state, and the loop over them."""
 
     def __init__(self, accelerator, args, eval_args, output_dir: Path, data, windows, config, stop_signals):
-        args = default_compilation(args, accelerator)
+        with user_input_errors("arguments", accelerator):
+            args = default_compilation(args, accelerator)
         self.accelerator, self.args, self.eval_args, self.output_dir = accelerator, args, eval_args, output_dir
         self.data, self.config, self.stop_signals = data, config, stop_signals
         self.num_windows = len(windows)
@@ -208,8 +233,10 @@ class Trainer:
         # Evaluation scores an unprepared float32 copy: bf16 scores would tie often, and ties favour the target.
         self.eval_model = copy.deepcopy(model)
         if args.torch_compile:
-            compile_model(model, args)
-            compile_model(self.eval_model, args)
+            # a captured step needs a model without CUDA graphs of its own; evaluation still replays them
+            compile_model(model, args, args.torch_compile_mode)
+            compile_model(self.eval_model, args, args.torch_compile_mode or
+                          ("reduce-overhead" if args.cuda_graph_step else None))
         with user_input_errors("arguments", accelerator):
             # This process's batches, dealt by the loader's own batch sampler: not prepared (Accelerate would shard
             # them again); `epoch_batches` moves them to the device.
@@ -228,7 +255,10 @@ class Trainer:
         fused = on_cuda and accelerator.mixed_precision != "fp16"
         optimizer = torch.optim.AdamW(optimizer_groups(model, args.weight_decay), lr=args.learning_rate,
                                       fused=fused or None)
+        if args.cuda_graph_step:
+            make_capturable(optimizer)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.graph_step = CudaGraphStep(self.optimizer_step, self.optimizer) if args.cuda_graph_step else None
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = args.max_steps if args.max_steps > 0 else args.num_train_epochs * self.steps_per_epoch
         # A prepared scheduler steps once per process at every optimizer step.
@@ -240,7 +270,9 @@ class Trainer:
         self.progress = None
 
     def resume(self, path: Path) -> None:
+        settings = optimizer_settings(self.optimizer.optimizer)
         self.state = load_checkpoint(self.accelerator, path)
+        restore_optimizer_settings(self.optimizer.optimizer, settings)
         # The checkpoint's position in the epoch, in steps, as this run's batches per process (it may split the
         # batches of a step otherwise: more processes, less accumulation).
         saved_accumulation = (self.state.run_config or {}).get("gradient_accumulation_steps") or 1
@@ -264,7 +296,10 @@ class Trainer:
         if not args.torch_compile:
             return "eager steps (--torch_compile to compile them)"
         mode = args.torch_compile_mode or "default"
-        graphs = self.accelerator.device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+        if args.cuda_graph_step:
+            return (f"torch.compile mode {mode}, the whole step replayed from one CUDA graph (--cuda_graph_step false "
+                    f"for compiled steps, --torch_compile false for eager ones)")
+        graphs = self.accelerator.device.type == "cuda" and mode in GRAPHED_COMPILE_MODES
         graphs = " with CUDA graphs" if graphs else ""
         return f"torch.compile mode {mode}{graphs} (--torch_compile false for eager steps)"
 
@@ -294,20 +329,31 @@ class Trainer:
 
     def training_step(self, batch: dict) -> bool:
         """Forward and backward on one batch of `epoch_batches`, and the optimizer step where gradient accumulation
-        allows one; returns whether an optimizer step was taken."""
+        allows one (from the captured graph with ``--cuda_graph_step``); returns whether an optimizer step was
+        taken."""
         with self.accelerator.accumulate(self.model):
-            loss = self.compute_loss(batch)
-            # a Python float: no host sync, and a compiled model's graph does not see it
-            self.accelerator.backward(loss * batch["loss_scale"])
-            if self.accelerator.sync_gradients and self.args.max_grad_norm > 0:
-                self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
-            self.optimizer.step()
+            if self.graph_step is not None:
+                loss = self.graph_step({key: batch[key] for key in STEP_INPUTS if key in batch})
+            else:
+                loss = self.optimizer_step(batch)
             self.scheduler.step()
-            self.optimizer.zero_grad()
+            if self.graph_step is None:
+                self.optimizer.zero_grad()
         self.state.batches_in_epoch += 1
         if not batch["padding"]:
             self.window.add(loss, batch["num_targets"])
         return self.accelerator.sync_gradients
+
+    def optimizer_step(self, batch: dict) -> torch.Tensor:
+        """Forward, backward, clipping and the optimizer step (where gradient accumulation allows one); the loss."""
+        loss = self.compute_loss(batch)
+        # loss_scale: a Python float (no host sync; a compiled model's graph does not see it), a device scalar in a
+        # captured step
+        self.accelerator.backward(loss * batch["loss_scale"])
+        if self.accelerator.sync_gradients and self.args.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+        self.optimizer.step()
+        return loss
 
     def train(self) -> int:
         """Train to the last step or early stopping; 0, or 128 + the signal number when a stop signal cut it short.
@@ -380,7 +426,7 @@ class Trainer:
         return "done" if finished or state.stopped_early else None
 
     def _log(self) -> None:
-        logs = LoggingWindow.close(self.state, self.scheduler.get_last_lr()[0])
+        logs = LoggingWindow.close(self.state, float(self.scheduler.get_last_lr()[0]))
         self.state.log_history.append({"step": self.state.global_step, **logs})
         self.accelerator.log(logs, step=self.state.global_step)
         self.progress.set_postfix(loss=f"{logs['train/loss']:.4f}",
