@@ -101,7 +101,8 @@ class CudaGraphStep:
         self.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates them in the graph's pool
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local, as torch.compile's own CUDA graphs: a loader's pin-memory thread may allocate meanwhile
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.loss = self.step(self.inputs)
         self.graph = graph
 
