@@ -120,15 +120,15 @@ class TrainingArguments:
         "help": "compile the model with torch.compile(fullgraph=True): the training step (forward and backward) and "
                 "the evaluation forward, on batches of static shapes (packed batches filled to the token budget, "
                 "padded ones to the batch size), so one graph serves every batch; default: on, with CUDA graphs "
-                "(mode reduce-overhead), where one process trains on a CUDA GPU without gradient accumulation and "
+                "(--cuda_graph_step), where one process trains on a CUDA GPU without gradient accumulation and "
                 "Triton is installed, off elsewhere"})
     torch_compile_backend: str | None = field(default=None, metadata={
         "help": "torch.compile backend (default: inductor); setting it turns --torch_compile on"})
     torch_compile_mode: str | None = field(default=None, metadata={
         "help": "torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune or "
-                "max-autotune-no-cudagraphs (default: reduce-overhead where one process trains on a CUDA GPU "
-                "without gradient accumulation, torch's default elsewhere); "
-                "setting it turns --torch_compile on"})
+                "max-autotune-no-cudagraphs (default: torch's default, the step then captured whole by "
+                "--cuda_graph_step where one process trains on a CUDA GPU without gradient accumulation, and "
+                "reduce-overhead there with --cuda_graph_step false); setting it turns --torch_compile on"})
     cuda_graph_step: bool | None = field(default=None, metadata={
         "help": "capture the whole training step (forward, backward, clipping, AdamW) in one CUDA graph after three "
                 "ordinary steps and replay it for every later batch: no host work per step beyond copying the batch; "
