@@ -84,7 +84,7 @@ def tiny_trainer(tmp_path, *, graph: bool, dropout: float, learning_rate: float 
     from blossomrec_hf.training_args import TrainingArguments, build_model_config
     from train_helpers import write_sequences_file
 
-    log = write_sequences_file(tmp_path / "log.txt", num_users=300)
+    log = write_sequences_file(tmp_path / "log.txt", num_users=1000)
     data = prepare_data(str(log), max_seq_length=12)
     windows = check_trainable(data, 12)
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_seq_length=12, max_tokens_per_batch=256,
