@@ -419,8 +419,8 @@ def host_phases(trainer: Trainer, *, device: torch.device, steps: int) -> dict:
     if not done:
         return {}
     ms = {name: seconds * 1e3 / done for name, seconds in clock.seconds.items()}
-    return {"batch": ms["batch"], "forward": ms["forward"], "backward": ms["backward"],
-            "rest": ms["step"] - ms["forward"] - ms["backward"]}
+    forward, backward = ms.get("forward", 0.0), ms.get("backward", 0.0)  # neither runs in a replayed step graph
+    return {"batch": ms["batch"], "forward": forward, "backward": backward, "rest": ms["step"] - forward - backward}
 
 
 def profile_lines(rows) -> list[str]:

@@ -340,3 +340,25 @@ def test_the_compressor_recompute_compiles_and_equals_eager(monkeypatch):
     batch = batch_of("static")
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     assert_same_step(step(model, batch, compiled), step(model, batch))
+
+
+def test_a_model_the_kernels_do_not_cover_warns_once_built_and_compiles_whole(monkeypatch):
+    """A blossom_triton model of a shape the kernels do not cover (blocks of 8) warns when it is built, and its
+    compiled step, which takes the PyTorch path, still traces as one graph (a warning inside it would break it)."""
+    import warnings
+
+    config = BlossomRecConfig(n_items=30, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                              compress_block_size=8, compress_stride=8, selection_block_size=8, num_selected_blocks=2,
+                              max_position_embeddings=24, hidden_dropout_prob=0.0, attn_implementation="blossom_triton")
+    with pytest.warns(UserWarning, match="falls back to the PyTorch path for this model: .*selection_block_size"):
+        model = BlossomRecForSequentialRecommendation(config)
+    ids = torch.randint(1, 31, (2, 20))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eager = model(input_ids=ids, labels=ids).loss
+    from blossomrec_hf.model import blossom_attention_triton
+
+    monkeypatch.setattr(blossom_attention_triton, "_warned", set())  # as if the compiled call came first
+    compiled = torch.compile(model, fullgraph=True)(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(compiled, eager)
+    compiled.backward()

@@ -84,6 +84,7 @@ def tiny_trainer(tmp_path, *, graph: bool, dropout: float, learning_rate: float 
     from blossomrec_hf.training_args import TrainingArguments, build_model_config
     from train_helpers import write_sequences_file
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     log = write_sequences_file(tmp_path / "log.txt", num_users=1000)
     data = prepare_data(str(log), max_seq_length=12)
     windows = check_trainable(data, 12)
@@ -92,8 +93,7 @@ def tiny_trainer(tmp_path, *, graph: bool, dropout: float, learning_rate: float 
                              cuda_graph_step=graph, learning_rate=learning_rate, lr_scheduler_type="linear",
                              warmup_steps=4, max_steps=40)
     config = build_model_config(args, {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 1,
-                                       "hidden_dropout_prob": dropout, "compress_block_size": 8,
-                                       "compress_stride": 4, "selection_block_size": 4}, data.vocab.n_items)
+                                       "hidden_dropout_prob": dropout}, data.vocab.n_items)
     set_seed(0)
     trainer = Trainer(Accelerator(mixed_precision="bf16"), args, EvaluationArguments(), tmp_path / "run", data,
                       windows, config, stop_signals=None)

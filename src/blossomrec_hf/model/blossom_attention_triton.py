@@ -91,6 +91,18 @@ def fallback_reason(q, k, ck, geometry: SparseGeometry) -> str | None:
         return triton_unavailable_reason()
     if not kernels_run_on(q):
         return "tensors are on the CPU and TRITON_INTERPRET is not set"
+    reason = shape_fallback_reason(geometry, head_dim=q.shape[-1], heads=q.shape[1], kv_heads=k.shape[1])
+    if reason is not None:
+        return reason
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"unsupported dtype {q.dtype}"
+    if q.dtype == torch.float32 and (q.shape[1] // k.shape[1]) * _pow2(q.shape[-1]) > 512:
+        return "float32 with (heads per kv head) x head dim > 512 needs more shared memory than a GPU block has"
+    return None
+
+
+def shape_fallback_reason(geometry: SparseGeometry, *, head_dim: int, heads: int, kv_heads: int) -> str | None:
+    """What of a model's shape (block geometry, head dim, heads per kv head) the kernels do not cover, or None."""
     size = geometry.selection_block_size
     if geometry.compress_stride != size or geometry.compress_block_size % size:
         return ("the kernels need compress_stride == selection_block_size and compress_block_size a multiple of it, "
@@ -99,13 +111,8 @@ def fallback_reason(q, k, ck, geometry: SparseGeometry) -> str | None:
         return f"the kernels need a power-of-two selection_block_size >= 16, got {size}"
     if geometry.num_selected_blocks > 16:
         return f"the kernels keep at most 16 selected blocks per query, got {geometry.num_selected_blocks}"
-    if not 16 <= q.shape[-1] <= 128:
-        return f"the kernels support head dims 16..128, got {q.shape[-1]}"
-    if q.dtype not in SUPPORTED_DTYPES:
-        return f"unsupported dtype {q.dtype}"
-    if q.dtype == torch.float32 and (q.shape[1] // k.shape[1]) * _pow2(q.shape[-1]) > 512:
-        return "float32 with (heads per kv head) x head dim > 512 needs more shared memory than a GPU block has"
-    heads, kv_heads = q.shape[1], k.shape[1]
+    if not 16 <= head_dim <= 128:
+        return f"the kernels support head dims 16..128, got {head_dim}"
     group = heads // kv_heads
     if heads % kv_heads or group & (group - 1) or group > 8:
         return f"the kernels support query groups of 1, 2, 4 or 8 heads per kv head, got {heads}/{kv_heads}"
@@ -113,7 +120,9 @@ def fallback_reason(q, k, ck, geometry: SparseGeometry) -> str | None:
 
 
 def _warn_once(reason: str) -> None:
-    if reason not in _warned:
+    """Warn once per reason; not while torch.compile traces (it cannot trace a warning, and a fullgraph compile
+    would fail on it): the model warns about its shape when it picks this backend (`shape_fallback_reason`)."""
+    if reason not in _warned and not torch.compiler.is_compiling():
         _warned.add(reason)
         warnings.warn(f"blossom_triton falls back to the PyTorch path: {reason}", stacklevel=3)
 

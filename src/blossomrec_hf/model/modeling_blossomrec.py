@@ -19,6 +19,7 @@ import dataclasses
 import inspect
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,8 @@ from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
 from .blossom_attention_torch import blossom_attention_torch_varlen
-from .blossom_attention_triton import blossom_attention_triton_varlen, gated_sum, triton_unavailable_reason
+from .blossom_attention_triton import (blossom_attention_triton_varlen, gated_sum, shape_fallback_reason,
+                                       triton_unavailable_reason)
 from .block_compressor import BlockCompressor
 from .fused_cross_entropy import linear_cross_entropy
 from .sampled_softmax import sampled_softmax_loss
@@ -387,16 +389,21 @@ class BlossomRecPreTrainedModel(PreTrainedModel):
             choices = tuple(BLOSSOM_BACKENDS)
             default = "blossom_triton" if torch.cuda.is_available() and triton_unavailable_reason() is None \
                 else "blossom_torch"
-        if requested_attention is None:
-            return default
-        if requested_attention not in choices:
+        chosen = requested_attention or default
+        if chosen not in choices:
             raise ValueError(
                 f"attn_implementation={requested_attention!r} is not available for attention_type="
                 f"{self.config.attention_type!r}; choose one of {choices}"
             )
-        if requested_attention == "blossom_triton" and (reason := triton_unavailable_reason()) is not None:
-            raise ValueError(f"attn_implementation='blossom_triton' cannot be used: {reason}")
-        return requested_attention
+        if chosen == "blossom_triton":
+            if (reason := triton_unavailable_reason()) is not None:
+                raise ValueError(f"attn_implementation='blossom_triton' cannot be used: {reason}")
+            config = self.config
+            if (reason := shape_fallback_reason(SparseGeometry.from_config(config), head_dim=config.head_dim,
+                                                heads=config.num_attention_heads,
+                                                kv_heads=config.num_key_value_heads)) is not None:
+                warnings.warn(f"blossom_triton falls back to the PyTorch path for this model: {reason}", stacklevel=2)
+        return chosen
 
 
 class BlossomRecModel(BlossomRecPreTrainedModel):
