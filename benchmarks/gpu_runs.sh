@@ -59,7 +59,8 @@ if stage train; then
     --output "$OUT/training_benchmark" 2>&1 | tee "$OUT/train.log" | tail -40
 fi
 # train_modes: eager against --torch_compile (graphs: --torch_compile_mode reduce-overhead, forward and backward replayed
-# from CUDA graphs; step_graph: --cuda_graph_step, the whole step replayed from one) on packed rows at max length 200 and 16,384 (whether compiling becomes the default on CUDA), with the busiest
+# from CUDA graphs; step_graph: --cuda_graph_step, the whole step replayed from one) on packed rows at max length 200
+# and 16,384 (MODE_DATASETS), with the busiest
 # kernels of three profiled steps per row (what bounds each step); TRAIN_MODES picks the modes of one call
 if stage train_modes; then
   for mode in ${TRAIN_MODES:-eager compiled graphs}; do
@@ -69,7 +70,8 @@ if stage train_modes; then
       graphs) flags="--torch_compile --torch_compile_mode reduce-overhead" ;;
       step_graph) flags="--torch_compile --cuda_graph_step" ;;
     esac
-    timeout ${MODE_LIMIT:-250} python3 scripts/benchmark_training.py --data_dir "$DATA_DIR" --datasets ${MODE_DATASETS:-beauty200 ml100k200 longtail16k} \
+    timeout ${MODE_LIMIT:-250} python3 scripts/benchmark_training.py --data_dir "$DATA_DIR" \
+      --datasets ${MODE_DATASETS:-beauty200 ml100k200 longtail16k} \
       --layouts packed --max_seconds 4 --max_steps 40 --profile_steps 3 --no_plot $flags --output "$OUT/training_$mode" \
       > "$OUT/training_$mode.log" 2>&1; tail -14 "$OUT/training_$mode.log"
   done
