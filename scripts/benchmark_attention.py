@@ -16,10 +16,10 @@ Each step is timed in the modes a training loop can run it (median by `triton.te
 Whole model: one training step (forward, loss, backward, fused AdamW as train.py on a GPU) of
 `BlossomRecForSequentialRecommendation` against the dense model, items per second, in the same modes, except that
 its graph column is the model compiled in mode reduce-overhead (forward and backward replayed from CUDA graphs,
-train.py's steps with --cuda_graph_step false), with the host's share of that step ("g.host%"), and its "stepgr"
-column train.py's default on one GPU: the whole step, AdamW included, replayed from one CUDA graph ("s.host%": the
-host's share). No dropout anywhere (a CUDA graph capture that fails part-way would leave the
-random generator unusable for the rows after it).
+train.py's default on one GPU), with the host's share of that step ("g.host%"), and its "stepgr" column
+train.py --cuda_graph_step: the whole step, AdamW included, replayed from one CUDA graph ("s.host%": the host's
+share). No dropout anywhere (a CUDA graph capture that fails part-way would leave the random generator unusable
+for the rows after it).
 
     python scripts/benchmark_attention.py [--lengths 50 200 ...] [--output-dir benchmarks/results]
 """
@@ -302,7 +302,7 @@ def reduce_overhead_entry(make_step) -> dict:
 
 
 def step_graph_entry(implementation: str, length: int) -> dict:
-    """The whole model's step as train.py runs it by default on one GPU (--cuda_graph_step): compiled in torch's
+    """The whole model's step as train.py --cuda_graph_step runs it on one GPU: compiled in torch's
     default mode, forward, backward and the fused AdamW step captured in one CUDA graph after three ordinary steps and
     replayed per batch (the batch copied into the graph's buffers first): median ms, host ms and share of the step."""
     try:

@@ -936,7 +936,7 @@ def step_mode_of(args) -> str:
     if args.torch_compile is False:
         return "eager"
     if args.torch_compile is None and args.torch_compile_mode is None and args.cuda_graph_step is None:
-        return "train.py's default steps (the whole step in one CUDA graph on one CUDA GPU, else eager)"
+        return "train.py's default steps (CUDA graphs on one CUDA GPU, else eager)"
     if args.cuda_graph_step:
         return f"torch.compile, {args.torch_compile_mode or 'default'} mode, the whole step in one CUDA graph"
     mode = args.torch_compile_mode or "train.py's default mode (reduce-overhead on one CUDA GPU)"

@@ -246,12 +246,13 @@ def test_compile_flags_follow_transformers():
 
 
 @pytest.mark.parametrize("device, processes, flags, expected", [
-    ("cuda", 1, [], (True, None, True)),
+    ("cuda", 1, [], (True, "reduce-overhead", False)),
+    ("cuda", 1, ["--cuda_graph_step"], (True, None, True)),
     ("cuda", 1, ["--cuda_graph_step", "false"], (True, "reduce-overhead", False)),
     ("cuda", 1, ["--torch_compile_mode", "max-autotune"], (True, "max-autotune", False)),
     ("cuda", 1, ["--torch_compile_mode", "default"], (True, "default", False)),
     ("cuda", 1, ["--torch_compile_mode", "default", "--cuda_graph_step"], (True, "default", True)),
-    ("cuda", 1, ["--torch_compile"], (True, None, True)),
+    ("cuda", 1, ["--torch_compile"], (True, "reduce-overhead", False)),
     ("cuda", 1, ["--torch_compile", "false"], (False, None, False)),
     ("cuda", 2, [], (False, None, False)),
     ("cuda", 2, ["--torch_compile"], (True, None, False)),
@@ -260,11 +261,11 @@ def test_compile_flags_follow_transformers():
     ("cpu", 1, [], (False, None, False)),
     ("cpu", 1, ["--torch_compile"], (True, None, False)),
 ])
-def test_compilation_defaults_to_one_cuda_graph_per_step_on_one_cuda_gpu(device, processes, flags, expected):
+def test_compilation_defaults_to_cuda_graphs_on_one_cuda_gpu(device, processes, flags, expected):
     """Unset, --torch_compile is on where one process trains on a CUDA GPU, and off elsewhere; a compiled step there
-    is captured whole in one CUDA graph (--cuda_graph_step), or replays the forward and backward graphs of mode
-    reduce-overhead where that is turned off; a mode the user named is kept, and with it the step graph stays off
-    unless asked for."""
+    replays the forward and backward graphs of mode reduce-overhead, or is captured whole in one CUDA graph where
+    --cuda_graph_step asks (the model then compiled in torch's default mode, or the mode named); what the user set is
+    kept."""
     from types import SimpleNamespace
 
     from blossomrec_hf.training.trainer import default_compilation

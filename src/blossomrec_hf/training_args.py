@@ -120,21 +120,22 @@ class TrainingArguments:
         "help": "compile the model with torch.compile(fullgraph=True): the training step (forward and backward) and "
                 "the evaluation forward, on batches of static shapes (packed batches filled to the token budget, "
                 "padded ones to the batch size), so one graph serves every batch; default: on, with CUDA graphs "
-                "(--cuda_graph_step), where one process trains on a CUDA GPU without gradient accumulation and "
+                "(mode reduce-overhead), where one process trains on a CUDA GPU without gradient accumulation and "
                 "Triton is installed, off elsewhere"})
     torch_compile_backend: str | None = field(default=None, metadata={
         "help": "torch.compile backend (default: inductor); setting it turns --torch_compile on"})
     torch_compile_mode: str | None = field(default=None, metadata={
         "help": "torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune or "
-                "max-autotune-no-cudagraphs (default: torch's default, the step then captured whole by "
-                "--cuda_graph_step where one process trains on a CUDA GPU without gradient accumulation, and "
-                "reduce-overhead there with --cuda_graph_step false); setting it turns --torch_compile on"})
+                "max-autotune-no-cudagraphs (default: reduce-overhead where one process trains on a CUDA GPU "
+                "without gradient accumulation, torch's default elsewhere and with --cuda_graph_step); "
+                "setting it turns --torch_compile on"})
     cuda_graph_step: bool | None = field(default=None, metadata={
         "help": "capture the whole training step (forward, backward, clipping, AdamW) in one CUDA graph after three "
                 "ordinary steps and replay it for every later batch: no host work per step beyond copying the batch; "
                 "needs --torch_compile in a mode without CUDA graphs of its own, one process on a CUDA GPU, no "
-                "gradient accumulation and no fp16; default: on where those hold and --torch_compile_mode is unset "
-                "(the model then compiles in torch's default mode)"})
+                "gradient accumulation and no fp16 (the model then compiles in torch's default mode unless a mode is "
+                "named); default: off (measured faster on an H100, its GPU test against the uncaptured step not yet "
+                "run)"})
     push_to_hub: bool = field(default=False, metadata={"help": "upload the best model to --hub_model_id at the end"})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository, e.g. org/blossomrec-beauty"})
     config_overrides: str | None = field(default=None, metadata={

@@ -2,9 +2,10 @@
 captured once and replayed for every later batch.
 
 torch.compile's mode reduce-overhead replays the forward and the backward from two CUDA graphs, but the autograd
-engine, gradient clipping, the optimizer and the graphs' own bookkeeping still run on the host at every step: about
-4 ms per step on the H200 hosts measured (benchmarks/README.md), as long as the GPU's step at 131,072 tokens on
-short histories. Replaying the whole step leaves the host copying the batch into the graph's input buffers.
+engine, gradient clipping, the optimizer and the graphs' own bookkeeping still run on the host at every step:
+2.4-2.9 ms per step on an H100 host (benchmarks/README.md, ninth session), which bounds short steps such as
+ML-100K's (3.7 ms for 2.1 ms of kernels). Replaying the whole step leaves the host copying the batch into the
+graph's input buffers: 0.11-0.14 ms per step, and ML-100K's step took 2.3 ms.
 
 What a capture needs, and where it comes from:
 - static shapes and no host sync in the step: the model compiled with ``fullgraph=True`` in a mode without CUDA
