@@ -73,6 +73,27 @@ def test_a_checkpoint_keeps_its_learning_rate_but_not_its_way_of_stepping(writer
         torch.testing.assert_close(got, expected)
 
 
+def test_a_batch_the_captured_step_cannot_take_is_refused_by_name():
+    """Between replays only the values of the captured inputs may change: a tensor of another shape or dtype, a
+    changed int (max_length_q) or a missing field is a one-line error naming the field; a float is a device scalar
+    the next replay reads."""
+    from blossomrec_hf.training.step_graph import CudaGraphStep
+
+    step = CudaGraphStep(lambda inputs: None, optimizer=None)
+    step.inputs = {"input_ids": torch.zeros(1, 8, dtype=torch.long), "max_length_q": 5,
+                   "loss_scale": torch.tensor(1.0)}
+    batch = {"input_ids": torch.ones(1, 8, dtype=torch.long), "max_length_q": 5, "loss_scale": 0.5}
+    step._copy_in(batch)
+    assert step.inputs["input_ids"].sum() == 8 and float(step.inputs["loss_scale"]) == 0.5
+    for field, value, message in [("input_ids", torch.ones(1, 9, dtype=torch.long), r"input_ids is .*\(1, 9\)"),
+                                  ("input_ids", torch.ones(1, 8, dtype=torch.int32), "input_ids is torch.int32"),
+                                  ("max_length_q", 6, "max_length_q is 6 where the captured step took 5")]:
+        with pytest.raises(ValueError, match=message):
+            step._copy_in({**batch, field: value})
+    with pytest.raises(ValueError, match="takes the batch fields"):
+        step._copy_in({"input_ids": batch["input_ids"]})
+
+
 def tiny_trainer(tmp_path, *, graph: bool, dropout: float, learning_rate: float = 1e-3):
     """A Trainer on a small packed log, compiled in torch's default mode, its step captured or not."""
     from accelerate import Accelerator
