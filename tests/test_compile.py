@@ -283,6 +283,7 @@ def test_compilation_defaults_to_cuda_graphs_on_one_cuda_gpu(device, processes, 
     ("cuda", 1, "no", ["--torch_compile", "false"], "--torch_compile (the eager model"),
     ("cuda", 1, "no", ["--torch_compile_mode", "reduce-overhead"], "not reduce-overhead"),
     ("cuda", 1, "fp16", [], "not fp16"),
+    ("cuda", 1, "no", ["--torch_compile_backend", "cudagraphs"], "not cudagraphs"),
 ])
 def test_an_impossible_cuda_graph_step_is_refused_by_name(device, processes, precision, flags, missing):
     from types import SimpleNamespace

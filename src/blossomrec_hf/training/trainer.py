@@ -178,6 +178,7 @@ def default_compilation(args, accelerator):
 
 
 GRAPHED_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that make CUDA graphs themselves
+GRAPHED_BACKENDS = ("cudagraphs",)  # torch.compile backends that do
 
 
 def decide_cuda_graph_step(args, accelerator, *, one_gpu: bool, compiled: bool) -> bool:
@@ -187,6 +188,8 @@ def decide_cuda_graph_step(args, accelerator, *, one_gpu: bool, compiled: bool) 
                "--torch_compile (the eager model checks its input on the host)" if not compiled else
                f"a --torch_compile_mode without CUDA graphs of its own, not {args.torch_compile_mode}"
                if args.torch_compile_mode in GRAPHED_COMPILE_MODES else
+               f"a --torch_compile_backend without CUDA graphs of its own, not {args.torch_compile_backend}"
+               if args.torch_compile_backend in GRAPHED_BACKENDS else
                "bf16 or float32, not fp16 (its loss scaler decides on the host whether a step is taken)"
                if getattr(accelerator, "mixed_precision", "no") == "fp16" else None)
     if not args.cuda_graph_step:
@@ -238,8 +241,9 @@ class Trainer:
         if args.torch_compile:
             # a captured step needs a model without CUDA graphs of its own; evaluation still replays them
             compile_model(model, args, args.torch_compile_mode)
+            inductor = args.torch_compile_backend in (None, "inductor")  # other backends take other modes, or none
             compile_model(self.eval_model, args, args.torch_compile_mode or
-                          ("reduce-overhead" if args.cuda_graph_step else None))
+                          ("reduce-overhead" if args.cuda_graph_step and inductor else None))
         with user_input_errors("arguments", accelerator):
             # This process's batches, dealt by the loader's own batch sampler: not prepared (Accelerate would shard
             # them again); `epoch_batches` moves them to the device.
@@ -423,6 +427,9 @@ class Trainer:
         elif evaluate_now:
             self.evaluate()
         if save_now:
+            if self.graph_step is not None:
+                # the scheduler keeps copies of the device learning rates; as floats, the checkpoint loads anywhere
+                self.scheduler.scheduler._last_lr = [float(lr) for lr in self.scheduler.get_last_lr()]
             save_checkpoint(self.accelerator, self.output_dir, state, args.save_total_limit)
         if stop:
             return "stop"
