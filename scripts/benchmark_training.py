@@ -935,7 +935,7 @@ def step_mode_of(args) -> str:
     """The steps' mode as the flags ask for it; each row records the mode its trainer took."""
     if args.torch_compile is False:
         return "eager"
-    if args.torch_compile is None and args.torch_compile_mode is None and args.cuda_graph_step is None:
+    if args.torch_compile is None and args.torch_compile_mode is None and not args.cuda_graph_step:
         return "train.py's default steps (CUDA graphs on one CUDA GPU, else eager)"
     if args.cuda_graph_step:
         return f"torch.compile, {args.torch_compile_mode or 'default'} mode, the whole step in one CUDA graph"
@@ -991,8 +991,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "the compilation); default: as train.py decides (on, with CUDA graphs, where one process "
                              "trains on a CUDA GPU); false: eager steps")
     parser.add_argument("--torch_compile_mode", default=None, help="as train.py's (e.g. reduce-overhead)")
-    parser.add_argument("--cuda_graph_step", type=parse_bool, nargs="?", const=True, default=None,
-                        help="as train.py's: the whole step captured in one CUDA graph (default: as train.py decides)")
+    parser.add_argument("--cuda_graph_step", type=parse_bool, nargs="?", const=True, default=False,
+                        help="as train.py's: the whole step captured in one CUDA graph (default: off, as train.py)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--tf32", type=parse_bool, default=None,
                         help="as train.py's: TF32 float32 matmuls (default: on where a CUDA GPU of capability 8.0+ "

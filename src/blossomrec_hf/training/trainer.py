@@ -170,10 +170,9 @@ def default_compilation(args, accelerator):
     one_gpu = (accelerator.device.type == "cuda" and accelerator.num_processes == 1
                and args.gradient_accumulation_steps == 1)
     compiled = one_gpu and triton_installed() if args.torch_compile is None else args.torch_compile
-    inductor = args.torch_compile_backend in (None, "inductor")  # other backends take other modes, or none
     graph_step = decide_cuda_graph_step(args, accelerator, one_gpu=one_gpu, compiled=compiled)
-    mode = args.torch_compile_mode or ("reduce-overhead" if compiled and one_gpu and inductor and not graph_step
-                                       else None)
+    mode = args.torch_compile_mode or ("reduce-overhead" if compiled and one_gpu and uses_inductor(args)
+                                       and not graph_step else None)
     return dataclasses.replace(args, torch_compile=compiled, torch_compile_mode=mode, cuda_graph_step=graph_step)
 
 
@@ -182,8 +181,9 @@ GRAPHED_BACKENDS = ("cudagraphs",)  # torch.compile backends that do
 
 
 def decide_cuda_graph_step(args, accelerator, *, one_gpu: bool, compiled: bool) -> bool:
-    """``--cuda_graph_step`` as asked (unset: off). A ValueError names what is missing where it was asked for and
-    cannot be."""
+    """``--cuda_graph_step``, or a ValueError naming what it needs and is missing."""
+    if not args.cuda_graph_step:
+        return False
     missing = ("one process on a CUDA GPU without gradient accumulation" if not one_gpu else
                "--torch_compile (the eager model checks its input on the host)" if not compiled else
                f"a --torch_compile_mode without CUDA graphs of its own, not {args.torch_compile_mode}"
@@ -192,11 +192,14 @@ def decide_cuda_graph_step(args, accelerator, *, one_gpu: bool, compiled: bool) 
                if args.torch_compile_backend in GRAPHED_BACKENDS else
                "bf16 or float32, not fp16 (its loss scaler decides on the host whether a step is taken)"
                if getattr(accelerator, "mixed_precision", "no") == "fp16" else None)
-    if not args.cuda_graph_step:
-        return False
     if missing:
         raise ValueError(f"--cuda_graph_step needs {missing}")
     return True
+
+
+def uses_inductor(args) -> bool:
+    """Whether torch.compile takes its default backend, inductor (other backends take other modes, or none)."""
+    return args.torch_compile_backend in (None, "inductor")
 
 
 def triton_installed() -> bool:
@@ -241,9 +244,8 @@ class Trainer:
         if args.torch_compile:
             # a captured step needs a model without CUDA graphs of its own; evaluation still replays them
             compile_model(model, args, args.torch_compile_mode)
-            inductor = args.torch_compile_backend in (None, "inductor")  # other backends take other modes, or none
             compile_model(self.eval_model, args, args.torch_compile_mode or
-                          ("reduce-overhead" if args.cuda_graph_step and inductor else None))
+                          ("reduce-overhead" if args.cuda_graph_step and uses_inductor(args) else None))
         with user_input_errors("arguments", accelerator):
             # This process's batches, dealt by the loader's own batch sampler: not prepared (Accelerate would shard
             # them again); `epoch_batches` moves them to the device.
@@ -339,12 +341,12 @@ class Trainer:
         allows one (from the captured graph with ``--cuda_graph_step``); returns whether an optimizer step was
         taken."""
         with self.accelerator.accumulate(self.model):
-            if self.graph_step is not None:
+            if self.graph_step is not None:  # the replayed backward writes the gradients afresh: nothing to zero
                 loss = self.graph_step({key: batch[key] for key in STEP_INPUTS if key in batch})
+                self.scheduler.step()
             else:
                 loss = self.optimizer_step(batch)
-            self.scheduler.step()
-            if self.graph_step is None:
+                self.scheduler.step()
                 self.optimizer.zero_grad()
         self.state.batches_in_epoch += 1
         if not batch["padding"]:
