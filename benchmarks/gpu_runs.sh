@@ -63,11 +63,11 @@ fi
 # and 16,384 (MODE_DATASETS), with the busiest
 # kernels of three profiled steps per row (what bounds each step); TRAIN_MODES picks the modes of one call
 if stage train_modes; then
-  for mode in ${TRAIN_MODES:-eager compiled graphs}; do
+  for mode in ${TRAIN_MODES:-eager compiled graphs step_graph}; do
     case $mode in
       eager) flags="--torch_compile false" ;;
-      compiled) flags="--torch_compile --torch_compile_mode default" ;;
-      graphs) flags="--torch_compile --torch_compile_mode reduce-overhead" ;;
+      compiled) flags="--torch_compile --torch_compile_mode default --cuda_graph_step false" ;;
+      graphs) flags="--torch_compile --torch_compile_mode reduce-overhead --cuda_graph_step false" ;;
       step_graph) flags="--torch_compile --cuda_graph_step" ;;
     esac
     timeout ${MODE_LIMIT:-250} python3 scripts/benchmark_training.py --data_dir "$DATA_DIR" \

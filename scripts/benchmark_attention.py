@@ -16,10 +16,10 @@ Each step is timed in the modes a training loop can run it (median by `triton.te
 Whole model: one training step (forward, loss, backward, fused AdamW as train.py on a GPU) of
 `BlossomRecForSequentialRecommendation` against the dense model, items per second, in the same modes, except that
 its graph column is the model compiled in mode reduce-overhead (forward and backward replayed from CUDA graphs,
-train.py's default on one GPU), with the host's share of that step ("g.host%"), and its "stepgr" column
-train.py --cuda_graph_step: the whole step, AdamW included, replayed from one CUDA graph ("s.host%": the host's
-share). No dropout anywhere (a CUDA graph capture that fails part-way would leave the random generator unusable
-for the rows after it).
+train.py --cuda_graph_step false on one GPU), with the host's share of that step ("g.host%"), and its "stepgr"
+column train.py's default on one GPU (--cuda_graph_step): the whole step, AdamW included, replayed from one CUDA
+graph ("s.host%": the host's share). No dropout anywhere (a CUDA graph capture that fails part-way would leave the
+random generator unusable for the rows after it).
 
     python scripts/benchmark_attention.py [--lengths 50 200 ...] [--output-dir benchmarks/results]
 """
@@ -283,8 +283,8 @@ def run_module_table(lengths, *, with_reference: bool, compile_mode, modes):
 
 
 def reduce_overhead_entry(make_step) -> dict:
-    """The whole model's step as train.py runs it by default on one GPU: compiled in mode reduce-overhead, its
-    forward and backward replayed from CUDA graphs (the optimizer step eager): median ms, and the host's ms per step
+    """The whole model's step as train.py --cuda_graph_step false runs it on one GPU: compiled in mode
+    reduce-overhead, its forward and backward replayed from CUDA graphs (the optimizer step eager): median ms, and the host's ms per step
     and share of the step (the eager model cannot be captured whole: it checks its input on the host)."""
     try:
         step = make_step(lambda fn: torch.compile(fn, mode="reduce-overhead", fullgraph=True))
@@ -302,7 +302,7 @@ def reduce_overhead_entry(make_step) -> dict:
 
 
 def step_graph_entry(implementation: str, length: int) -> dict:
-    """The whole model's step as train.py --cuda_graph_step runs it on one GPU: compiled in torch's
+    """The whole model's step as train.py runs it by default on one GPU (--cuda_graph_step): compiled in torch's
     default mode, forward, backward and the fused AdamW step captured in one CUDA graph after three ordinary steps and
     replayed per batch (the batch copied into the graph's buffers first): median ms, host ms and share of the step."""
     try:
@@ -335,7 +335,8 @@ def run_model_table(lengths, *, compile_mode, modes):
         row = {"length": length, "batch": TOKENS // length}
         for implementation in ("sdpa", "blossom_triton"):
             make_step = model_step(implementation, length)
-            # graph: the step compiled in mode reduce-overhead (train.py's default), not a capture of the eager step
+            # graph: the step compiled in mode reduce-overhead (train.py --cuda_graph_step false), not a capture of the
+            # eager step; stepgr: train.py's default
             entry = time_modes(make_step, quick_first=False, compile_mode=compile_mode,
                                modes=[mode for mode in modes if mode != "graph"])
             if entry["ms"] is not None and "graph" in modes:

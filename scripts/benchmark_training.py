@@ -68,7 +68,7 @@ from blossomrec_hf.data import (PreparedData, build_histories, check_trainable, 
                                 prepare_data)
 from blossomrec_hf.data.tables import make_table
 from blossomrec_hf.model.blossom_attention_triton import triton_unavailable_reason
-from blossomrec_hf.training.trainer import Trainer
+from blossomrec_hf.training.trainer import GRAPHED_COMPILE_MODES, Trainer
 from blossomrec_hf.training_args import EvaluationArguments, TrainingArguments, build_model_config, model_config_fields
 
 DEFAULT_DATASETS = ["beauty50", "beauty200", "ml100k200", "longtail16k"]
@@ -935,10 +935,11 @@ def step_mode_of(args) -> str:
     """The steps' mode as the flags ask for it; each row records the mode its trainer took."""
     if args.torch_compile is False:
         return "eager"
-    if args.torch_compile is None and args.torch_compile_mode is None and not args.cuda_graph_step:
-        return "train.py's default steps (CUDA graphs on one CUDA GPU, else eager)"
-    if args.cuda_graph_step:
-        return f"torch.compile, {args.torch_compile_mode or 'default'} mode, the whole step in one CUDA graph"
+    if args.torch_compile is None and args.torch_compile_mode is None and args.cuda_graph_step is None:
+        return "train.py's default steps (the whole step in one CUDA graph on one CUDA GPU, else eager)"
+    if args.cuda_graph_step or (args.cuda_graph_step is None and args.torch_compile_mode not in GRAPHED_COMPILE_MODES):
+        where = "" if args.cuda_graph_step else " where one process trains on a CUDA GPU"
+        return f"torch.compile, {args.torch_compile_mode or 'default'} mode, the whole step in one CUDA graph{where}"
     mode = args.torch_compile_mode or "train.py's default mode (reduce-overhead on one CUDA GPU)"
     return f"torch.compile, {mode} (static batches)"
 
@@ -988,11 +989,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataloader_num_workers", type=int, default=0, help="as train.py (default 0)")
     parser.add_argument("--torch_compile", type=parse_bool, nargs="?", const=True, default=None,
                         help="as train.py's: every row compiled (static batches, one graph; the warm-up steps absorb "
-                             "the compilation); default: as train.py decides (on, with CUDA graphs, where one process "
-                             "trains on a CUDA GPU); false: eager steps")
+                             "the compilation); default: as train.py decides (on, the whole step in one CUDA graph, "
+                             "where one process trains on a CUDA GPU); false: eager steps")
     parser.add_argument("--torch_compile_mode", default=None, help="as train.py's (e.g. reduce-overhead)")
-    parser.add_argument("--cuda_graph_step", type=parse_bool, nargs="?", const=True, default=False,
-                        help="as train.py's: the whole step captured in one CUDA graph (default: off, as train.py)")
+    parser.add_argument("--cuda_graph_step", type=parse_bool, nargs="?", const=True, default=None,
+                        help="as train.py's: the whole step captured in one CUDA graph (default: as train.py decides, "
+                             "on where one process trains on a CUDA GPU; false: mode reduce-overhead there)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--tf32", type=parse_bool, default=None,
                         help="as train.py's: TF32 float32 matmuls (default: on where a CUDA GPU of capability 8.0+ "

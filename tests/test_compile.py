@@ -246,26 +246,29 @@ def test_compile_flags_follow_transformers():
 
 
 @pytest.mark.parametrize("device, processes, flags, expected", [
-    ("cuda", 1, [], (True, "reduce-overhead", False)),
+    ("cuda", 1, [], (True, None, True)),
     ("cuda", 1, ["--cuda_graph_step"], (True, None, True)),
     ("cuda", 1, ["--cuda_graph_step", "false"], (True, "reduce-overhead", False)),
     ("cuda", 1, ["--torch_compile_mode", "max-autotune"], (True, "max-autotune", False)),
-    ("cuda", 1, ["--torch_compile_mode", "default"], (True, "default", False)),
-    ("cuda", 1, ["--torch_compile_mode", "default", "--cuda_graph_step"], (True, "default", True)),
-    ("cuda", 1, ["--torch_compile"], (True, "reduce-overhead", False)),
+    ("cuda", 1, ["--torch_compile_mode", "reduce-overhead"], (True, "reduce-overhead", False)),
+    ("cuda", 1, ["--torch_compile_mode", "default"], (True, "default", True)),
+    ("cuda", 1, ["--torch_compile_mode", "default", "--cuda_graph_step", "false"], (True, "default", False)),
+    ("cuda", 1, ["--torch_compile"], (True, None, True)),
     ("cuda", 1, ["--torch_compile", "false"], (False, None, False)),
     ("cuda", 2, [], (False, None, False)),
     ("cuda", 2, ["--torch_compile"], (True, None, False)),
     ("cuda", 1, ["--gradient_accumulation_steps", "2"], (False, None, False)),
     ("cuda", 1, ["--torch_compile_backend", "aot_eager"], (True, None, False)),
+    ("cuda", 1, ["--torch_compile_backend", "cudagraphs"], (True, None, False)),
     ("cpu", 1, [], (False, None, False)),
     ("cpu", 1, ["--torch_compile"], (True, None, False)),
 ])
 def test_compilation_defaults_to_cuda_graphs_on_one_cuda_gpu(device, processes, flags, expected):
     """Unset, --torch_compile is on where one process trains on a CUDA GPU, and off elsewhere; a compiled step there
-    replays the forward and backward graphs of mode reduce-overhead, or is captured whole in one CUDA graph where
-    --cuda_graph_step asks (the model then compiled in torch's default mode, or the mode named); what the user set is
-    kept."""
+    is captured whole in one CUDA graph (the model compiled in torch's default mode, or the mode named), unless
+    --cuda_graph_step false, a mode or backend with CUDA graphs of its own, or another backend than inductor asks
+    otherwise (without a step graph, mode reduce-overhead replays the forward and backward graphs); what the user set
+    is kept."""
     from types import SimpleNamespace
 
     from blossomrec_hf.training.trainer import default_compilation
@@ -295,6 +298,20 @@ def test_an_impossible_cuda_graph_step_is_refused_by_name(device, processes, pre
     accelerator = SimpleNamespace(device=torch.device(device), num_processes=processes, mixed_precision=precision)
     with pytest.raises(ValueError, match=f"--cuda_graph_step needs .*{re.escape(missing)}"):
         default_compilation(args, accelerator)
+
+
+def test_fp16_keeps_reduce_overhead_by_default():
+    """fp16's loss scaler decides on the host whether a step is taken: unset, --cuda_graph_step is off there (not
+    refused) and the compiled step replays torch's own graphs."""
+    from types import SimpleNamespace
+
+    from blossomrec_hf.training.trainer import default_compilation
+    from blossomrec_hf.training_args import parse_training_arguments
+
+    accelerator = SimpleNamespace(device=torch.device("cuda"), num_processes=1, mixed_precision="fp16")
+    decided = default_compilation(parse_training_arguments([])[2], accelerator)
+    assert (decided.torch_compile, decided.torch_compile_mode, decided.cuda_graph_step) == (True, "reduce-overhead",
+                                                                                            False)
 
 
 def test_compilation_stays_off_by_default_without_triton(monkeypatch):

@@ -119,23 +119,23 @@ class TrainingArguments:
     torch_compile: bool | None = field(default=None, metadata={
         "help": "compile the model with torch.compile(fullgraph=True): the training step (forward and backward) and "
                 "the evaluation forward, on batches of static shapes (packed batches filled to the token budget, "
-                "padded ones to the batch size), so one graph serves every batch; default: on, with CUDA graphs "
-                "(mode reduce-overhead), where one process trains on a CUDA GPU without gradient accumulation and "
-                "Triton is installed, off elsewhere"})
+                "padded ones to the batch size), so one graph serves every batch; default: on, with the whole step "
+                "in one CUDA graph (--cuda_graph_step), where one process trains on a CUDA GPU without gradient "
+                "accumulation and Triton is installed, off elsewhere"})
     torch_compile_backend: str | None = field(default=None, metadata={
         "help": "torch.compile backend (default: inductor); setting it turns --torch_compile on"})
     torch_compile_mode: str | None = field(default=None, metadata={
         "help": "torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune or "
-                "max-autotune-no-cudagraphs (default: reduce-overhead where one process trains on a CUDA GPU "
-                "without gradient accumulation, torch's default elsewhere and with --cuda_graph_step); "
+                "max-autotune-no-cudagraphs (default: torch's default, with the whole step in one CUDA graph where one "
+                "process trains on a CUDA GPU without gradient accumulation; reduce-overhead there with "
+                "--cuda_graph_step false); "
                 "setting it turns --torch_compile on"})
-    cuda_graph_step: bool = field(default=False, metadata={
+    cuda_graph_step: bool | None = field(default=None, metadata={
         "help": "capture the whole training step (forward, backward, clipping, AdamW) in one CUDA graph after three "
                 "ordinary steps and replay it for every later batch: no host work per step beyond copying the batch; "
-                "needs --torch_compile in a mode without CUDA graphs of its own, one process on a CUDA GPU, no "
-                "gradient accumulation and no fp16 (the model then compiles in torch's default mode unless a mode is "
-                "named); off by default until its GPU test against the uncaptured step has passed (measured faster "
-                "on an H100)"})
+                "needs --torch_compile with inductor in a mode without CUDA graphs of its own, one process on a CUDA "
+                "GPU, no gradient accumulation and no fp16 (the model then compiles in torch's default mode unless a "
+                "mode is named); default: on wherever it can run (false: mode reduce-overhead there)"})
     push_to_hub: bool = field(default=False, metadata={"help": "upload the best model to --hub_model_id at the end"})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository, e.g. org/blossomrec-beauty"})
     config_overrides: str | None = field(default=None, metadata={
@@ -195,7 +195,7 @@ def _parse_overrides(text: str | None) -> dict[str, object]:
 def parse_training_arguments(argv: list[str] | None = None):
     """``(data_args, eval_args, training_args, model_overrides)`` from the command line."""
     parser = HfArgumentParser([DataArguments, EvaluationArguments, TrainingArguments, _model_arguments_class()])
-    _accept_bare_switches(parser, ("torch_compile", "tf32"))
+    _accept_bare_switches(parser, ("torch_compile", "tf32", "cuda_graph_step"))
     data_args, eval_args, training_args, model_args = parser.parse_args_into_dataclasses(args=argv)
     with user_input_errors("arguments"):
         overrides = _parse_overrides(training_args.config_overrides)

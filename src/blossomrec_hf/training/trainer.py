@@ -14,9 +14,9 @@ and a checkpoint resumes on any split of the same batches per step.
 ``unwrap_model`` stay as they are) with ``fullgraph=True``: the forward and backward of the training step and the
 evaluation forward, each one graph with no host sync. The data loaders then give batches of static shapes, so the
 graphs are compiled once, not once per batch size. Unset, it is on where one process trains on a CUDA GPU without
-gradient accumulation, in mode reduce-overhead: forward and backward replayed from CUDA graphs
-(``default_compilation``). ``--cuda_graph_step`` captures the whole optimizer step in one CUDA graph instead
-(step_graph.py): no host work per step beyond copying the batch in.
+gradient accumulation, and the whole optimizer step is then captured in one CUDA graph (``--cuda_graph_step``,
+step_graph.py): no host work per step beyond copying the batch in. ``--cuda_graph_step false`` leaves torch's mode
+reduce-overhead there, forward and backward replayed from CUDA graphs of their own (``default_compilation``).
 """
 
 from __future__ import annotations
@@ -157,16 +157,15 @@ def use_tf32(accelerator, tf32: bool | None) -> bool:
 
 def default_compilation(args, accelerator):
     """``args`` with what was left unset decided: ``--torch_compile`` on where one process trains on a CUDA GPU, off
-    elsewhere, and a compiled step's ``--torch_compile_mode`` reduce-overhead there (forward and backward replayed from
-    CUDA graphs), unless ``--cuda_graph_step`` asks for the whole step in one graph (the model then compiled in
-    torch's default mode). ``--cuda_graph_step`` stays off unless asked: on an H100 it took the host's time per step
-    from ~2.5 to ~0.1 ms and ML-100K's training step from 3.7 to 2.3 ms, but its test against the uncaptured step
-    (tests/test_cuda_graph_step.py) has not yet passed on a GPU.
-    On an H100 the graph-replayed step trained BlossomRec 1.4-4.5x faster than eager (benchmarks/README.md); it
-    replays the compiled step's kernels, which tests check against eager. Several processes, or gradient accumulation,
-    keep torch's default mode and, unless asked, eager steps: DDP's gradient hooks, and gradients summed across
-    replays, are not measured under CUDA graphs here. Without Triton, which inductor needs for a GPU's kernels, the
-    default is eager."""
+    elsewhere; there a compiled step is captured whole in one CUDA graph (``--cuda_graph_step``, the model compiled in
+    torch's default mode), or, where a step graph is turned off or cannot run, compiled in mode reduce-overhead
+    (forward and backward replayed from CUDA graphs of their own).
+    On an H100 the step graph took the host's time per step from ~2.5 to ~0.1 ms and ML-100K's training step from 3.7
+    to 2.3 ms against reduce-overhead, which trained BlossomRec 1.4-4.5x faster than eager (benchmarks/README.md);
+    tests check the captured step against the uncaptured compiled one (tests/test_cuda_graph_step.py, on a GPU), and
+    the compiled model against eager. Several processes, or gradient accumulation, keep torch's default mode and,
+    unless asked, eager steps: DDP's gradient hooks, and gradients summed across replays, are not measured under CUDA
+    graphs here. Without Triton, which inductor needs for a GPU's kernels, the default is eager."""
     one_gpu = (accelerator.device.type == "cuda" and accelerator.num_processes == 1
                and args.gradient_accumulation_steps == 1)
     compiled = one_gpu and triton_installed() if args.torch_compile is None else args.torch_compile
@@ -181,20 +180,26 @@ GRAPHED_BACKENDS = ("cudagraphs",)  # torch.compile backends that do
 
 
 def decide_cuda_graph_step(args, accelerator, *, one_gpu: bool, compiled: bool) -> bool:
-    """``--cuda_graph_step``, or a ValueError naming what it needs and is missing."""
-    if not args.cuda_graph_step:
-        return False
-    missing = ("one process on a CUDA GPU without gradient accumulation" if not one_gpu else
-               "--torch_compile (the eager model checks its input on the host)" if not compiled else
-               f"a --torch_compile_mode without CUDA graphs of its own, not {args.torch_compile_mode}"
-               if args.torch_compile_mode in GRAPHED_COMPILE_MODES else
-               f"a --torch_compile_backend without CUDA graphs of its own, not {args.torch_compile_backend}"
-               if args.torch_compile_backend in GRAPHED_BACKENDS else
-               "bf16 or float32, not fp16 (its loss scaler decides on the host whether a step is taken)"
-               if getattr(accelerator, "mixed_precision", "no") == "fp16" else None)
-    if missing:
+    """``--cuda_graph_step`` as given (a ValueError naming what it needs and is missing), or unset: on wherever it
+    can run with inductor."""
+    missing = cuda_graph_step_missing(args, accelerator, one_gpu=one_gpu, compiled=compiled)
+    if args.cuda_graph_step is None:
+        return missing is None and uses_inductor(args)
+    if args.cuda_graph_step and missing:
         raise ValueError(f"--cuda_graph_step needs {missing}")
-    return True
+    return args.cuda_graph_step
+
+
+def cuda_graph_step_missing(args, accelerator, *, one_gpu: bool, compiled: bool) -> str | None:
+    """What a captured step needs and this run lacks, or None."""
+    return ("one process on a CUDA GPU without gradient accumulation" if not one_gpu else
+            "--torch_compile (the eager model checks its input on the host)" if not compiled else
+            f"a --torch_compile_mode without CUDA graphs of its own, not {args.torch_compile_mode}"
+            if args.torch_compile_mode in GRAPHED_COMPILE_MODES else
+            f"a --torch_compile_backend without CUDA graphs of its own, not {args.torch_compile_backend}"
+            if args.torch_compile_backend in GRAPHED_BACKENDS else
+            "bf16 or float32, not fp16 (its loss scaler decides on the host whether a step is taken)"
+            if getattr(accelerator, "mixed_precision", "no") == "fp16" else None)
 
 
 def uses_inductor(args) -> bool:
