@@ -95,24 +95,23 @@ def test_a_batch_the_captured_step_cannot_take_is_refused_by_name():
     """Between replays only the values of the captured inputs may change: a tensor of another shape or dtype, a
     changed int (max_length_q) or a missing field is a one-line error naming the field; a float is a device scalar
     the next replay reads."""
-    from blossomrec_hf.training.step_graph import CudaGraphStep
+    from blossomrec_hf.training.step_graph import CapturedStep
 
-    step = CudaGraphStep(lambda inputs: None, optimizer=None)
-    step.inputs = {"input_ids": torch.zeros(1, 8, dtype=torch.long), "max_length_q": 5,
-                   "loss_scale": torch.tensor(1.0)}
+    step = CapturedStep(graph=None, inputs={"input_ids": torch.zeros(1, 8, dtype=torch.long), "max_length_q": 5,
+                                            "loss_scale": torch.tensor(1.0)}, loss=None)
     batch = {"input_ids": torch.ones(1, 8, dtype=torch.long), "max_length_q": 5, "loss_scale": 0.5}
-    step._copy_in(batch)
+    step.copy_in(batch)
     assert step.inputs["input_ids"].sum() == 8 and float(step.inputs["loss_scale"]) == 0.5
     for field, value, message in [("input_ids", torch.ones(1, 9, dtype=torch.long), r"input_ids is .*\(1, 9\)"),
                                   ("input_ids", torch.ones(1, 8, dtype=torch.int32), "input_ids is torch.int32"),
                                   ("max_length_q", 6, "max_length_q is 6 where the captured step took 5")]:
         with pytest.raises(ValueError, match=message):
-            step._copy_in({**batch, field: value})
+            step.copy_in({**batch, field: value})
     with pytest.raises(ValueError, match="takes the batch fields"):
-        step._copy_in({"input_ids": batch["input_ids"]})
+        step.copy_in({"input_ids": batch["input_ids"]})
 
 
-def tiny_trainer(tmp_path, *, graph: bool, dropout: float, learning_rate: float = 1e-3):
+def tiny_trainer(tmp_path, *, graph: bool, dropout: float, learning_rate: float = 1e-3, accumulation: int = 1):
     """A Trainer on a small packed log, compiled in torch's default mode, its step captured or not."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -130,11 +129,12 @@ def tiny_trainer(tmp_path, *, graph: bool, dropout: float, learning_rate: float 
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_seq_length=12, max_tokens_per_batch=256,
                              torch_compile=True, torch_compile_mode=None if graph else "default",
                              cuda_graph_step=graph, learning_rate=learning_rate, lr_scheduler_type="linear",
-                             warmup_steps=4, max_steps=40)
+                             warmup_steps=4, max_steps=40, gradient_accumulation_steps=accumulation)
     config = build_model_config(args, {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 1,
                                        "hidden_dropout_prob": dropout}, data.vocab.n_items)
     set_seed(0)
-    trainer = Trainer(Accelerator(mixed_precision="bf16"), args, EvaluationArguments(), tmp_path / "run", data,
+    accelerator = Accelerator(mixed_precision="bf16", gradient_accumulation_steps=accumulation)
+    trainer = Trainer(accelerator, args, EvaluationArguments(), tmp_path / "run", data,
                       windows, config, stop_signals=None)
     trainer.model.train()
     return trainer
@@ -152,14 +152,19 @@ def train_steps(trainer, steps: int, same_batch: bool = False) -> list[float]:
 
 @requires_cuda
 @pytest.mark.usefixtures("fresh_accelerate_state")
-def test_the_captured_step_trains_as_the_compiled_step(tmp_path):
-    """Without dropout, 12 steps (3 ordinary, the capture, 8 replays; the learning rate warming up) give the losses
-    and weights of the same compiled model stepped without the graph."""
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_the_captured_step_trains_as_the_compiled_step(tmp_path, accumulation):
+    """Without dropout, 12 optimizer steps (3 ordinary, then captured and replayed; the learning rate warming up)
+    give the losses and weights of the same compiled model stepped without the graph; with gradient accumulation
+    the batches that only add their gradients are a graph of their own."""
     runs = []
     for graph in (True, False):
-        trainer = tiny_trainer(tmp_path / str(graph), graph=graph, dropout=0.0)
-        losses = train_steps(trainer, 12)
+        trainer = tiny_trainer(tmp_path / str(graph), graph=graph, dropout=0.0, accumulation=accumulation)
+        losses = train_steps(trainer, 12 * accumulation)
+        assert trainer.optimizer.optimizer.state  # the optimizer stepped
         assert (trainer.graph_step is not None) == graph
+        if graph:  # with accumulation, the batches that step and those that only add gradients
+            assert set(trainer.graph_step.captured) == ({True, False} if accumulation > 1 else {True})
         runs.append((losses, [p.detach().float().cpu() for p in trainer.model.parameters()]))
         torch._dynamo.reset()
     (graph_losses, graph_weights), (plain_losses, plain_weights) = runs

@@ -120,22 +120,22 @@ class TrainingArguments:
         "help": "compile the model with torch.compile(fullgraph=True): the training step (forward and backward) and "
                 "the evaluation forward, on batches of static shapes (packed batches filled to the token budget, "
                 "padded ones to the batch size), so one graph serves every batch; default: on, with the whole step "
-                "in one CUDA graph (--cuda_graph_step), where one process trains on a CUDA GPU without gradient "
-                "accumulation and Triton is installed, off elsewhere"})
+                "in one CUDA graph (--cuda_graph_step), where one process trains on a CUDA GPU and Triton is "
+                "installed, off elsewhere"})
     torch_compile_backend: str | None = field(default=None, metadata={
         "help": "torch.compile backend (default: inductor); setting it turns --torch_compile on"})
     torch_compile_mode: str | None = field(default=None, metadata={
         "help": "torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune or "
-                "max-autotune-no-cudagraphs (default: torch's default, with the whole step in one CUDA graph where one "
-                "process trains on a CUDA GPU without gradient accumulation; reduce-overhead there with "
-                "--cuda_graph_step false); "
-                "setting it turns --torch_compile on"})
+                "max-autotune-no-cudagraphs (default: torch's default, with the whole step in one CUDA graph where "
+                "one process trains on a CUDA GPU; reduce-overhead there with --cuda_graph_step false and no "
+                "gradient accumulation); setting it turns --torch_compile on"})
     cuda_graph_step: bool | None = field(default=None, metadata={
         "help": "capture the whole training step (forward, backward, clipping, AdamW) in one CUDA graph after three "
-                "ordinary steps and replay it for every later batch: no host work per step beyond copying the batch; "
-                "needs --torch_compile with inductor in a mode without CUDA graphs of its own, one process on a CUDA "
-                "GPU, no gradient accumulation and no fp16 (the model then compiles in torch's default mode unless a "
-                "mode is named); default: on wherever it can run (false: mode reduce-overhead there)"})
+                "optimizer steps and replay it for every later batch (with gradient accumulation, one graph for the "
+                "batches that only add gradients and one for those that step): no host work per step beyond copying "
+                "the batch; needs --torch_compile with inductor in a mode without CUDA graphs of its own, one process "
+                "on a CUDA GPU and no fp16 (the model then compiles in torch's default mode unless a mode is named); "
+                "default: on wherever it can run (false: mode reduce-overhead there)"})
     push_to_hub: bool = field(default=False, metadata={"help": "upload the best model to --hub_model_id at the end"})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository, e.g. org/blossomrec-beauty"})
     config_overrides: str | None = field(default=None, metadata={

@@ -10,9 +10,10 @@ graph's input buffers: 0.11-0.14 ms per step, and ML-100K's step took 2.3 ms.
 What a capture needs, and where it comes from:
 - static shapes and no host sync in the step: the model compiled with ``fullgraph=True`` in a mode without CUDA
   graphs of its own, on the loaders' static batches (a batch field that changes anyway is refused, by name);
-- gradients and optimizer state at fixed addresses: the first ``warmup_steps`` steps run as ordinary steps (they
-  train: they are the run's first steps) and make the optimizer's state; the gradients are set to None before the
-  capture, so the captured backward writes them afresh at every replay (nothing to zero);
+- gradients and optimizer state at fixed addresses: the first ``warmup_steps`` optimizer steps run as ordinary
+  steps (they train: they are the run's first steps) and make the optimizer's state; the gradients are set to None
+  before the capture, so the captured backward writes them afresh at every replay (nothing to zero), or, with
+  gradient accumulation, allocated before the captures and added into in place (`CudaGraphStep`);
 - a learning rate the scheduler changes between replays: AdamW is capturable and each group's ``lr`` a device
   tensor, filled by the scheduler (a float would be frozen into the graph), `make_capturable`;
 - dropout: the graph advances the generator's offset at every replay, so each step draws new masks.
@@ -63,51 +64,78 @@ def restore_optimizer_settings(optimizer: torch.optim.Optimizer, settings: list[
 
 
 class CudaGraphStep:
-    """``step(inputs) -> loss`` (forward, backward, clipping, optimizer step, no zeroing), run as an ordinary step
-    ``warmup_steps`` times, then captured in a CUDA graph and replayed: calling this with a batch's inputs trains on
-    them and returns the loss, a tensor the next call overwrites (read it, or enqueue what reads it, before)."""
+    """``step(inputs) -> loss`` (forward, backward, and where the batch ends an optimizer step, clipping and the
+    optimizer step; no zeroing), run as an ordinary step for the first ``warmup_steps`` optimizer steps, then captured
+    and replayed: calling this with a batch's inputs trains on them and returns the loss, a tensor the next call
+    overwrites (read it, or enqueue what reads it, before).
 
-    def __init__(self, step: Callable[[dict], torch.Tensor], optimizer, warmup_steps: int = 3):
+    Without gradient accumulation one graph is captured, with the gradients unset: its backward writes them afresh at
+    every replay. With accumulation the batches that only add their gradients and those that end an optimizer step are
+    two graphs (``optimizer_step``), sharing one memory pool (they never run at once): the gradients then stay
+    allocated, each backward adds into them in place, and the optimizer step's graph zeroes them after stepping."""
+
+    def __init__(self, step: Callable[[dict], torch.Tensor], optimizer, warmup_steps: int = 3,
+                 accumulation_steps: int = 1):
         self.step, self.optimizer, self.warmup_steps = step, optimizer, warmup_steps
-        self.steps_run = 0
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.inputs: dict = {}  # the graph's input buffers (tensors) and the values it was captured with (the rest)
-        self.loss: torch.Tensor | None = None
+        self.accumulating = accumulation_steps > 1
+        self.optimizer_steps_run = 0
+        self.captured: dict[bool, CapturedStep] = {}  # by whether the batch ends an optimizer step
 
-    def __call__(self, inputs: dict) -> torch.Tensor:
-        if self.graph is None and self.steps_run < self.warmup_steps:
-            loss = self._ordinary_step(inputs)
+    def __call__(self, inputs: dict, optimizer_step: bool = True) -> torch.Tensor:
+        if not self.captured and self.optimizer_steps_run < self.warmup_steps:
+            loss = self._ordinary_step(inputs, optimizer_step)
         else:
-            if self.graph is None:
-                self._capture(inputs)
-            else:
-                self._copy_in(inputs)
-            self.graph.replay()
-            loss = self.loss
-        self.steps_run += 1
+            captured = self.captured.get(optimizer_step) or self._capture(inputs, optimizer_step)
+            loss = captured.replay(inputs)
+        self.optimizer_steps_run += optimizer_step
         return loss
 
-    def _ordinary_step(self, inputs: dict) -> torch.Tensor:
+    def _ordinary_step(self, inputs: dict, optimizer_step: bool) -> torch.Tensor:
         """One step on a side stream (as CUDA's capture rules ask of the steps before a capture)."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             loss = self.step(inputs)
-            self.optimizer.zero_grad(set_to_none=True)
+            if optimizer_step:
+                self.optimizer.zero_grad(set_to_none=True)
         torch.cuda.current_stream().wait_stream(side)
         return loss
 
-    def _capture(self, inputs: dict) -> None:
-        self.inputs = {key: _buffer(value) for key, value in inputs.items()}
-        self.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates them in the graph's pool
+    def _capture(self, inputs: dict, optimizer_step: bool) -> CapturedStep:
+        buffers = {key: _buffer(value) for key, value in inputs.items()}
+        if not self.accumulating:
+            self.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates them in the graph's pool
+        elif not self.captured:  # at fixed addresses, outside the graphs: each backward adds into them in place
+            for group in self.optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad = torch.zeros_like(param)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
+        pool = next(iter(self.captured.values())).graph.pool() if self.captured else None
         # thread_local, as torch.compile's own CUDA graphs: a loader's pin-memory thread may allocate meanwhile
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self.loss = self.step(self.inputs)
-        self.graph = graph
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            loss = self.step(buffers)
+            if self.accumulating and optimizer_step:
+                self.optimizer.zero_grad(set_to_none=False)
+        self.captured[optimizer_step] = CapturedStep(graph, buffers, loss)
+        return self.captured[optimizer_step]
 
-    def _copy_in(self, inputs: dict) -> None:
+
+class CapturedStep:
+    """One captured step: its graph, its input buffers (tensors) and the values it was captured with (the rest), and
+    its loss."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: dict, loss: torch.Tensor):
+        self.graph, self.inputs, self.loss = graph, inputs, loss
+
+    def replay(self, inputs: dict) -> torch.Tensor:
+        """Train on ``inputs`` (the capture itself ran nothing: its batch is replayed too)."""
+        self.copy_in(inputs)
+        self.graph.replay()
+        return self.loss
+
+    def copy_in(self, inputs: dict) -> None:
+        """The batch into the graph's input buffers; a field of another shape, dtype or value is refused by name."""
         if inputs.keys() != self.inputs.keys():
             raise ValueError(f"a captured training step takes the batch fields {sorted(self.inputs)}, got "
                              f"{sorted(inputs)}")

@@ -13,9 +13,9 @@ and a checkpoint resumes on any split of the same batches per step.
 ``--torch_compile`` compiles the model in place (``nn.Module.compile``, so parameter names, checkpoints and
 ``unwrap_model`` stay as they are) with ``fullgraph=True``: the forward and backward of the training step and the
 evaluation forward, each one graph with no host sync. The data loaders then give batches of static shapes, so the
-graphs are compiled once, not once per batch size. Unset, it is on where one process trains on a CUDA GPU without
-gradient accumulation, and the whole optimizer step is then captured in one CUDA graph (``--cuda_graph_step``,
-step_graph.py): no host work per step beyond copying the batch in. ``--cuda_graph_step false`` leaves torch's mode
+graphs are compiled once, not once per batch size. Unset, it is on where one process trains on a CUDA GPU, and
+the whole optimizer step is then captured in one CUDA graph (``--cuda_graph_step``, step_graph.py): no host work
+per step beyond copying the batch in. ``--cuda_graph_step false`` leaves torch's mode
 reduce-overhead there, forward and backward replayed from CUDA graphs of their own (``default_compilation``).
 """
 
@@ -162,16 +162,16 @@ def default_compilation(args, accelerator):
     (forward and backward replayed from CUDA graphs of their own).
     On an H100 the step graph took the host's time per step from ~2.5 to ~0.1 ms and ML-100K's training step from 3.7
     to 2.3 ms against reduce-overhead, which trained BlossomRec 1.4-4.5x faster than eager (benchmarks/README.md);
-    tests check the captured step against the uncaptured compiled one (tests/test_cuda_graph_step.py, on a GPU), and
-    the compiled model against eager. Several processes, or gradient accumulation, keep torch's default mode and,
-    unless asked, eager steps: DDP's gradient hooks, and gradients summed across replays, are not measured under CUDA
-    graphs here. Without Triton, which inductor needs for a GPU's kernels, the default is eager."""
-    one_gpu = (accelerator.device.type == "cuda" and accelerator.num_processes == 1
-               and args.gradient_accumulation_steps == 1)
+    tests check the captured step against the uncaptured compiled one, with and without gradient accumulation
+    (tests/test_cuda_graph_step.py, on a GPU), and the compiled model against eager. Several processes keep torch's
+    default mode and, unless asked, eager steps: DDP's gradient hooks are not measured under CUDA graphs here; so does
+    gradient accumulation without a step graph (gradients summed across torch's own graph replays are not measured).
+    Without Triton, which inductor needs for a GPU's kernels, the default is eager."""
+    one_gpu = accelerator.device.type == "cuda" and accelerator.num_processes == 1
     compiled = one_gpu and triton_installed() if args.torch_compile is None else args.torch_compile
     graph_step = decide_cuda_graph_step(args, accelerator, one_gpu=one_gpu, compiled=compiled)
     mode = args.torch_compile_mode or ("reduce-overhead" if compiled and one_gpu and uses_inductor(args)
-                                       and not graph_step else None)
+                                       and args.gradient_accumulation_steps == 1 and not graph_step else None)
     return dataclasses.replace(args, torch_compile=compiled, torch_compile_mode=mode, cuda_graph_step=graph_step)
 
 
@@ -192,7 +192,7 @@ def decide_cuda_graph_step(args, accelerator, *, one_gpu: bool, compiled: bool) 
 
 def cuda_graph_step_missing(args, accelerator, *, one_gpu: bool, compiled: bool) -> str | None:
     """What a captured step needs and this run lacks, or None."""
-    return ("one process on a CUDA GPU without gradient accumulation" if not one_gpu else
+    return ("one process on a CUDA GPU" if not one_gpu else
             "--torch_compile (the eager model checks its input on the host)" if not compiled else
             f"a --torch_compile_mode without CUDA graphs of its own, not {args.torch_compile_mode}"
             if args.torch_compile_mode in GRAPHED_COMPILE_MODES else
@@ -272,7 +272,9 @@ class Trainer:
         if args.cuda_graph_step:
             make_capturable(optimizer)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.graph_step = CudaGraphStep(self.optimizer_step, self.optimizer) if args.cuda_graph_step else None
+        self.graph_step = CudaGraphStep(self.optimizer_step, self.optimizer,
+                                        accumulation_steps=args.gradient_accumulation_steps) \
+            if args.cuda_graph_step else None
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = args.max_steps if args.max_steps > 0 else args.num_train_epochs * self.steps_per_epoch
         # A prepared scheduler steps once per process at every optimizer step.
@@ -346,8 +348,9 @@ class Trainer:
         allows one (from the captured graph with ``--cuda_graph_step``); returns whether an optimizer step was
         taken."""
         with self.accelerator.accumulate(self.model):
-            if self.graph_step is not None:  # the replayed backward writes the gradients afresh: nothing to zero
-                loss = self.graph_step({key: batch[key] for key in STEP_INPUTS if key in batch})
+            if self.graph_step is not None:  # the captured step zeroes the gradients itself (or writes them afresh)
+                loss = self.graph_step({key: batch[key] for key in STEP_INPUTS if key in batch},
+                                       optimizer_step=self.accelerator.sync_gradients)
                 self.scheduler.step()
             else:
                 loss = self.optimizer_step(batch)
