@@ -22,8 +22,10 @@ Rows: datasets x models x layouts.
 
 Per row, after --warmup_steps untimed steps (epoch 0), one timed epoch (epoch 1; more whole epochs while fewer than
 --min_timed_steps steps are timed): next-item targets per second (the collators' ``num_targets``), the epoch's wall
-time, the mean / median step time and the peak GPU memory
-(``torch.cuda.max_memory_allocated``, reset per row; model, optimizer and the trainer's evaluation copy included).
+time, the mean / median step time and the peak GPU memory (``torch.cuda.max_memory_allocated``, reset per row; model,
+optimizer and the trainer's evaluation copy included) with the allocator's peak reservation beside it
+(``max_memory_reserved``: tensors that a CUDA graph's replays reuse from its pool are not allocated again, so only the
+reservation shows what graphs hold after their capture).
 An epoch of more than --max_steps batches, or one that passes --max_seconds, is timed over its first batches and its
 time extrapolated from the targets per second ("~" in the table, ``epoch_extrapolated`` in the JSON). A row that runs
 out of GPU memory is recorded as OOM and the next one runs.
@@ -299,12 +301,14 @@ def timed_epoch(trainer: Trainer, *, epoch: int, device: torch.device, max_steps
     return {"steps": steps, "targets": targets, "seconds": seconds, "step_ms": clock.step_ms()}
 
 
-def peak_memory_gib(accelerator, device: torch.device) -> float | None:
-    """The most GPU memory any process allocated (None on the CPU)."""
+def peak_memory_gib(accelerator, device: torch.device) -> dict:
+    """The most GPU memory any process allocated, and the most its allocator reserved (None on the CPU)."""
     if device.type != "cuda":
-        return None
-    peak = torch.tensor([torch.cuda.max_memory_allocated(device)], dtype=torch.float64, device=device)
-    return float(accelerator.reduce(peak, reduction="max").item()) / 2**30
+        return {"peak_memory_gib": None, "peak_reserved_gib": None}
+    peaks = torch.tensor([torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)],
+                         dtype=torch.float64, device=device)
+    allocated, reserved = (accelerator.reduce(peaks, reduction="max") / 2**30).tolist()
+    return {"peak_memory_gib": allocated, "peak_reserved_gib": reserved}
 
 
 def timed_epochs(trainer: Trainer, *, first_epoch: int, device: torch.device, args) -> dict:
@@ -346,7 +350,7 @@ def measure(trainer: Trainer, *, device: torch.device, epoch_targets: int, args)
         "mean_step_ms": float(step_ms.mean()),
         "median_step_ms": float(np.median(step_ms)),
         "targets_per_step": timed["targets"] / timed["steps"],
-        "peak_memory_gib": peak_memory_gib(trainer.accelerator, device),
+        **peak_memory_gib(trainer.accelerator, device),
     }
 
 
@@ -597,23 +601,25 @@ def fmt(value, spec: str, missing: str = "-") -> str:
 
 def table_lines(rows) -> list[str]:
     header = (f"{'dataset':<12} {'L':>6} {'model':<8} {'layout':<7} {'procs':>5} {'batch':>15} {'steps':>7} "
-              f"{'timed':>5} {'items/s':>10} {'epoch s':>9} {'step ms':>8} {'median':>8} {'peak GiB':>8}  attention")
+              f"{'timed':>5} {'items/s':>10} {'epoch s':>9} {'step ms':>8} {'median':>8} {'peak GiB':>8} {'reserved':>8}"
+              "  attention")
     lines = [header, "-" * len(header)]
     for row in rows:
         if row["status"] == "ok":
             epoch = ("~" if row["epoch_extrapolated"] else "") + f"{row['epoch_s']:.2f}"
             cells = (f"{row['batches_per_epoch']:>7} {row['timed_steps']:>5} {row['items_per_s']:>10,.0f} "
                      f"{epoch:>9} {row['mean_step_ms']:>8.1f} {row['median_step_ms']:>8.1f} "
-                     f"{fmt(row['peak_memory_gib'], '8.2f'):>8}")
+                     f"{fmt(row['peak_memory_gib'], '8.2f'):>8} {fmt(row.get('peak_reserved_gib'), '8.2f'):>8}")
         else:
             cells = f"{fmt(row.get('batches_per_epoch'), '7d'):>7} {row['status']:>5} {'':>10} {'':>9} {'':>8} " \
-                    f"{'':>8} {fmt(row.get('peak_memory_gib'), '8.2f'):>8}"
+                    f"{'':>8} {fmt(row.get('peak_memory_gib'), '8.2f'):>8} {'':>8}"
         lines.append(f"{row['dataset']:<12} {row['max_seq_length']:>6} {row['model']:<8} {row['layout']:<7} "
                      f"{row.get('num_processes', 1):>5} {row['batch']:>15} {cells}  "
                      f"{row.get('attention_path', row['attn_implementation'])}")
     lines.append("items/s: next-item targets per second, all processes; batch: per process; steps: optimizer steps "
                  "per epoch (a batch per process each); epoch s: one epoch's wall time (~ = extrapolated from the "
-                 "timed steps); step ms: mean / median step after warmup")
+                 "timed steps); step ms: mean / median step after warmup; peak GiB: allocated, reserved: the "
+                 "allocator's peak reservation (CUDA graphs' pools included)")
     return lines
 
 

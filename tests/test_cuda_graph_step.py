@@ -169,9 +169,11 @@ def test_the_captured_step_trains_as_the_compiled_step(tmp_path, accumulation):
         torch._dynamo.reset()
     (graph_losses, graph_weights), (plain_losses, plain_weights) = runs
     torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(plain_losses), rtol=1e-5, atol=1e-5)
-    # Adam moves a weight by up to ~lr (1e-3) per step, whatever its gradient's size, and the embedding's backward sums
-    # with atomics, so two runs of either kind differ by a few 1e-6 (seen on an H100); a stale gradient, a frozen
-    # learning rate or a missed step moves weights by orders of magnitude more
+    # Adam moves a weight by up to ~lr (1e-3) per step whatever its gradient's size, so a rounding difference in a tiny
+    # gradient (summed in another order, or the capturable AdamW's float32 step size) can move it by far more than the
+    # gradient's own error: on an H100 the two runs' weights differed by up to 3.3e-6 (13 of the item embedding's 2,624
+    # beyond 1e-6) while their losses agreed to 1e-5. A stale gradient, a frozen learning rate or a missed step moves
+    # weights by orders of magnitude more
     for got, expected in zip(graph_weights, plain_weights, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
