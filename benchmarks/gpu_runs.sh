@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU measurements of the open speed and quality work, in stages that fit one 10-minute device call each:
 #   STAGES="profile attention" OUT=results_dir DATA_DIR=folder_with_Beauty.txt bash benchmarks/gpu_runs.sh
-# Stages: check (correctness of the packed kernels; check_tf32: float32 at "high" precision; check_model: whole
-# models against blossom_torch), tune (launch settings to choose), profile (eager vs compiled kernels), attention
-# (module and model tables: eager, compiled, graph, host), train (packed vs padded training throughput), train_modes
-# (eager, compiled and CUDA graphs, packed), quality_beauty / quality_ml100k (packed vs padded, 3 seeds), tune_ml100k / tune_beauty (validation-only
-# tuning), card_beauty (the model card's checkpoint), ablation_beauty / ablation_ml100k (issue 14's table). Text logs
-# read Beauty.txt / ml-100k.inter without the `datasets` library, so nothing needs installing on a machine with
-# torch, triton and transformers.
+# Stages: gpu_tests (pytest's CUDA-only tests), check (correctness of the packed kernels; check_tf32: float32 at
+# "high" precision; check_model: whole models against blossom_torch), tune (launch settings to choose), profile (eager
+# vs compiled kernels), attention (module and model tables: eager, compiled, graph, host), train (packed vs padded
+# training throughput), train_modes (eager, compiled and CUDA graphs, packed), quality_beauty / quality_ml100k (packed
+# vs padded, 3 seeds), tune_ml100k / tune_beauty (validation-only tuning), card_beauty (the model card's checkpoint),
+# ablation_beauty / ablation_ml100k (issue 14's table). Text logs read Beauty.txt / ml-100k.inter without the
+# `datasets` library, so nothing needs installing on a machine with torch, triton and transformers.
 set -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -25,6 +25,11 @@ python3 -c "import torch, triton, transformers; print(torch.__version__, triton.
 stage() { [[ " ${STAGES:-check profile attention train} " == *" $1 "* ]]; }
 if stage check; then
   timeout 200 python3 scripts/check_triton_attention.py --kind varlen --output "$OUT/triton_varlen.json" 2>&1 | tee "$OUT/check.log" | tail -12
+fi
+# gpu_tests: the tests that need a CUDA GPU and compiled kernels (the captured training step against the uncaptured one)
+if stage gpu_tests; then
+  TRITON_INTERPRET=0 timeout 200 python3 -m pytest -q -p no:logging -p no:cacheprovider tests/test_cuda_graph_step.py 2>&1 \
+    | tee "$OUT/gpu_tests.log" | tail -15
 fi
 # check_model: whole models, blossom_triton against blossom_torch (the compressor and gated-sum paths around the kernels)
 if stage check_model; then
