@@ -7,9 +7,11 @@ the GPU has (only a launch finds out). Here the launch sites run on CPU tensors 
 stand-in that compiles the launch with its argument types, constexprs and warps for sm_90 (not with the alignment
 specialisations the JIT adds on a GPU) and raises Triton's OutOfResources where an H100 would, so the fallbacks to
 smaller tiles run as there. Prints a line per launch; exits 1 if any fails, 3 where this Triton's compiler entry
-points differ from the ones used here. Run with TRITON_INTERPRET unset (`tests/test_kernel_compilation.py` does).
+points differ from the ones used here. Run with TRITON_INTERPRET unset (`tests/test_kernel_compilation.py` does, a
+`--shard` per test so that pytest's workers share the ~5 CPU minutes of compiling).
 """
 
+import argparse
 import os
 import sys
 
@@ -200,13 +202,27 @@ def launch_groups():
     yield "float32 one-pass dk/dv over several key blocks at 'high'", lambda: one_pass_key_tiles(torch.float32)
 
 
-def main() -> int:
+SHARDS = ("bfloat16", "float32 loss", "float32 kernels")  # launch groups of about equal compile time
+
+
+def shard_of(group: str) -> str:
+    if group.startswith("bfloat16"):
+        return "bfloat16"
+    return "float32 loss" if group.startswith("float32 loss") else "float32 kernels"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shard", choices=SHARDS, help="compile only these launch groups (default: all)")
+    shard = parser.parse_args(argv).shard
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("run with TRITON_INTERPRET unset: the interpreter replaces the kernels this compiles")
     compiler = Compiler([attention, rotary, loss, compressor])
     default_precision, failed_groups = torch.get_float32_matmul_precision(), []
     try:
         for name, launches in launch_groups():
+            if shard and shard_of(name) != shard:
+                continue
             torch.set_float32_matmul_precision("highest" if name.endswith("'highest'") else "high")
             try:
                 launches()
