@@ -75,7 +75,9 @@ def test_gradcheck():
         return block_compressor._FORWARD(k, v, blocks.slot_tokens, blocks.covered, blocks.token_slot_rows,
                                          blocks.valid, *weights, False, False)[0]
 
-    assert torch.autograd.gradcheck(run, (k, v, *parameters))
+    # fast mode: a random direction instead of every input element (42 s -> 2 s on two cores); the backward's
+    # products with random output gradients are compared against autograd through the reference above
+    assert torch.autograd.gradcheck(run, (k, v, *parameters), fast_mode=True)
 
 
 @pytest.mark.parametrize("keep_activations", [False, True])
