@@ -26,10 +26,11 @@ stage() { [[ " ${STAGES:-check profile attention train} " == *" $1 "* ]]; }
 if stage check; then
   timeout 200 python3 scripts/check_triton_attention.py --kind varlen --output "$OUT/triton_varlen.json" 2>&1 | tee "$OUT/check.log" | tail -12
 fi
-# gpu_tests: the tests that need a CUDA GPU and compiled kernels (the captured training step against the uncaptured one)
+# gpu_tests: the tests that need a CUDA GPU and compiled kernels (the captured training step against the
+# uncaptured one)
 if stage gpu_tests; then
-  TRITON_INTERPRET=0 timeout 200 python3 -m pytest -q -p no:logging -p no:cacheprovider tests/test_cuda_graph_step.py 2>&1 \
-    | tee "$OUT/gpu_tests.log" | tail -15
+  TRITON_INTERPRET=0 timeout 200 python3 -m pytest -q -p no:logging -p no:cacheprovider \
+    tests/test_cuda_graph_step.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 fi
 # check_model: whole models, blossom_triton against blossom_torch (the compressor and gated-sum paths around the kernels)
 if stage check_model; then

@@ -284,8 +284,9 @@ def run_module_table(lengths, *, with_reference: bool, compile_mode, modes):
 
 def reduce_overhead_entry(make_step) -> dict:
     """The whole model's step as train.py --cuda_graph_step false runs it on one GPU: compiled in mode
-    reduce-overhead, its forward and backward replayed from CUDA graphs (the optimizer step eager): median ms, and the host's ms per step
-    and share of the step (the eager model cannot be captured whole: it checks its input on the host)."""
+    reduce-overhead, its forward and backward replayed from CUDA graphs (the optimizer step eager): median ms, and
+    the host's ms per step and share of the step (the eager model cannot be captured whole: it checks its input on
+    the host)."""
     try:
         step = make_step(lambda fn: torch.compile(fn, mode="reduce-overhead", fullgraph=True))
         ms, _, note = measure(step, quick_first=False)

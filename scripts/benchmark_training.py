@@ -601,8 +601,8 @@ def fmt(value, spec: str, missing: str = "-") -> str:
 
 def table_lines(rows) -> list[str]:
     header = (f"{'dataset':<12} {'L':>6} {'model':<8} {'layout':<7} {'procs':>5} {'batch':>15} {'steps':>7} "
-              f"{'timed':>5} {'items/s':>10} {'epoch s':>9} {'step ms':>8} {'median':>8} {'peak GiB':>8} {'reserved':>8}"
-              "  attention")
+              f"{'timed':>5} {'items/s':>10} {'epoch s':>9} {'step ms':>8} {'median':>8} {'peak GiB':>8} "
+              f"{'reserved':>8}  attention")
     lines = [header, "-" * len(header)]
     for row in rows:
         if row["status"] == "ok":
