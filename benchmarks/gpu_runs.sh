@@ -50,9 +50,13 @@ if stage tune; then
     --variants ${TUNE_VARIANTS:-base dqchunk8k chunk4k seg4096} 2>&1 | tee "$OUT/tune_kernels.txt" \
     | grep -v Warn
 fi
+# profile: PROFILE_IMPLEMENTATIONS (blossom_triton, eager and compiled; sdpa eager, for its kernels side by side)
 if stage profile; then
-  timeout 150 python3 benchmarks/profile_attention.py --lengths ${PROFILE_LENGTHS:-200 4096} --compiled --rows 25 2>&1 \
-    | tee "$OUT/attention_profile_modes.txt"
+  for impl in ${PROFILE_IMPLEMENTATIONS:-blossom_triton}; do
+    [[ $impl == blossom_triton ]] && compiled=--compiled || compiled=
+    timeout ${PROFILE_LIMIT:-150} python3 benchmarks/profile_attention.py --implementation $impl \
+      --lengths ${PROFILE_LENGTHS:-200 4096} $compiled --rows 25 2>&1 | grep -v Warn | tee "$OUT/attention_profile_$impl.txt"
+  done
 fi
 # attention: LENGTHS (module table) and MODEL_LENGTHS (whole model) default to the lengths; empty skips one
 if stage attention; then
