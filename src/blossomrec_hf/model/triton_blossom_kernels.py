@@ -58,15 +58,22 @@ def _rows(pos, head, NH: tl.constexpr, D: tl.constexpr, dofs):
 
 
 @triton.jit
-def _online_update(m, l, acc, s, p_values):
-    """One online-softmax step: s [R, C] base-2 scores (-inf = not attended), p_values [R or 1, C, BD]."""
-    m_new = tl.maximum(m, tl.max(s, 1))
-    m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-    alpha = tl.exp2(m - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l = l * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * p_values, 1)
-    return m_new, l, acc
+def _slot_update(m, l, acc, s, values):
+    """One online-softmax step per (row, key slot): s [R, C] base-2 scores (-inf = not attended), values [R, C, BD].
+    The larger of the old maximum and the new score gets weight 1, the other one exponential (one per pair)."""
+    grow = s > m
+    e = tl.exp2(tl.where(grow, m - s, s - m))  # NaN only where both are -inf, which the selects below drop
+    alpha = tl.where(grow, e, 1.0)
+    p = tl.where(grow, 1.0, tl.where(s == NEG_INF, 0.0, e))
+    return tl.maximum(m, s), l * alpha + p, acc * alpha[:, :, None] + p[:, :, None] * values
+
+
+@triton.jit
+def _merge_slots(m, l, acc):
+    """Rows' maxima [R], sums [R] and accumulators [R, BD] of the per-slot softmaxes of `_slot_update`."""
+    m_row = tl.max(m, 1)
+    scale = tl.exp2(m - tl.where(m_row == NEG_INF, 0.0, m_row)[:, None])
+    return m_row, tl.sum(l * scale, 1), tl.sum(acc * scale[:, :, None], 1)
 
 
 @triton.jit
@@ -288,20 +295,23 @@ def sparse_forward(
     cofs = tl.arange(0, C)
     dmask3 = dmask[None, None, :]
 
-    m_s = tl.full([R], NEG_INF, tl.float32)
-    l_s = tl.zeros([R], tl.float32)
-    acc_s = tl.zeros([R, BLOCK_D], tl.float32)
     m_t = tl.full([R], NEG_INF, tl.float32)
     l_t = tl.zeros([R], tl.float32)
     acc_t = tl.zeros([R, BLOCK_D], tl.float32)
 
-    # LTIS: each position's selected blocks (gathered per row; they all end before the own block: no causal mask)
+    # LTIS: each position's selected blocks (gathered per row; they all end before the own block: no causal mask).
+    # Each of a chunk's C key slots keeps its own online softmax over the keys it sees, merged once after the loop:
+    # merging the chunk into one per row every time took most of the loop's instructions (shuffles across lanes).
+    m_c = tl.full([R, C], NEG_INF, tl.float32)
+    l_c = tl.zeros([R, C], tl.float32)
+    acc_c = tl.zeros([R, C, BLOCK_D], tl.float32)
     for i in range(N_SEL):
         sel = tl.load(BIDX + start * HKV * N_SEL + (pos * HKV + h) * N_SEL + i, mask=row_ok, other=-1)
         for c0 in range(0, SEL_B, C):
             kk, vv, valid = _load_selected_chunk(k_base, v_base, sel, c0, cofs, dofs, dmask3, ROW, SEL_B)
             s = tl.where(valid, tl.sum(qf[:, None, :] * kk, 2), NEG_INF)
-            m_s, l_s, acc_s = _online_update(m_s, l_s, acc_s, s, vv)
+            m_c, l_c, acc_c = _slot_update(m_c, l_c, acc_c, s, vv)
+    m_s, l_s, acc_s = _merge_slots(m_c, l_c, acc_c)
 
     # the own block: LTIS (causal) and STIS share one score tile
     k, v, kpos, s, stis_valid = _key_block_scores(q, k_base, v_base, blk, pos, L, qk_scale, ROW, SEL_B, WINDOW,
@@ -339,12 +349,13 @@ def _store_branch(O, LSE, m, l, acc, start, pos, head, row_ok, H: tl.constexpr, 
 # ------------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _dq_step(dq, q, do, lse, delta, s_valid, kk, vv):
-    """dq += dS K for one gathered chunk; q is pre-scaled (base 2), kk/vv [R, C, BD]; dq stays unscaled."""
+    """dq [R, C, BD] += dS K for one gathered chunk, per key slot (summed once after the loop, not per chunk across
+    lanes); q is pre-scaled (base 2), kk/vv [R, C, BD]; dq stays unscaled."""
     s = tl.sum(q[:, None, :] * kk, 2)
     p = tl.where(s_valid, tl.exp2(s - lse[:, None]), 0.0)
     dp = tl.sum(do[:, None, :] * vv, 2)
     ds = p * (dp - delta[:, None])
-    return dq + tl.sum(ds[:, :, None] * kk, 1)
+    return dq + ds[:, :, None] * kk
 
 
 @triton.jit
@@ -381,13 +392,13 @@ def backward_dq(
     v_base = V + (start * HKV + h) * D
     cofs = tl.arange(0, C)
     dmask3 = dmask[None, None, :]
-    dq = tl.zeros([R, BLOCK_D], tl.float32)
-
+    dq_c = tl.zeros([R, C, BLOCK_D], tl.float32)
     for i in range(N_SEL):
         sel = tl.load(BIDX + start * HKV * N_SEL + (pos * HKV + h) * N_SEL + i, mask=row_ok, other=-1)
         for c0 in range(0, SEL_B, C):
             kk, vv, valid = _load_selected_chunk(k_base, v_base, sel, c0, cofs, dofs, dmask3, ROW, SEL_B)
-            dq = _dq_step(dq, qf, do_sf, lse_s, delta_s, valid, kk, vv)
+            dq_c = _dq_step(dq_c, qf, do_sf, lse_s, delta_s, valid, kk, vv)
+    dq = tl.sum(dq_c, 1)
 
     k, v, kpos, s, stis_valid = _key_block_scores(q, k_base, v_base, blk, pos, L, qk_scale, ROW, SEL_B, WINDOW,
                                                   dofs, dmask, DOT_PREC)
