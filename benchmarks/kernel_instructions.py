@@ -4,10 +4,12 @@ without a GPU: a first look at a kernel change before GPU time is spent on it.
 The launches of one forward + backward (bf16, 8 heads, 2 kv heads, head dim 16: the benchmark's shapes) are
 compiled the way `tests/compile_kernels_for_hopper.py` does, plus the 16-byte alignment the GPU's JIT assumes of
 pointer arguments (without it loads are not vectorised and the compiler picks other layouts, so counts would
-mislead). For each kernel: its instruction count, its global loads, and each basic block of more than `--min-block`
-instructions (a loop body, mostly) with its most frequent instructions. Static counts, not timings: a loop's count
-is what one iteration issues per thread, so between two versions of a kernel it shows what moved (shuffles for
-reductions across lanes, bar.sync for those across warps, conversions, exponentials), not how long a step takes.
+mislead). For each kernel: its instruction count, its global loads, and each loop of more than `--min-block`
+instructions (from its header label to the branch back to it; an outer loop's count includes its inner loops) with
+its most frequent instructions. Static counts, not timings: a loop's count is what one iteration issues per thread,
+so between two versions of a kernel it shows what moved (shuffles for reductions across lanes, bar.sync for those
+across warps, conversions, exponentials), not how long a step takes. (Until the eleventh session this counted basic
+blocks, which also took in the code after a loop: its per-chunk counts of the gathered loops were too high.)
 
     PYTHONPATH=src python benchmarks/kernel_instructions.py [--length 2000] [--kernels backward_dq ...]
 """
@@ -29,7 +31,8 @@ import compile_kernels_for_hopper as hopper  # noqa: E402
 from blossomrec_hf.model import blossom_attention_triton as attention  # noqa: E402
 
 INSTRUCTION = re.compile(r"^\s+(?:@!?%p\d+\s+)?([a-z0-9]+(?:\.[a-z0-9_]+)*)", re.M)
-LABEL = re.compile(r"\$L__BB\d+_\d+:")
+LABEL = re.compile(r"^(\$L__BB\d+_\d+):", re.M)
+BACK_EDGE = re.compile(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);")
 
 
 def compiled_ptx(length: int) -> dict[str, str]:
@@ -62,12 +65,14 @@ def report(name: str, ptx: str, min_block: int, top: int) -> str:
     whole = counts(ptx)
     loads = sum(n for op, n in whole.items() if op.startswith("ld.global"))
     lines = [f"{name}: {sum(whole.values())} instructions, {loads} global loads"]
-    starts = [match.start() for match in LABEL.finditer(ptx)]
-    for begin, end in zip(starts, starts[1:] + [len(ptx)]):
-        block = counts(ptx[begin:end])
-        if sum(block.values()) >= min_block:
-            busiest = ", ".join(f"{op} {n}" for op, n in block.most_common(top))
-            lines.append(f"  {ptx[begin:end].split(':')[0]:>12} {sum(block.values()):5}: {busiest}")
+    headers = {match.group(1): match.start() for match in LABEL.finditer(ptx)}
+    for branch in BACK_EDGE.finditer(ptx):
+        header = headers.get(branch.group(1))
+        if header is not None and header < branch.start():
+            body = counts(ptx[header:branch.end()])
+            if sum(body.values()) >= min_block:
+                busiest = ", ".join(f"{op} {n}" for op, n in body.most_common(top))
+                lines.append(f"  loop {branch.group(1):>12} {sum(body.values()):5}: {busiest}")
     return "\n".join(lines)
 
 

@@ -233,11 +233,11 @@ def uses_one_pass(max_length: int, geometry: SparseGeometry, q: Tensor, k: Tenso
 
 def _compressed_forward(plan: _Plan, q, ck, cv, sort_keys: bool):
     """Compressed-branch output [T, H, D] (or None), its base-2 lse [T, H], the block indices [T, Hkv, n], and (with
-    `sort_keys`) the selection's sort keys [T, Hkv, n] for `_selection_csr`."""
+    `sort_keys`) the selection's sort keys [T, Hkv, n] (int32) for `_selection_csr`."""
     out = torch.empty_like(q) if cv is not None else None
     lse = torch.empty(plan.tokens, plan.heads, dtype=torch.float32, device=q.device)
     block_indices = torch.empty(plan.tokens, plan.kv_heads, plan.num_selected, dtype=torch.int32, device=q.device)
-    keys = torch.empty(block_indices.shape, dtype=torch.int64, device=q.device) if sort_keys else block_indices
+    keys = torch.empty_like(block_indices) if sort_keys else block_indices
     plan.launch(
         "compressed_forward", compressed_forward, lambda tiles: plan.query_grid(tiles["BM"]),
         dict(BM=plan.forward_tile[0], BW=plan.forward_tile[1]),
@@ -250,14 +250,14 @@ def _compressed_forward(plan: _Plan, q, ck, cv, sort_keys: bool):
 
 
 def _selection_csr(sort_keys: torch.Tensor, plan: _Plan):
-    """Reverse index of the selection: for each (kv head, key block) the ascending token rows of the queries that
-    selected it, as offsets into the sorted keys (the kernel takes the row = key % T). A key block is named by its
-    first token row (group h * T + row), so the offsets span kv heads x tokens, not histories x the longest history.
-    One sort and one binary search: deterministic, no host sync."""
-    combined = torch.sort(sort_keys.flatten()).values
-    tokens = plan.tokens
-    boundaries = torch.arange(0, (plan.kv_heads * tokens + 1) * tokens, tokens, device=sort_keys.device)
-    return torch.searchsorted(combined, boundaries), combined
+    """Reverse index of the selection: for each (kv head, key block) the queries that selected it in ascending token
+    order, as offsets into a list of flat indices into the [T, Hkv, n] selection (the kernel takes the token row =
+    index // (Hkv n)). A key block is named by its group h * T + its first token row, so the offsets span kv heads x
+    tokens, not histories x the longest history. One stable sort of int32 groups (half the radix passes of the
+    int64 keys group * T + row that it replaces) and one binary search: deterministic, no host sync."""
+    groups, order = torch.sort(sort_keys.flatten(), stable=True)
+    boundaries = torch.arange(plan.kv_heads * plan.tokens + 1, dtype=groups.dtype, device=groups.device)
+    return torch.searchsorted(groups, boundaries), order
 
 
 def _sparse_forward(plan: _Plan, q, k, v, block_indices):
@@ -296,7 +296,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, ck: Tensor, cv: Tensor | None, cu_
     oc, lse_c, block_indices, sort_keys = _compressed_forward(plan, q, ck, cv, sort_keys=not plan.one_pass)
     o_sel, o_stis, lse_sel, lse_stis = _sparse_forward(plan, q, k, v, block_indices)
     if plan.one_pass:  # no reverse index
-        sort_keys = block_indices.new_empty((0, *block_indices.shape[1:]), dtype=torch.int64)
+        sort_keys = block_indices.new_empty((0, *block_indices.shape[1:]))
     return o_sel, o_stis, _no_rows(q) if oc is None else oc, lse_sel, lse_stis, lse_c, block_indices, sort_keys
 
 
@@ -309,7 +309,7 @@ def _forward_fake(q, k, v, ck, cv, cu_seqlens, cu_compressed, max_length, compre
     key_rows = 0 if uses_one_pass(max_length, geometry, q, k) else tokens
     return (torch.empty_like(q), torch.empty_like(q), _no_rows(q) if cv is None else torch.empty_like(q),
             *(q.new_empty(tokens, heads, dtype=torch.float32) for _ in range(3)),
-            q.new_empty(selection, dtype=torch.int32), q.new_empty((key_rows, *selection[1:]), dtype=torch.int64))
+            q.new_empty(selection, dtype=torch.int32), q.new_empty((key_rows, *selection[1:]), dtype=torch.int32))
 
 
 def _backward_impl(q: Tensor, k: Tensor, v: Tensor, ck: Tensor, cv: Tensor | None, cu_seqlens: Tensor,
@@ -353,7 +353,7 @@ def _backward_impl(q: Tensor, k: Tensor, v: Tensor, ck: Tensor, cv: Tensor | Non
         offsets, queries = _selection_csr(sort_keys, plan)
         sparse_backward_dkdv[plan.sparse_grid()](
             **dkdv, K=k, V=v, CSR_OFFSETS=offsets, CSR_QUERIES=queries, DK=dk, DV=dv, T=plan.tokens,
-            sm_scale=plan.sm_scale, **plan.common, **plan.stis, QC=plan.csr_chunk,
+            sm_scale=plan.sm_scale, **plan.common, **plan.stis, N_SEL=plan.num_selected, QC=plan.csr_chunk,
             num_warps=TUNING["sparse_dkdv_warps"])
     if not has_compressed:
         return dq, dk, dv, _no_rows(ck), _no_rows(ck)

@@ -115,8 +115,8 @@ def compressed_forward(
     HAS_CV: tl.constexpr, SORT_KEYS: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Compressed branch and its lse for BM positions of one history, then their top-N_SEL block indices (-1 =
-    none), and with SORT_KEYS their keys for the backward's reverse index: (selection group) * T + token row, where
-    the group of a selected block is h * T + (the block's first token row) and empty slots go past every group."""
+    none), and with SORT_KEYS their int32 sort keys for the backward's reverse index: the group of a selected block,
+    h * T + (the block's first token row), and for an empty slot HKV * T, past every group."""
     hist, h, start, L = _program(CU_SEQLENS, HKV)
     m0 = tl.program_id(1) * BM
     if m0 >= L:
@@ -196,9 +196,8 @@ def compressed_forward(
     slot_mask = pmask[:, None] & (slots[None, :] < N_SEL)
     tl.store(BIDX + start * HKV * N_SEL + slot_ofs, best_j, mask=slot_mask)
     if SORT_KEYS:
-        tokens = T.to(tl.int64)
-        group = tl.where(best_j >= 0, h * tokens + start + best_j * SEL_B, HKV * tokens)
-        tl.store(SKEYS + start * HKV * N_SEL + slot_ofs, group * tokens + start + positions[:, None], mask=slot_mask)
+        group = tl.where(best_j >= 0, h * T + start.to(tl.int32) + best_j * SEL_B, HKV * T)
+        tl.store(SKEYS + start * HKV * N_SEL + slot_ofs, group, mask=slot_mask)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -517,11 +516,13 @@ def sparse_backward_dkdv(
     Q, K, V, DOS, DOT, LSES, LSET, DELS, DELT, CSR_OFFSETS, CSR_QUERIES, DK, DV, CU_SEQLENS, T, n_far, qk_scale,
     sm_scale,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, SEL_B: tl.constexpr,
-    WINDOW: tl.constexpr, M_NEAR: tl.constexpr, P_FAR: tl.constexpr, QC: tl.constexpr, DOT_PREC: tl.constexpr,
+    N_SEL: tl.constexpr, WINDOW: tl.constexpr, M_NEAR: tl.constexpr, P_FAR: tl.constexpr, QC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """dk, dv of one selection block of one history's keys from every query that reads it, in a fixed order: its
     own block's queries (LTIS causal + STIS), the later query blocks whose STIS offsets land on it, and the queries
-    that selected it (CSR list of token rows, built on the host from the sort keys of `compressed_forward`)."""
+    that selected it (CSR list of flat selection indices, built on the host from the sort keys of
+    `compressed_forward`)."""
     _, h, start, L = _program(CU_SEQLENS, HKV)
     blk = tl.program_id(1)
     if blk * SEL_B >= L:
@@ -562,13 +563,12 @@ def sparse_backward_dkdv(
     qrows = tl.arange(0, QC * G)
     qi = qrows % QC
     qhead = h * G + qrows // QC
-    tokens = T.to(tl.int64)
-    csr = h * tokens + start + blk * SEL_B
+    csr = h * T.to(tl.int64) + start + blk * SEL_B
     first = tl.load(CSR_OFFSETS + csr)
     end = tl.load(CSR_OFFSETS + csr + 1)
     for i0 in range(first, end, QC):
         in_list = i0 + qi < end
-        tpos = (tl.load(CSR_QUERIES + i0 + qi, mask=in_list, other=0) % tokens - start).to(tl.int32)
+        tpos = (tl.load(CSR_QUERIES + i0 + qi, mask=in_list, other=0) // (HKV * N_SEL) - start).to(tl.int32)
         qm = in_list[:, None] & dmask[None, :]
         sel_ofs = _rows(tpos, qhead, H, D, dofs)
         q_sel = tl.load(Q + x0 + sel_ofs, mask=qm, other=0.0)
