@@ -4,12 +4,13 @@ without a GPU: a first look at a kernel change before GPU time is spent on it.
 The launches of one forward + backward (bf16, 8 heads, 2 kv heads, head dim 16: the benchmark's shapes) are
 compiled the way `tests/compile_kernels_for_hopper.py` does, plus the 16-byte alignment the GPU's JIT assumes of
 pointer arguments (without it loads are not vectorised and the compiler picks other layouts, so counts would
-mislead). For each kernel: its instruction count, its global loads, and each loop of more than `--min-block`
-instructions (from its header label to the branch back to it; an outer loop's count includes its inner loops) with
-its most frequent instructions. Static counts, not timings: a loop's count is what one iteration issues per thread,
-so between two versions of a kernel it shows what moved (shuffles for reductions across lanes, bar.sync for those
-across warps, conversions, exponentials), not how long a step takes. (Until the eleventh session this counted basic
-blocks, which also took in the code after a loop: its per-chunk counts of the gathered loops were too high.)
+mislead). For each kernel: its instruction count, its global loads, its registers and spills (ptxas -v), and each
+loop of more than `--min-block` instructions (from its header label to the branch back to it; an outer loop's count
+includes its inner loops) with its most frequent instructions. Static counts, not timings: a loop's count is what
+one iteration issues per thread, so between two versions of a kernel it shows what moved (shuffles for reductions
+across lanes, bar.sync for those across warps, conversions, exponentials), not how long a step takes. (Until the
+twelfth session this counted basic blocks, which also took in the code after a loop: its per-chunk counts of the
+gathered loops were too high.)
 
     PYTHONPATH=src python benchmarks/kernel_instructions.py [--length 2000] [--kernels backward_dq ...]
 """
@@ -18,7 +19,9 @@ import argparse
 import collections
 import os
 import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # what Triton 3.9 defaults to (and warns about)
@@ -61,10 +64,28 @@ def counts(text: str) -> collections.Counter:
     return collections.Counter(INSTRUCTION.findall(text))
 
 
+def registers(ptx: str) -> str:
+    """Registers per thread and bytes spilled, as the ptxas that Triton runs for sm_90 reports them for this PTX."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        with tempfile.TemporaryDirectory() as folder:
+            source = Path(folder) / "kernel.ptx"
+            source.write_text(ptx)
+            report = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(source), "-o",
+                                     str(Path(folder) / "kernel.cubin")], capture_output=True, text=True).stderr
+    except (ImportError, OSError) as error:
+        return f"registers unknown ({error})"
+    used = re.search(r"Used (\d+) registers", report)
+    spilled = re.search(r"(\d+) bytes spill stores", report)
+    if not used:
+        return "registers unknown (ptxas printed no count)"
+    return f"{used.group(1)} registers, {spilled.group(1) if spilled else 0} bytes spilled"
+
+
 def report(name: str, ptx: str, min_block: int, top: int) -> str:
     whole = counts(ptx)
     loads = sum(n for op, n in whole.items() if op.startswith("ld.global"))
-    lines = [f"{name}: {sum(whole.values())} instructions, {loads} global loads"]
+    lines = [f"{name}: {sum(whole.values())} instructions, {loads} global loads, {registers(ptx)}"]
     headers = {match.group(1): match.start() for match in LABEL.finditer(ptx)}
     for branch in BACK_EDGE.finditer(ptx):
         header = headers.get(branch.group(1))

@@ -61,7 +61,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # per gathered chunk took backward_dq from 0.87 / 1.07 to 0.80 / 1.03 ms but sparse_forward from 0.48 / 0.52 to
 # 0.52 / 0.57, so the two kernels have their own budgets. Since the gathered loops keep a softmax (or dq) per key
 # slot of the chunk, a chunk's elements also size that accumulator: compiled for sm_90 (head dim 16, bf16), 4 keys
-# per chunk (4,096 elements) take 81 / 79 instructions per key in sparse_forward / backward_dq at 132 / 176
+# per chunk (4,096 elements) take 81 / 79 instructions per key in sparse_forward / backward_dq at 132 / 178
 # registers, where 8 and 16 keys spilled or held 249-255 registers for the same count per key.
 TUNING = dict(forward_rows=64, forward_keys=64, forward_keys_long=128, long_from=512, dq_keys=64, dkdv_rows=128,
               dkdv_keys=64, sparse_chunk_elements=4096, dq_chunk_elements=4096, compressed_forward_warps=2,
