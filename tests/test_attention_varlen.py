@@ -266,6 +266,18 @@ def test_the_backward_follows_the_path_its_forward_took(monkeypatch):
 
 
 @requires_triton
+def test_a_batch_past_the_int32_selection_index_is_refused_by_name():
+    """The reverse index names a key block by the int32 group h * T + its first row: a batch with kv heads x tokens of
+    2^31 or more is refused before anything is allocated, not indexed wrongly."""
+    from types import SimpleNamespace
+
+    from blossomrec_hf.model import blossom_attention_triton as backend
+    plan = SimpleNamespace(tokens=2**30, kv_heads=2)
+    with pytest.raises(ValueError, match="1,073,741,824 tokens x 2 kv heads is past its int32 selection index"):
+        backend._compressed_forward(plan, q=None, ck=None, cv=None, sort_keys=True)
+
+
+@requires_triton
 def test_launches_refused_for_shared_memory_run_with_smaller_tiles(kernel_path, monkeypatch):
     """A GPU without the shared memory for the tuned tiles (Triton raises OutOfResources before a kernel runs): the
     launches retry with smaller tiles, and grids follow the tiles, so outputs and gradients still match the

@@ -234,6 +234,9 @@ def uses_one_pass(max_length: int, geometry: SparseGeometry, q: Tensor, k: Tenso
 def _compressed_forward(plan: _Plan, q, ck, cv, sort_keys: bool):
     """Compressed-branch output [T, H, D] (or None), its base-2 lse [T, H], the block indices [T, Hkv, n], and (with
     `sort_keys`) the selection's sort keys [T, Hkv, n] (int32) for `_selection_csr`."""
+    if sort_keys and plan.kv_heads * plan.tokens >= 2**31:
+        raise ValueError(f"blossom_triton: a batch of {plan.tokens:,} tokens x {plan.kv_heads} kv heads is past its "
+                         "int32 selection index (2^31 key-block groups); split the batch")
     out = torch.empty_like(q) if cv is not None else None
     lse = torch.empty(plan.tokens, plan.heads, dtype=torch.float32, device=q.device)
     block_indices = torch.empty(plan.tokens, plan.kv_heads, plan.num_selected, dtype=torch.int32, device=q.device)
