@@ -250,6 +250,18 @@ def test_compressed_gradients_summed_over_query_segments(monkeypatch, segment, m
 
 
 @requires_triton
+def test_compressed_gradients_of_whole_key_tiles_without_masks(monkeypatch):
+    """dck, dcv where whole row tiles see every key of a whole compressed key tile (16 keys, 16 positions per tile:
+    rows 256-287 of the 300-long history skip the visibility mask) give the reference's gradients."""
+    from blossomrec_hf.model import blossom_attention_triton as backend
+    monkeypatch.setitem(backend.TUNING, "dkdv_keys", 16)
+    monkeypatch.setitem(backend.TUNING, "dkdv_rows", 16 * HEADS // KV_HEADS)
+    leaves, sizes = packed_inputs([300, 37], True, torch.float32, seed=20)
+    assert not backend.uses_one_pass(sizes["max_length"], GEOMETRY, *split(leaves[0])[:2])
+    assert_kernels_match_the_reference(leaves, sizes, [w.float() for w in weights_for([300, 37], seed=21)])
+
+
+@requires_triton
 def test_the_backward_follows_the_path_its_forward_took(monkeypatch):
     """A forward on the one-pass kernels leaves no reverse index: its backward takes the one-pass kernels too, even if
     the limit changes in between (a tuning run, or a graph traced earlier)."""
