@@ -251,10 +251,12 @@ def test_compressed_gradients_summed_over_query_segments(monkeypatch, segment, m
 
 @requires_triton
 def test_compressed_gradients_of_whole_key_tiles_without_masks(monkeypatch):
-    """dck, dcv where whole row tiles see every key of a whole compressed key tile (16 keys, 16 positions per tile:
-    rows 256-287 of the 300-long history skip the visibility mask) give the reference's gradients."""
+    """Gradients where whole tiles of 16 compressed keys are visible to whole tiles of rows, which skip the
+    visibility mask: dck, dcv (16 positions per row tile: rows 256-287 of the 300-long history) and dq (query blocks
+    16-18 see the first key tile whole) give the reference's."""
     from blossomrec_hf.model import blossom_attention_triton as backend
     monkeypatch.setitem(backend.TUNING, "dkdv_keys", 16)
+    monkeypatch.setitem(backend.TUNING, "dq_keys", 16)
     monkeypatch.setitem(backend.TUNING, "dkdv_rows", 16 * HEADS // KV_HEADS)
     leaves, sizes = packed_inputs([300, 37], True, torch.float32, seed=20)
     assert not backend.uses_one_pass(sizes["max_length"], GEOMETRY, *split(leaves[0])[:2])

@@ -436,7 +436,8 @@ def _branch_rows(O, DO, LSE, DELTA, start, pos, head, row_ok, H: tl.constexpr, D
 def _compressed_dq(dq, q, CK, CV, OC, DOC, LSEC, DELC, CU_COMPRESSED, hist, h, blk, start, pos, head, row_ok,
                    qk_scale, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BW: tl.constexpr, dofs, dmask,
                    DOT_PREC: tl.constexpr):
-    """dq += the compressed branch's part for the rows of query block `blk` (all see compressed keys w < blk)."""
+    """dq += the compressed branch's part for the rows of query block `blk` (all see compressed keys w < blk). Only
+    the last key tile needs a mask: a row past the history's end has zero dO, and its dq is not stored."""
     do_c, lse_c, delta_c = _branch_rows(OC, DOC, LSEC, DELC, start, pos, head, row_ok, HKV * G, D, dofs, dmask)
     c_start, W = _history(CU_COMPRESSED, hist)
     wofs = tl.arange(0, BW)
@@ -447,7 +448,9 @@ def _compressed_dq(dq, q, CK, CV, OC, DOC, LSEC, DELC, CU_COMPRESSED, hist, h, b
         ck = tl.load(_at(CK, c_start, w, h, HKV, D, dofs), mask=wmask, other=0.0)
         cv = tl.load(_at(CV, c_start, w, h, HKV, D, dofs), mask=wmask, other=0.0)
         s_c = tl.dot(q, tl.trans(ck), input_precision=DOT_PREC) * qk_scale
-        dq = _dq_dot(dq, s_c, (w < n_visible)[None, :] & row_ok[:, None], do_c, lse_c, delta_c, ck, cv, DOT_PREC)
+        if w0 + BW > n_visible:
+            s_c = tl.where((w < n_visible)[None, :], s_c, NEG_INF)
+        dq = _dq_dot(dq, s_c, True, do_c, lse_c, delta_c, ck, cv, DOT_PREC)
     return dq
 
 
