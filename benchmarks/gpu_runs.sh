@@ -55,7 +55,8 @@ if stage profile; then
   for impl in ${PROFILE_IMPLEMENTATIONS:-blossom_triton}; do
     [[ $impl == blossom_triton ]] && compiled=--compiled || compiled=
     timeout ${PROFILE_LIMIT:-150} python3 benchmarks/profile_attention.py --implementation $impl \
-      --lengths ${PROFILE_LENGTHS:-200 4096} $compiled --rows 25 2>&1 | grep -v Warn | tee "$OUT/attention_profile_$impl.txt"
+      --lengths ${PROFILE_LENGTHS:-200 4096} $compiled --rows 25 2>&1 | grep -v Warn \
+      | tee "$OUT/attention_profile_$impl.txt"
   done
 fi
 # attention: LENGTHS (module table) and MODEL_LENGTHS (whole model) default to the lengths; empty skips one
