@@ -7,6 +7,7 @@ correctness sweep is scripts/check_triton_attention.py).
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,14 +18,23 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
+def script_module(path: str, name: str):
+    """The script at `path` (from the repository root) imported as module `name`, for a fixture to `yield from`: tests
+    call its functions in-process (a subprocess pays seconds of imports). It stays in sys.modules while the fixture
+    holds it, since a dataclass looks its module up by name."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)
+
+
 @pytest.fixture(scope="module")
 def prepare_data_script():
-    """scripts/prepare_data.py as a module, so tests call its main() in-process (a subprocess pays seconds of
-    imports)."""
-    spec = importlib.util.spec_from_file_location("prepare_data_script", REPO_ROOT / "scripts" / "prepare_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    yield from script_module("scripts/prepare_data.py", "prepare_data_script")
 
 
 @pytest.fixture(params=["one_pass", "gathered"])

@@ -7,7 +7,6 @@ unchanged; blossom_triton (Triton's interpreter here) agrees with blossom_torch;
 ablation runs of scripts/benchmark_quality.py give train.py the intended config.
 """
 
-import importlib.util
 import json
 
 import pytest
@@ -18,7 +17,7 @@ from blossomrec_hf import BlossomRecConfig, BlossomRecForSequentialRecommendatio
 from blossomrec_hf.model.blossom_attention_torch import blossom_attention_torch_varlen
 from blossomrec_hf.model.rotary_embedding import rotate_queries_and_keys
 from blossomrec_hf.training_args import build_model_config, parse_training_arguments
-from conftest import REPO_ROOT
+from conftest import script_module
 from test_model import N_ITEMS, tiny_config
 from triton_support import requires_triton
 
@@ -351,11 +350,7 @@ def test_a_gate_config_that_does_not_match_the_weights_is_refused(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def quality_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_quality_ablations",
-                                                  REPO_ROOT / "scripts" / "benchmark_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    yield from script_module("scripts/benchmark_quality.py", "benchmark_quality_ablations")
 
 
 def test_the_ablation_table_plans_every_variant_on_both_logs(quality_benchmark, tmp_path):

@@ -1,7 +1,6 @@
 """scripts/benchmark_quality.py on the CPU: real train.py runs on a tiny synthetic log with tiny model flags in
 --extra (seeds x layouts, statistics over seeds, packed vs padded), a failing run, and the process queue."""
 
-import importlib.util
 import json
 import math
 import random
@@ -11,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, script_module
 
 SCRIPT = REPO_ROOT / "scripts" / "benchmark_quality.py"
 TINY = ("--num_train_epochs 2 --max_seq_length 10 --per_device_train_batch_size 16 --hidden_size 16 "
@@ -21,10 +20,7 @@ TRAINING_KEYS = ["best_epoch", "train_seconds_to_best", "train_items_per_second"
 
 @pytest.fixture(scope="module")
 def quality_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    yield from script_module("scripts/benchmark_quality.py", "benchmark_quality")
 
 
 @pytest.fixture

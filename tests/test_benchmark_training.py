@@ -1,13 +1,11 @@
 """scripts/benchmark_training.py on the CPU: a tiny long-tail configuration, every row measured and written."""
 
-import importlib.util
 import json
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import script_module
 
 TINY_MODEL = ["--hidden_size", "16", "--num_hidden_layers", "1", "--num_attention_heads", "2",
               "--num_key_value_heads", "1", "--intermediate_size", "32"]
@@ -15,12 +13,7 @@ TINY_MODEL = ["--hidden_size", "16", "--num_hidden_layers", "1", "--num_attentio
 
 @pytest.fixture(scope="module")
 def training_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_training", REPO_ROOT / "scripts" / "benchmark_training.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up by name
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from script_module("scripts/benchmark_training.py", "benchmark_training")
 
 
 def test_every_row_is_measured_and_written(training_benchmark, tmp_path):

@@ -1,13 +1,11 @@
 """scripts/benchmark_training.py --multi_gpu on the CPU: the script launches itself on 1 and 2 gloo processes (tiny
 long-tail log) and writes the rows of both, the scaling efficiency, the targets, the text and the plot."""
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import script_module
 
 TINY_MODEL = ["--hidden_size", "16", "--num_hidden_layers", "1", "--num_attention_heads", "2",
               "--num_key_value_heads", "1", "--intermediate_size", "32"]
@@ -15,13 +13,7 @@ TINY_MODEL = ["--hidden_size", "16", "--num_hidden_layers", "1", "--num_attentio
 
 @pytest.fixture(scope="module")
 def benchmark_script():
-    spec = importlib.util.spec_from_file_location("benchmark_training_scaling",
-                                                  REPO_ROOT / "scripts" / "benchmark_training.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up by name
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from script_module("scripts/benchmark_training.py", "benchmark_training_scaling")
 
 
 def test_scaling_over_one_and_two_processes_is_measured_and_written(benchmark_script, tmp_path, monkeypatch):
