@@ -6,8 +6,9 @@ head dim 16). No GPU needed: the counts come from the geometry.
 Per kernel: score pairs (query row x key; what a tile computes, masked or not), matmul FLOPs on the tensor cores
 (`tl.dot`) and on the CUDA cores (the gathered loops' elementwise products), exponentials, HBM bytes (each tensor the
 kernel reads or writes, once) and the bytes the gathered loops load row by row (served by L1/L2). With `--profile`
-(files of `profile_attention.py`: blossom_triton's and sdpa's) it adds each kernel's measured CUDA time, its rates,
-and the time outside the attention kernels (projections, RoPE, compressor, gates, sort).
+(blossom_triton's output of `profile_attention.py` or `tune_kernels.py`, then sdpa's of `profile_attention.py`) it
+adds each kernel's measured CUDA time, its rates, and (from profile_attention.py) the time outside the attention
+kernels: projections, RoPE, compressor, gates, sort.
 
     python benchmarks/attention_cost.py [--lengths 1024 4096 16384] [--profile blossom.txt sdpa.txt]
 """
@@ -31,6 +32,8 @@ TOKENS = 131_072
 BF16, F32, I32 = 2, 4, 4
 BLOSSOM_KERNELS = ("compressed_forward", "sparse_forward", "backward_dq", "sparse_backward_dkdv",
                    "compressed_backward_dkdv")
+TUNE_COLUMNS = dict(cfwd="compressed_forward", sfwd="sparse_forward", dq="backward_dq", sdkdv="sparse_backward_dkdv",
+                    cdkdv="compressed_backward_dkdv")
 DENSE_KERNEL = re.compile(r"sdpa|flash|fmha", re.IGNORECASE)
 
 
@@ -202,13 +205,18 @@ def dense_work(length: int, config: BlossomRecConfig) -> dict[str, Work]:
 
 
 def read_profile(path: Path) -> dict[tuple[int, bool], dict[str, float]]:
-    """profile_attention.py's output -> {(L, compiled): {kernel: CUDA ms per step, 'total': ms}}."""
-    sections, current = {}, None
+    """profile_attention.py's output -> {(L, compiled): {kernel: CUDA ms per step, 'total': ms}}; or
+    tune_kernels.py's -> {(L, False): {kernel: ms}} from its `base` rows (the attention kernels alone)."""
+    sections, current, columns = {}, None, None
     for line in path.read_text().splitlines():
-        header = re.match(r"== \S+ L=(\d+)( compiled)?:", line)
+        header = re.match(r"(?:== \S+ )?L=(\d+)( compiled)?:", line)
         if header:
             current = sections.setdefault((int(header.group(1)), bool(header.group(2))), {})
             continue
+        if line.split()[:1] == ["variant"]:
+            columns = [TUNE_COLUMNS.get(name, name) for name in line.split()[1:]]
+        elif columns and line.split()[:1] == ["base"] and current is not None:
+            current.update((name, float(ms)) for name, ms in zip(columns, line.split()[1:]) if name in BLOSSOM_KERNELS)
         row = re.match(r"\s*([\d.]+)\s+(?:\d+x\s+(.*)|total CUDA time)", line)
         if current is not None and row:
             current[row.group(2).strip() if row.group(2) else "total"] = float(row.group(1))
@@ -222,7 +230,8 @@ def profiled_ms(sections, length: int, kernels) -> dict[str, float] | None:
         return None
     pick = (lambda name: name in kernels) if isinstance(kernels, tuple) else (lambda name: bool(kernels.search(name)))
     times = {name: ms for name, ms in found.items() if name != "total" and pick(name)}
-    times["outside the attention kernels"] = found["total"] - sum(times.values())
+    if "total" in found:
+        times["outside the attention kernels"] = found["total"] - sum(times.values())
     return times
 
 
@@ -242,7 +251,7 @@ def rows_for(length: int, config, profiles) -> list[dict]:
             for row in rows:
                 if row["model"] == model:
                     row["ms"] = times.get(row["kernel"])
-        if times:
+        if times and "outside the attention kernels" in times:
             rows.append(dict(model=model, kernel="outside the attention kernels",
                              ms=times["outside the attention kernels"]))
     for row in rows:
@@ -253,7 +262,8 @@ def rows_for(length: int, config, profiles) -> list[dict]:
 def totals(rows: list[dict], model: str) -> dict:
     picked = [r for r in rows if r["model"] == model and "pairs" in r]
     total = {f.name: sum(r[f.name] for r in picked) for f in fields(Work)}
-    total["ms"] = sum(r.get("ms") or 0 for r in rows if r["model"] == model) or None
+    whole = any("pairs" not in r for r in rows if r["model"] == model)  # the time outside the kernels is known
+    total["ms"] = sum(r.get("ms") or 0 for r in rows if r["model"] == model) if whole else None
     total["kernel_ms"] = sum(r.get("ms") or 0 for r in picked) or None
     return total
 
@@ -281,6 +291,7 @@ def summary(length: int, rows: list[dict]) -> dict:
     ratios["all_flops"] = (blossom["tensor_flops"] + blossom["core_flops"]) / dense["tensor_flops"]
     if blossom["kernel_ms"] and dense["kernel_ms"]:
         ratios["kernel_ms"] = blossom["kernel_ms"] / dense["kernel_ms"]
+    if blossom["ms"] and dense["ms"]:
         ratios["ms"] = blossom["ms"] / dense["ms"]
     return dict(length=length, blossom=blossom, dense=dense, ratios=ratios)
 
@@ -312,7 +323,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--profile", type=Path, nargs="+", default=[],
-                        help="profile_attention.py outputs: blossom_triton's, then optionally sdpa's")
+                        help="blossom_triton's profile_attention.py (or tune_kernels.py) output, then sdpa's")
     parser.add_argument("--output-dir", default="benchmarks/results")
     args = parser.parse_args()
     config = BlossomRecConfig()

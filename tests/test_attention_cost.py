@@ -107,3 +107,24 @@ def test_main_writes_the_table_json_and_plot(cost, tmp_path, monkeypatch, capsys
     assert 0 < written["summaries"][0]["ratios"]["pairs"] < 2
     assert (tmp_path / "attention_cost.png").stat().st_size > 0
     assert "| 512 | blossom | sparse_forward |" in capsys.readouterr().out
+
+
+TUNE_OUTPUT = """
+L=512: ms per forward+backward step
+  variant    cfwd    sfwd      dq   sdkdv   cdkdv   other   total
+     base   0.100   0.200   0.300   0.250   0.050   0.100   1.000
+  chunk2k   0.100   0.210   0.320   0.250   0.050   0.100   1.030
+"""
+
+
+def test_tune_kernels_output_gives_the_kernels_times(cost, tmp_path):
+    (tmp_path / "tune.txt").write_text(TUNE_OUTPUT)
+    (tmp_path / "sdpa.txt").write_text(DENSE_PROFILE)
+    profiles = [cost.read_profile(tmp_path / "tune.txt"), cost.read_profile(tmp_path / "sdpa.txt")]
+    rows = cost.rows_for(LENGTH, cost.BlossomRecConfig(), profiles)
+    measured = {(r["model"], r["kernel"]): r.get("ms") for r in rows}
+    assert measured["blossom", "sparse_forward"] == 0.2 and measured["blossom", "compressed_backward_dkdv"] == 0.05
+    assert ("blossom", "outside the attention kernels") not in measured
+    ratios = cost.summary(LENGTH, rows)["ratios"]
+    assert ratios["kernel_ms"] == pytest.approx(0.9 / 0.3)
+    assert "ms" not in ratios  # the module's whole time is not in a tune file
