@@ -34,6 +34,7 @@ BLOSSOM_KERNELS = ("compressed_forward", "sparse_forward", "backward_dq", "spars
                    "compressed_backward_dkdv")
 TUNE_COLUMNS = dict(cfwd="compressed_forward", sfwd="sparse_forward", dq="backward_dq", sdkdv="sparse_backward_dkdv",
                     cdkdv="compressed_backward_dkdv")
+TARGETS = {1024: 1.0, 4096: 0.5, 16384: 0.2}  # the module's time over dense's, as issue 13 asks (graph mode)
 DENSE_KERNEL = re.compile(r"sdpa|flash|fmha", re.IGNORECASE)
 
 
@@ -268,20 +269,30 @@ def totals(rows: list[dict], model: str) -> dict:
     return total
 
 
-def print_table(rows: list[dict]) -> None:
-    print("| L | model | kernel | pairs M | tensor GFLOP | CUDA-core GFLOP | exp M | HBM MB | gathered MB | ms |"
-          " tensor TFLOP/s | CUDA-core TFLOP/s |")
-    print("|--:|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+def kernel_table(rows: list[dict]) -> list[str]:
+    lines = ["| L | model | kernel | pairs M | tensor GFLOP | CUDA-core GFLOP | exp M | HBM MB | gathered MB | ms |"
+             " tensor TFLOP/s | CUDA-core TFLOP/s |", "|--:|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
         ms = r.get("ms")
         if "pairs" not in r:
-            print(f"| {r['length']} | {r['model']} | {r['kernel']} |  |  |  |  |  |  | {ms:.3f} |  |  |")
+            lines.append(f"| {r['length']} | {r['model']} | {r['kernel']} |  |  |  |  |  |  | {ms:.3f} |  |  |")
             continue
         rate = (lambda flops: f"{flops / ms / 1e9:.1f}" if ms and flops else "")
-        print(f"| {r['length']} | {r['model']} | {r['kernel']} | {r['pairs'] / 1e6:.0f} | {r['tensor_flops'] / 1e9:.1f}"
-              f" | {r['core_flops'] / 1e9:.1f} | {r['exps'] / 1e6:.0f} | {r['hbm_bytes'] / 1e6:.0f}"
-              f" | {r['gathered_bytes'] / 1e6:.0f} | {'' if ms is None else f'{ms:.3f}'}"
-              f" | {rate(r['tensor_flops'])} | {rate(r['core_flops'])} |")
+        lines.append(f"| {r['length']} | {r['model']} | {r['kernel']} | {r['pairs'] / 1e6:.0f}"
+                     f" | {r['tensor_flops'] / 1e9:.1f} | {r['core_flops'] / 1e9:.1f} | {r['exps'] / 1e6:.0f}"
+                     f" | {r['hbm_bytes'] / 1e6:.0f} | {r['gathered_bytes'] / 1e6:.0f}"
+                     f" | {'' if ms is None else f'{ms:.3f}'} | {rate(r['tensor_flops'])} | {rate(r['core_flops'])} |")
+    return lines
+
+
+def ratio_table(summaries: list[dict]) -> list[str]:
+    keys = ("pairs", "tensor_flops", "all_flops", "exps", "hbm_bytes", "kernel_ms", "ms")
+    lines = ["| L | pairs | tensor FLOPs | all FLOPs | exps | HBM bytes | kernel ms | module ms |",
+             "|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for s in summaries:
+        lines.append(f"| {s['length']} | " + " | ".join(f"{s['ratios'][key]:.3f}" if key in s["ratios"] else ""
+                                                        for key in keys) + " |")
+    return lines
 
 
 def summary(length: int, rows: list[dict]) -> dict:
@@ -308,6 +319,9 @@ def plot(summaries: list[dict], path: Path) -> None:
         points = [(s["length"], s["ratios"][key]) for s in summaries if key in s["ratios"]]
         if points:
             axis.plot(*zip(*points), style, label=key.replace("_", " "))
+    targets = [(length, TARGETS[length]) for length in lengths if length in TARGETS]
+    if targets:
+        axis.plot(*zip(*targets), "k*", markersize=10, label="target (module time)")
     axis.set_xscale("log", base=2)
     axis.set_yscale("log")
     axis.set_xticks(lengths, [str(length) for length in lengths])
@@ -333,18 +347,13 @@ def main():
         found = rows_for(length, config, profiles)
         rows += found
         summaries.append(summary(length, found))
-    print_table(rows)
-    print("\n| L | pairs | tensor FLOPs | all FLOPs | exps | HBM bytes | kernel ms | module ms |")
-    print("|--:|--:|--:|--:|--:|--:|--:|--:|")
-    for s in summaries:
-        r = s["ratios"]
-        cells = [f"{r[key]:.3f}" if key in r else "" for key in ("pairs", "tensor_flops", "all_flops", "exps",
-                                                                 "hbm_bytes", "kernel_ms", "ms")]
-        print(f"| {s['length']} | " + " | ".join(cells) + " |")
+    text = "\n".join(kernel_table(rows) + ["", "BlossomRec / dense:", ""] + ratio_table(summaries)) + "\n"
+    print(text, end="")
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     (output / "attention_cost.json").write_text(json.dumps(dict(tuning=TUNING, rows=rows, summaries=summaries),
                                                            indent=1))
+    (output / "attention_cost.txt").write_text(text)
     plot(summaries, output / "attention_cost.png")
 
 

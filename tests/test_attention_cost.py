@@ -106,7 +106,9 @@ def test_main_writes_the_table_json_and_plot(cost, tmp_path, monkeypatch, capsys
     assert [s["length"] for s in written["summaries"]] == [LENGTH]
     assert 0 < written["summaries"][0]["ratios"]["pairs"] < 2
     assert (tmp_path / "attention_cost.png").stat().st_size > 0
-    assert "| 512 | blossom | sparse_forward |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert printed == (tmp_path / "attention_cost.txt").read_text()
+    assert "| 512 | blossom | sparse_forward |" in printed
 
 
 TUNE_OUTPUT = """
