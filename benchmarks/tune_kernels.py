@@ -27,7 +27,6 @@ VARIANTS = {
     "warps2": {k: 2 for k in backend.TUNING if k.endswith("_warps")},
     "chunk16k": {"sparse_chunk_elements": 16384},
     "chunk4k": {"sparse_chunk_elements": 4096},
-    "chunk8k": {"sparse_chunk_elements": 8192},
     "chunk2k": {"sparse_chunk_elements": 2048, "dq_chunk_elements": 2048},
     "dqchunk8k": {"dq_chunk_elements": 8192},
     "rows128": {"forward_rows": 128, "dkdv_rows": 256},

@@ -250,10 +250,10 @@ def test_compressed_gradients_summed_over_query_segments(monkeypatch, segment, m
 
 
 @requires_triton
-def test_compressed_gradients_of_whole_key_tiles_without_masks(monkeypatch):
-    """Gradients where whole tiles of 16 compressed keys are visible to whole tiles of rows, which skip the
-    visibility mask: dck, dcv (16 positions per row tile: rows 256-287 of the 300-long history) and dq (query blocks
-    16-18 see the first key tile whole) give the reference's."""
+def test_compressed_gradients_of_whole_key_tiles(monkeypatch):
+    """Gradients with tiles of 16 compressed keys, where whole key tiles are visible to whole tiles of rows: dck, dcv
+    (16 positions per row tile: rows 256-287 of the 300-long history) and dq (query blocks 16-18 see the first key
+    tile whole, and skip its mask) give the reference's."""
     from blossomrec_hf.model import blossom_attention_triton as backend
     monkeypatch.setitem(backend.TUNING, "dkdv_keys", 16)
     monkeypatch.setitem(backend.TUNING, "dq_keys", 16)

@@ -59,12 +59,12 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # segments of `compressed_dkdv_segment` positions took that kernel from 0.27 / 1.07 ms (one segment) to 0.22 / 0.67
 # (1,024: no better); at most `compressed_dkdv_max_segments`, which bounds the float32 parts' memory. A whole block
 # per gathered chunk took backward_dq from 0.87 / 1.07 to 0.80 / 1.03 ms but sparse_forward from 0.48 / 0.52 to
-# 0.52 / 0.57, so the two kernels have their own budgets. Since the gathered loops keep a softmax (or dq) per key
-# slot of the chunk, a chunk's elements also size that accumulator: compiled for sm_90 (head dim 16, bf16), 4 keys
-# per chunk (4,096 elements) take 81 / 79 instructions per key in sparse_forward / backward_dq at 132 / 178
-# registers, where 8 and 16 keys spilled or held 249-255 registers for the same count per key.
+# 0.52 / 0.57, so the two kernels have their own budgets. backward_dq keeps a partial dq per key slot of the chunk,
+# summed after its loop, so its chunk's elements also size that accumulator: 4 keys per chunk (4,096 elements) took
+# it from 0.81 / 1.02 to 0.71 / 0.89 ms on an H100 (thirteenth session, with its compressed part's last-tile mask);
+# the same per-slot softmax in sparse_forward took 0.48 / 0.51 to 0.64 / 0.68 ms and was not kept.
 TUNING = dict(forward_rows=64, forward_keys=64, forward_keys_long=128, long_from=512, dq_keys=64, dkdv_rows=128,
-              dkdv_keys=64, sparse_chunk_elements=4096, dq_chunk_elements=4096, compressed_forward_warps=2,
+              dkdv_keys=64, sparse_chunk_elements=8192, dq_chunk_elements=4096, compressed_forward_warps=2,
               compressed_forward_long_warps=4, sparse_forward_warps=4, dq_warps=4, sparse_dkdv_warps=2,
               compressed_dkdv_warps=4, one_pass_max_blocks=16, one_pass_keys=32, one_pass_forward_warps=4,
               one_pass_dq_warps=4, one_pass_dkdv_warps=4, one_pass_dkdv_blocks=4, compressed_dkdv_segment=2048,

@@ -58,22 +58,15 @@ def _rows(pos, head, NH: tl.constexpr, D: tl.constexpr, dofs):
 
 
 @triton.jit
-def _slot_update(m, l, acc, s, values):
-    """One online-softmax step per (row, key slot): s [R, C] base-2 scores (-inf = not attended), values [R, C, BD].
-    The larger of the old maximum and the new score gets weight 1, the other one exponential (one per pair)."""
-    grow = s > m
-    e = tl.exp2(tl.where(grow, m - s, s - m))  # NaN only where both are -inf, which the selects below drop
-    alpha = tl.where(grow, e, 1.0)
-    p = tl.where(grow, 1.0, tl.where(s == NEG_INF, 0.0, e))
-    return tl.maximum(m, s), l * alpha + p, acc * alpha[:, :, None] + p[:, :, None] * values
-
-
-@triton.jit
-def _merge_slots(m, l, acc):
-    """Rows' maxima [R], sums [R] and accumulators [R, BD] of the per-slot softmaxes of `_slot_update`."""
-    m_row = tl.max(m, 1)
-    scale = tl.exp2(m - tl.where(m_row == NEG_INF, 0.0, m_row)[:, None])
-    return m_row, tl.sum(l * scale, 1), tl.sum(acc * scale[:, :, None], 1)
+def _online_update(m, l, acc, s, p_values):
+    """One online-softmax step: s [R, C] base-2 scores (-inf = not attended), p_values [R or 1, C, BD]."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+    alpha = tl.exp2(m - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * p_values, 1)
+    return m_new, l, acc
 
 
 @triton.jit
@@ -294,23 +287,22 @@ def sparse_forward(
     cofs = tl.arange(0, C)
     dmask3 = dmask[None, None, :]
 
+    m_s = tl.full([R], NEG_INF, tl.float32)
+    l_s = tl.zeros([R], tl.float32)
+    acc_s = tl.zeros([R, BLOCK_D], tl.float32)
     m_t = tl.full([R], NEG_INF, tl.float32)
     l_t = tl.zeros([R], tl.float32)
     acc_t = tl.zeros([R, BLOCK_D], tl.float32)
 
     # LTIS: each position's selected blocks (gathered per row; they all end before the own block: no causal mask).
-    # Each of a chunk's C key slots keeps its own online softmax over the keys it sees, merged once after the loop:
-    # merging the chunk into one per row every time took most of the loop's instructions (shuffles across lanes).
-    m_c = tl.full([R, C], NEG_INF, tl.float32)
-    l_c = tl.zeros([R, C], tl.float32)
-    acc_c = tl.zeros([R, C, BLOCK_D], tl.float32)
+    # One online softmax per row, merged chunk by chunk: a softmax per key slot, merged once after the loop, compiled
+    # to fewer instructions but ran 35 % slower on an H100 (benchmarks/README.md, thirteenth session).
     for i in range(N_SEL):
         sel = tl.load(BIDX + start * HKV * N_SEL + (pos * HKV + h) * N_SEL + i, mask=row_ok, other=-1)
         for c0 in range(0, SEL_B, C):
             kk, vv, valid = _load_selected_chunk(k_base, v_base, sel, c0, cofs, dofs, dmask3, ROW, SEL_B)
             s = tl.where(valid, tl.sum(qf[:, None, :] * kk, 2), NEG_INF)
-            m_c, l_c, acc_c = _slot_update(m_c, l_c, acc_c, s, vv)
-    m_s, l_s, acc_s = _merge_slots(m_c, l_c, acc_c)
+            m_s, l_s, acc_s = _online_update(m_s, l_s, acc_s, s, vv)
 
     # the own block: LTIS (causal) and STIS share one score tile
     k, v, kpos, s, stis_valid = _key_block_scores(q, k_base, v_base, blk, pos, L, qk_scale, ROW, SEL_B, WINDOW,
@@ -618,9 +610,6 @@ def compressed_backward_dkdv(
     dcv = tl.zeros([BW, BLOCK_D], tl.float32)
     rows = tl.arange(0, G * BM)
     head = h * G + rows // BM
-    # row tiles from here on, whole, see every key of a whole key tile: their probabilities need no mask (computing
-    # it took a quarter of the loop's instructions)
-    unmasked_from = tl.where(w0 + BW <= W, (w0 + BW) * SEL_B, end)
     for m0 in range(tl.maximum((w0 + 1) * SEL_B, segment * segment_length), end, BM):
         pos = m0 + rows % BM
         row_ok = pos < end
@@ -630,9 +619,8 @@ def compressed_backward_dkdv(
         do = tl.load(DOC + x0 + ofs, mask=rmask, other=0.0)
         row = pos * H + head
         s = tl.dot(q, tl.trans(ck), input_precision=DOT_PREC) * qk_scale
-        p = tl.exp2(s - tl.load(LSEC + r0 + row, mask=row_ok, other=0.0)[:, None])
-        if (m0 < unmasked_from) | (m0 + BM > end):
-            p = tl.where((w[None, :] < (pos // SEL_B)[:, None]) & (w[None, :] < W) & row_ok[:, None], p, 0.0)
+        visible = (w[None, :] < (pos // SEL_B)[:, None]) & (w[None, :] < W) & row_ok[:, None]
+        p = tl.where(visible, tl.exp2(s - tl.load(LSEC + r0 + row, mask=row_ok, other=0.0)[:, None]), 0.0)
         dcv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PREC)
         dp = tl.dot(do, tl.trans(cv).to(do.dtype), input_precision=DOT_PREC)
         ds = p * (dp - tl.load(DELC + r0 + row, mask=row_ok, other=0.0)[:, None])
