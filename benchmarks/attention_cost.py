@@ -100,31 +100,31 @@ def compressed_forward(plan: _Plan, length: int) -> Work:
     return work
 
 
-def sparse_forward(plan: _Plan, length: int) -> Work:
-    """Per history and kv head: each query block's gathered selected keys (CUDA cores), its own block (one score tile,
-    two softmaxes) and its STIS block visits."""
+def query_block_work(plan: _Plan, flops: int) -> tuple[Work, int]:
+    """What `sparse_forward` and `backward_dq` share per history and kv head, for `flops` per pair and head dim (4
+    forward: scores, P V; 6 backward: scores, dP, dS K): each query block's gathered selected keys (CUDA cores), its
+    own block (one score tile for two branches) and its STIS block visits; and the rows of a query block."""
     work, d, size = Work(), plan.block_d, plan.common["SEL_B"]
     rows = size * plan.group
     for blk in range(plan.num_blocks):
-        work.add(rows * plan.num_selected * size, 4 * d, tensor=False)
-        work.add(rows * size, 6 * d, exps_per_pair=2)
-        work.add(rows * size * stis_visits(plan, blk), 4 * d)
+        work.add(rows * plan.num_selected * size, flops * d, tensor=False)
+        work.add(rows * size, (2 * flops - 2) * d, exps_per_pair=2)  # the scores once, the rest per branch
+        work.add(rows * size * stis_visits(plan, blk), flops * d)
     work.gathered_bytes = plan.num_blocks * rows * plan.num_selected * size * 2 * d * BF16
-    return work
+    return work, rows
+
+
+def sparse_forward(plan: _Plan, length: int) -> Work:
+    return query_block_work(plan, 4)[0]
 
 
 def backward_dq(plan: _Plan, length: int) -> Work:
-    """Per history and kv head: the mirror of `sparse_forward` (scores, dP, dS K) plus the compressed keys that all
-    rows of a query block see, in tiles of dq_keys."""
-    work, d, size = Work(), plan.block_d, plan.common["SEL_B"]
-    rows = size * plan.group
+    """The forward's pairs again, plus the compressed keys that all rows of a query block see, in tiles of
+    dq_keys."""
+    work, rows = query_block_work(plan, 6)
     for blk in range(plan.num_blocks):
-        work.add(rows * plan.num_selected * size, 6 * d, tensor=False)
-        work.add(rows * size, 10 * d, exps_per_pair=2)
-        work.add(rows * size * stis_visits(plan, blk), 6 * d)
         visible = min(blk, plan.num_compressed)
-        work.add(rows * math.ceil(visible / plan.dq_keys) * plan.dq_keys, 6 * d)
-    work.gathered_bytes = plan.num_blocks * rows * plan.num_selected * size * 2 * d * BF16
+        work.add(rows * math.ceil(visible / plan.dq_keys) * plan.dq_keys, 6 * plan.block_d)
     return work
 
 

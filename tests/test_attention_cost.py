@@ -83,12 +83,18 @@ DENSE_PROFILE = """
 """
 
 
-def test_profiles_give_each_kernels_time_and_the_rest(cost, tmp_path):
-    (tmp_path / "blossom.txt").write_text(PROFILE)
+def rows_from(cost, tmp_path, blossom_output: str) -> tuple[list[dict], dict]:
+    """The cost rows at LENGTH with blossom_triton's times from `blossom_output` and sdpa's from DENSE_PROFILE, and
+    each row's measured ms by (model, kernel)."""
+    (tmp_path / "blossom.txt").write_text(blossom_output)
     (tmp_path / "sdpa.txt").write_text(DENSE_PROFILE)
     profiles = [cost.read_profile(tmp_path / "blossom.txt"), cost.read_profile(tmp_path / "sdpa.txt")]
     rows = cost.rows_for(LENGTH, cost.BlossomRecConfig(), profiles)
-    measured = {(r["model"], r["kernel"]): r.get("ms") for r in rows}
+    return rows, {(r["model"], r["kernel"]): r.get("ms") for r in rows}
+
+
+def test_profiles_give_each_kernels_time_and_the_rest(cost, tmp_path):
+    rows, measured = rows_from(cost, tmp_path, PROFILE)
     assert measured["blossom", "backward_dq"] == 0.39  # the compiled section where there is one
     assert measured["blossom", "outside the attention kernels"] == pytest.approx(0.9 - 0.39 - 0.29)
     assert measured["blossom", "compressed_forward"] is None
@@ -120,11 +126,7 @@ L=512: ms per forward+backward step
 
 
 def test_tune_kernels_output_gives_the_kernels_times(cost, tmp_path):
-    (tmp_path / "tune.txt").write_text(TUNE_OUTPUT)
-    (tmp_path / "sdpa.txt").write_text(DENSE_PROFILE)
-    profiles = [cost.read_profile(tmp_path / "tune.txt"), cost.read_profile(tmp_path / "sdpa.txt")]
-    rows = cost.rows_for(LENGTH, cost.BlossomRecConfig(), profiles)
-    measured = {(r["model"], r["kernel"]): r.get("ms") for r in rows}
+    rows, measured = rows_from(cost, tmp_path, TUNE_OUTPUT)
     assert measured["blossom", "sparse_forward"] == 0.2 and measured["blossom", "compressed_backward_dkdv"] == 0.05
     assert ("blossom", "outside the attention kernels") not in measured
     ratios = cost.summary(LENGTH, rows)["ratios"]
